@@ -1,0 +1,34 @@
+"""Datasets: the Amazon splits loader, raw Amazon 2018 preparation, prompts and item popularity.
+
+Names are exported lazily (PEP 562) so that ``import trl_flower.data.prompts`` does not import `datasets`.
+"""
+
+from importlib import import_module
+from typing import Any
+
+_LAZY = {
+    "AmazonData": "trl_flower.data.amazon",
+    "load_amazon": "trl_flower.data.amazon",
+    "default_data_root": "trl_flower.data.amazon",
+    "resolve_dataset_dir": "trl_flower.data.amazon",
+    "PopularityGroups": "trl_flower.data.popularity",
+    "popularity_groups": "trl_flower.data.popularity",
+    "popularity_from_histories": "trl_flower.data.popularity",
+    "history_title_counts": "trl_flower.data.popularity",
+    "history_item_counts": "trl_flower.data.popularity",
+    "PromptBuilder": "trl_flower.data.prompts",
+    "reference_prompt": "trl_flower.data.prompts",
+    "history_free_prompt": "trl_flower.data.prompts",
+    "category_words": "trl_flower.data.prompts",
+    "check_prompt_tokenization": "trl_flower.data.prompts",
+    "prepare_amazon": "trl_flower.data.prepare",
+}
+
+__all__ = list(_LAZY)
+
+
+def __getattr__(name: str) -> Any:
+    """Import public names on first access."""
+    if name in _LAZY:
+        return getattr(import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'trl_flower.data' has no attribute {name!r}")
