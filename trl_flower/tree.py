@@ -371,9 +371,11 @@ class PrefixTree:
         """log r(token | node) = log F(child) − log F(node), float64; −inf where `token` is not a child.
 
         Termination is included: with ``tokens == terminator_id`` this is log R(s)/F(s) for a complete title s.
+        Below a zero-flow node (0/0) the result is −inf too: such a node has no distribution to follow.
         """
         child = self.advance(nodes, tokens)
-        return self.log_flows(child) - self.log_flows(nodes)
+        log_r = self.log_flows(child) - self.log_flows(nodes)  # NaN where both flows are 0 (or node is -1)
+        return torch.where((child >= 0) & ~log_r.isnan(), log_r, torch.full_like(log_r, float("-inf")))
 
     def terminal_item(self, nodes: torch.Tensor) -> torch.Tensor:
         """The smallest item id ending at each terminal node; -1 for non-terminal nodes (see :meth:`items_of_node`)."""
@@ -455,7 +457,11 @@ def _validate_paths(flat: np.ndarray, offsets: np.ndarray, terminator_id: int, i
     lengths = np.diff(offsets)
     if lengths.size == 0:
         raise ValueError("cannot build a prefix tree from zero items")
-    empty = np.flatnonzero(lengths <= 1)
+    nonempty = lengths > 0
+    last = np.full(lengths.size, -1, dtype=np.int64)  # last token of each path (-1 for a path of length 0)
+    last[nonempty] = flat[offsets[1:][nonempty] - 1]
+    # empty: no token at all, or a lone terminator (a length-1 path without the terminator is reported below)
+    empty = np.flatnonzero(~nonempty | ((lengths == 1) & (last == terminator_id)))
     if empty.size:
         raise ValueError(
             f"{_name(int(empty[0]), item_names)} has an empty token path ({empty.size} such items): every item "
@@ -463,7 +469,6 @@ def _validate_paths(flat: np.ndarray, offsets: np.ndarray, terminator_id: int, i
         )
     if flat.min() < 0:
         raise ValueError("token ids must be non-negative")
-    last = flat[offsets[1:] - 1]
     bad = np.flatnonzero(last != terminator_id)
     if bad.size:
         raise ValueError(
