@@ -254,10 +254,13 @@ class TrieLogitsProcessor(LogitsProcessor):
         if not bool(bad.any()):
             return
         row = int(torch.nonzero(bad)[0, 0])
-        walked, off_at = generated_nodes(self.tree, generated[row : row + 1])
-        pos = int(off_at[0]) if int(off_at[0]) >= 0 else generated.shape[1] - 1
+        node = torch.tensor([ROOT], device=nodes.device)
+        for pos in range(generated.shape[1]):  # error path only: find the first bad token of that one row
+            node = _step(self.tree, node, generated[row, pos : pos + 1])
+            if int(node[0]) < 0 or not bool(torch.isfinite(self.tree.log_flows(node))[0]):
+                break
         token = int(generated[row, pos])
-        reason = "is not a child of its trie node" if int(walked[0]) < 0 else "leads to a node with zero flow"
+        reason = "is not a child of its trie node" if int(node[0]) < 0 else "leads to a node with zero flow"
         raise ValueError(
             f"row {row} left the item tree: generated token {token} at position {pos} after the prompt {reason} "
             f"({int(bad.sum())} such rows). Something changed the scores after TrieLogitsProcessor (it must be the "
