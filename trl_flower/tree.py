@@ -223,7 +223,7 @@ class PrefixTree:
         bad = np.flatnonzero(~np.isfinite(rewards) | (rewards < 0))
         if bad.size:
             raise ValueError(
-                f"item rewards must be finite and >= 0; item {int(bad[0])} has {rewards[bad[0]]!r} "
+                f"item rewards must be finite and >= 0; item {int(bad[0])} has {float(rewards[bad[0]])!r} "
                 f"({bad.size} bad values). Clip or drop them before building the tree."
             )
         self.item_rewards = rewards
