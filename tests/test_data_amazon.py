@@ -202,3 +202,23 @@ def test_json_lists_round_trip_with_quotes(tmp_path):
             w.writerow([json.dumps([0, 1]), json.dumps(list(items[:2])), 2, items[2]])
     data = load_amazon(root)
     assert data.splits["valid"]["history_item_title"] == [list(items[:2])]
+
+
+def test_docs_data_examples_run_and_print_what_they_say(data_dir, monkeypatch):
+    import contextlib
+    import io
+    import re
+
+    monkeypatch.setenv(DATA_ENV, str(data_dir))
+    doc = Path(__file__).resolve().parents[1] / "docs" / "data.md"
+    namespace: dict = {}
+    checked = 0
+    for block in re.findall(r"```python\n(.*?)```", doc.read_text(), re.S):
+        buffer = io.StringIO()
+        with contextlib.redirect_stdout(buffer):
+            exec(compile(block, str(doc), "exec"), namespace)
+        for expected in re.findall(r"^print\(.*\n((?:# .*\n)+)", block, re.M):
+            want = " ".join(line[2:] for line in expected.splitlines())
+            assert want.split() == buffer.getvalue().split()[: len(want.split())]
+            checked += 1
+    assert checked == 2

@@ -191,3 +191,30 @@ def test_recommendation_metrics_all_keys(two_groups):
     assert last["HR@1"] == 0  # "b" found again at rank 2
     d_bug = np.array([3 / 4 - 8 / 10, 1 / 4 - 2 / 10])  # "e" resets group 1 after "c"
     assert last["MGU@3"] == pytest.approx(np.abs(d_bug).mean())
+
+
+def run_doc_blocks(path) -> int:
+    """Execute a markdown file's ```python blocks in one namespace; a `print(...)` followed by `# ` comment lines
+    must print exactly those lines (whitespace-normalised). Returns the number of checked outputs."""
+    import contextlib
+    import io
+    import re
+
+    checked = 0
+    namespace: dict = {}
+    for block in re.findall(r"```python\n(.*?)```", path.read_text(), re.S):
+        buffer = io.StringIO()
+        with contextlib.redirect_stdout(buffer):
+            exec(compile(block, str(path), "exec"), namespace)
+        expected = re.findall(r"^print\(.*\n((?:# .*\n)+)", block, re.M)
+        if expected:
+            want = " ".join(line[2:] for line in expected[0].splitlines())
+            assert " ".join(buffer.getvalue().split()) == " ".join(want.split()), path
+            checked += 1
+    return checked
+
+
+def test_docs_metrics_examples_run_and_print_what_they_say():
+    from pathlib import Path
+
+    assert run_doc_blocks(Path(__file__).resolve().parents[1] / "docs" / "metrics.md") == 2

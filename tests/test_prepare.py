@@ -11,7 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from trl_flower.cli import main as cli_main
+from trl_flower.cli import SUBCOMMANDS
+from trl_flower.cli.prepare import main as prepare_main
+from trl_flower.cli.prepare import make_parser
 from trl_flower.data.amazon import load_amazon, read_items, read_split
 from trl_flower.data.prepare import (
     build_rows,
@@ -22,6 +24,14 @@ from trl_flower.data.prepare import (
     split_rows,
     write_dataset,
 )
+
+
+
+def cli_main(argv: list[str]) -> int:
+    """`trl-flower prepare ...` through this subcommand's own parser (other subcommands are not imported)."""
+    assert argv[0] == "prepare" and SUBCOMMANDS["prepare"] == "prepare"
+    return prepare_main(make_parser().parse_args(argv[1:]))
+
 
 DAY = 86_400
 JAN1 = 1_514_764_800  # 2018-01-01 00:00 UTC
@@ -255,3 +265,15 @@ def test_item_ids_are_a_seeded_shuffle():
     random.Random(42).shuffle(order)
     assert ids == {a: i for i, a in enumerate(order)}
     assert shuffled_item_ids(asins, 1) != ids
+
+
+def test_help_explains_every_option():
+    from dataclasses import fields
+
+    from trl_flower.cli.prepare import PrepareArguments
+
+    text = " ".join(make_parser().format_help().split())
+    for f in fields(PrepareArguments):
+        assert "--" + f.name.replace("_", "-") in text
+        assert " ".join(f.metadata["help"].split()) in text, f.name
+    assert "CDs_and_Vinyl: 2015-10-01..2018-11-01" in text and "Movies_and_TV: 2017-10-01..2018-11-01" in text
