@@ -17,6 +17,15 @@ import trl_flower.decoding as decoding
 from trl_flower.decoding import LogProbTemperatureProcessor, TrieLogitsProcessor, generated_nodes
 from trl_flower.tree import PrefixTree
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    """Tiny models run fastest on one thread; with other jobs on the machine, 2 threads are up to 15x slower."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)
+
+
 V = 12  # vocabulary size of the hand-built trees
 PAD = 0  # pad token of the hand-built prompts
 TERM = 1  # terminator of the hand-built trees
@@ -213,6 +222,12 @@ class TestErrors:
             TrieLogitsProcessor({"4": [5]})
         with pytest.raises(ValueError, match="every item reward is 0"):
             TrieLogitsProcessor(tree.with_rewards([0] * len(PATHS)), positive_flow_only=True)
+
+    def test_rejects_nan_scores(self, tree):
+        scores = _uniform(3)
+        scores[2, 11] = float("nan")  # NaN on a token the mask would remove still means a broken model
+        with pytest.raises(ValueError, match=r"scores of row 2 contain NaN"):
+            TrieLogitsProcessor(tree)(torch.tensor([[3], [3], [3]]), scores)
 
     def test_call_errors(self, tree):
         with pytest.raises(ValueError, match="scores have 8 columns"):

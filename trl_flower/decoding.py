@@ -91,7 +91,8 @@ class TrieLogitsProcessor(LogitsProcessor):
 
     Raises:
         ValueError: at construction for invalid arguments; at a call if the vocabulary is smaller than the tree's
-            tokens or if a row's generated tokens left the tree (names the row, position and token).
+            tokens, if the scores contain NaN, or if a row's generated tokens left the tree (names the row, position
+            and token).
 
     Examples:
     >>> import torch
@@ -171,6 +172,12 @@ class TrieLogitsProcessor(LogitsProcessor):
             )
         if not 0 <= self.finished_token_id < V:
             raise ValueError(f"finished_token_id {self.finished_token_id} is outside the vocabulary of size {V}")
+        nan_rows = torch.isnan(scores).any(dim=1)  # [R]: NaN scores would survive the mask and derail beam search
+        if bool(nan_rows.any()):
+            raise ValueError(
+                f"the scores of row {int(torch.nonzero(nan_rows)[0, 0])} contain NaN ({int(nan_rows.sum())} rows): the "
+                "model produced NaN logits (e.g. eager attention in float64 with left padding); fix the model inputs."
+            )
         length = input_ids.shape[1]
         if length <= self._prev_len:  # sequences never shrink inside one generate call: this is a new call
             self.reset()
