@@ -175,6 +175,8 @@ def test_data_root_resolution(tmp_path, monkeypatch):
     assert load_amazon("Tiny", splits=("test",)).splits["test"].num_rows == 1
     with pytest.raises(FileNotFoundError, match=r"dataset 'Nope' not found.*Available.*\['Tiny'\]"):
         resolve_dataset_dir("Nope")
+    with pytest.raises(FileNotFoundError, match=r"nowhere/Tiny/items.tsv not found"):
+        resolve_dataset_dir(tmp_path / "nowhere" / "Tiny")
     monkeypatch.setenv(DATA_ENV, str(tmp_path / "missing"))
     with pytest.raises(FileNotFoundError, match=f"\\${DATA_ENV}=.*is not a directory"):
         default_data_root()

@@ -87,6 +87,8 @@ def resolve_dataset_dir(data_dir_or_category: str | os.PathLike, data_root: str 
         return path
     if path.is_dir():
         raise FileNotFoundError(f"{path} is a directory but has no {ITEMS_FILE}; pass a dataset directory")
+    if len(path.parts) > 1:  # a path, not a category name
+        raise FileNotFoundError(f"{path / ITEMS_FILE} not found; pass a dataset directory or a category name")
     root = Path(data_root).expanduser() if data_root is not None else default_data_root()
     candidate = root / "amazon" / str(data_dir_or_category)
     if (candidate / ITEMS_FILE).is_file():

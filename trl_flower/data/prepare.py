@@ -375,7 +375,7 @@ def prepare_amazon(
     reviews, meta, output_dir = Path(reviews), Path(meta), Path(output_dir)
     for path, what in ((reviews, "reviews"), (meta, "meta")):
         if not path.is_file():
-            raise FileNotFoundError(f"{what} file {path} not found (expected Amazon 2018 JSON lines, .json or .json.gz)")
+            raise FileNotFoundError(f"{what} file {path} not found (expected Amazon 2018 JSON lines, .json[.gz])")
     if category is None:
         category = reviews.name.split(".json")[0]
     if start is None or end is None:
