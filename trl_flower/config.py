@@ -1,0 +1,305 @@
+"""`FlowerConfig`: the training arguments of [`FlowerTrainer`] (a `trl.GRPOConfig` with Flower's fields)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from transformers.utils import is_torch_bf16_gpu_available, is_torch_xla_available
+from trl import GRPOConfig
+
+from trl_flower._trl_compat import grpo_post_init_with_one_generation
+
+FLOW_LOSSES = ("flower_subtb", "db", "tb", "full_distribution")
+REWARD_VARIANTS = ("none", "div_s", "add_logs", "exact")
+TOKENIZATION_MODES = ("default", "reference")
+
+
+@dataclass
+class FlowerConfig(GRPOConfig):
+    r"""
+    Configuration class for the [`FlowerTrainer`] (Flower, [Process-Supervised LLM Recommenders via Flow-guided
+    Tuning](https://huggingface.co/papers/2503.07377)).
+
+    [`FlowerConfig`] inherits every parameter from [`GRPOConfig`]. It adds the Flower objective
+    loss = (1 − λ)·SFT + λ·flow loss, the token-level rewards on the item prefix tree, and the dataset columns that
+    hold the target item; and it changes defaults so that one trie-constrained trajectory per prompt is sampled
+    (`num_generations=1`, which GRPOConfig rejects), at temperature 1, without KL penalty, with an SFT-sized learning
+    rate, without gradient checkpointing, and with bf16 only where the hardware supports it. GRPO's policy-gradient
+    settings (`loss_type`, `epsilon`, `scale_rewards`, `importance_sampling_level`, `top_entropy_quantile`, ...) are
+    not used by FlowerTrainer. `report_to` keeps the transformers default `"none"`.
+
+    Parameters:
+        > Parameters that control the Flower objective
+
+        flow_lambda (`float`, *optional*, defaults to `0.005`):
+            Weight λ of the flow loss in loss = (1 − λ)·SFT + λ·flow (paper Eq. 12; the official scripts use
+            λ = 1 − train_theta). Must lie in [0, 1]. The paper searches 1e-2 … 1e-4 and uses 0.005 for CDs and
+            Movies, 0.0005 for Video Games. With 0 the trainer is plain SFT and samples nothing.
+        flow_loss (`str`, *optional*, defaults to `"flower_subtb"`):
+            Flow-balance loss on the sampled items: `"flower_subtb"` (the official "modified SubTB": all
+            subtrajectories with termination terms), `"db"` (detailed balance), `"tb"` (trajectory balance) or
+            `"full_distribution"` (KL between the process reward and the policy over all children of every visited
+            prefix).
+        subtb_lambda (`float`, *optional*, defaults to `1.0`):
+            Subtrajectory weighting λ_sub of `"flower_subtb"`: a segment of length n is weighted by λ_sub^(n − 1)
+            (normalised). The official runs use 1, a plain mean over all segments. Must be >= 0.
+        nonterminal_log_term (`float`, *optional*, defaults to `-15.0`):
+            Target log-probability of the terminator at every prefix before the end of the sampled title (the
+            official e^-15 constant, log ρ).
+
+        > Parameters that control the rewards
+
+        reward_variant (`str`, *optional*, defaults to `"none"`):
+            Personalisation of the token rewards by an auxiliary recommender's scores s(u, i): `"none"` (item
+            popularity only), `"div_s"` (the paper's main variant: log rewards divided by s), `"add_logs"` (log s
+            added to every log reward) or `"exact"` (per-user rewards R(i)·s(u, i) pushed through the tree). All but
+            `"none"` need `preference_scores_path`.
+        preference_scores_path (`str`, *optional*):
+            Path to a `.npy` file of auxiliary-model logits (e.g. SASRec's) of shape [number of training rows,
+            number of items]; row u belongs to the dataset rows whose `row_index_column` is u. It is memory-mapped;
+            only the rows of each batch are read.
+        row_index_column (`str`, *optional*, defaults to `"row_index"`):
+            Dataset column holding each prompt's row in the preference scores. Needed only by the personalised
+            reward variants.
+
+        > Parameters that control the data and tokenisation
+
+        item_id_column (`str`, *optional*, defaults to `"item_id"`):
+            Dataset column holding the target item id (an index into the prefix tree's items) of each prompt: the SFT
+            target.
+        tokenization_mode (`str`, *optional*, defaults to `"default"`):
+            `"default"`: one tokenisation everywhere; the SFT target is the item's tree path (title tokens, then the
+            terminator, which must be an EOS token). `"reference"`: the official code's split, for comparisons; the
+            tree ends titles with its own terminator (e.g. "\n"), sampling appends EOS after it, and the SFT target is
+            the dataset's `completion` column tokenised, followed by EOS.
+
+        > Parameters that control sampling (defaults differ from GRPOConfig)
+
+        num_generations (`int`, *optional*, defaults to `1`):
+            Number of trie-constrained trajectories sampled per prompt. The paper samples one. With more, each
+            prompt's SFT target is repeated as often (same expectation, more compute).
+        temperature (`float`, *optional*, defaults to `1.0`):
+            Sampling temperature of the on-policy trajectories. 1 samples from the policy itself, as the paper does.
+        beta (`float`, *optional*, defaults to `0.0`):
+            KL coefficient of GRPO. Flower's objective has no KL term, so it must stay 0.
+
+        > Parameters that control training (defaults differ from GRPOConfig)
+
+        learning_rate (`float`, *optional*, defaults to `3e-4`):
+            Initial learning rate for AdamW. The paper's value (full fine-tuning of Qwen2.5-1.5B, batch 128, 20 warmup
+            steps); GRPO's 1e-6 is an RL value, far too small for the SFT part.
+        gradient_checkpointing (`bool`, *optional*):
+            Whether to enable gradient checkpointing (transformers >= 5.23 calls it `activation_checkpointing`, also
+            accepted). Off when not set: the trainer runs the prompt once and both
+            continuations (SFT target and sample) on its KV cache, which checkpointing disables; with it on, the
+            trainer falls back to a forward over [prompt + target ; prompt + sample] (same loss, more compute, less
+            memory).
+        bf16 (`bool`, *optional*):
+            Whether to use bf16 mixed precision. If not set, it is `True` only when `fp16` is not set and the hardware
+            supports bf16 (a bf16-capable GPU, XLA, or `use_cpu=True`), so the defaults also run on a CPU-only
+            machine.
+    """
+
+    # > Parameters that control the Flower objective
+    flow_lambda: float = field(
+        default=0.005,
+        metadata={
+            "help": "Weight λ of the flow loss in loss = (1 − λ)·SFT + λ·flow (paper Eq. 12; the official scripts use "
+            "λ = 1 − train_theta). Must lie in [0, 1]. The paper searches 1e-2 … 1e-4 and uses 0.005 for CDs and "
+            "Movies, 0.0005 for Video Games. With 0 the trainer is plain SFT and samples nothing."
+        },
+    )
+    flow_loss: str = field(
+        default="flower_subtb",
+        metadata={
+            "help": 'Flow-balance loss on the sampled items: `"flower_subtb"` (the official "modified SubTB": all '
+            'subtrajectories with termination terms), `"db"` (detailed balance), `"tb"` (trajectory balance) or '
+            '`"full_distribution"` (KL between the process reward and the policy over all children of every visited '
+            "prefix).",
+            "choices": list(FLOW_LOSSES),
+        },
+    )
+    subtb_lambda: float = field(
+        default=1.0,
+        metadata={
+            "help": 'Subtrajectory weighting λ_sub of `"flower_subtb"`: a segment of length n is weighted by '
+            "λ_sub^(n − 1) (normalised). The official runs use 1, a plain mean over all segments. Must be >= 0."
+        },
+    )
+    nonterminal_log_term: float = field(
+        default=-15.0,
+        metadata={
+            "help": "Target log-probability of the terminator at every prefix before the end of the sampled title (the "
+            "official e^-15 constant, log ρ)."
+        },
+    )
+
+    # > Parameters that control the rewards
+    reward_variant: str = field(
+        default="none",
+        metadata={
+            "help": "Personalisation of the token rewards by an auxiliary recommender's scores s(u, i): `\"none\"` "
+            '(item popularity only), `"div_s"` (the paper\'s main variant: log rewards divided by s), `"add_logs"` '
+            '(log s added to every log reward) or `"exact"` (per-user rewards R(i)·s(u, i) pushed through the tree). '
+            'All but `"none"` need `preference_scores_path`.',
+            "choices": list(REWARD_VARIANTS),
+        },
+    )
+    preference_scores_path: str | None = field(
+        default=None,
+        metadata={
+            "help": "Path to a `.npy` file of auxiliary-model logits (e.g. SASRec's) of shape [number of training rows, "
+            "number of items]; row u belongs to the dataset rows whose `row_index_column` is u. It is memory-mapped; "
+            "only the rows of each batch are read."
+        },
+    )
+    row_index_column: str = field(
+        default="row_index",
+        metadata={
+            "help": "Dataset column holding each prompt's row in the preference scores. Needed only by the "
+            "personalised reward variants."
+        },
+    )
+
+    # > Parameters that control the data and tokenisation
+    item_id_column: str = field(
+        default="item_id",
+        metadata={
+            "help": "Dataset column holding the target item id (an index into the prefix tree's items) of each "
+            "prompt: the SFT target."
+        },
+    )
+    tokenization_mode: str = field(
+        default="default",
+        metadata={
+            "help": '`"default"`: one tokenisation everywhere; the SFT target is the item\'s tree path (title tokens, '
+            'then the terminator, which must be an EOS token). `"reference"`: the official code\'s split, for '
+            'comparisons; the tree ends titles with its own terminator (e.g. "\\n"), sampling appends EOS after it, '
+            "and the SFT target is the dataset's `completion` column tokenised, followed by EOS.",
+            "choices": list(TOKENIZATION_MODES),
+        },
+    )
+
+    # > Parameters that control sampling (defaults differ from GRPOConfig)
+    num_generations: int = field(
+        default=1,
+        metadata={
+            "help": "Number of trie-constrained trajectories sampled per prompt. The paper samples one. With more, each "
+            "prompt's SFT target is repeated as often (same expectation, more compute)."
+        },
+    )
+    temperature: float = field(
+        default=1.0,
+        metadata={
+            "help": "Sampling temperature of the on-policy trajectories. 1 samples from the policy itself, as the paper "
+            "does."
+        },
+    )
+    beta: float = field(
+        default=0.0,
+        metadata={"help": "KL coefficient of GRPO. Flower's objective has no KL term, so it must stay 0."},
+    )
+
+    # > Parameters that control training (defaults differ from GRPOConfig)
+    learning_rate: float = field(
+        default=3e-4,
+        metadata={
+            "help": "Initial learning rate for AdamW. The paper's value (full fine-tuning of Qwen2.5-1.5B, batch 128, 20 "
+            "warmup steps); GRPO's 1e-6 is an RL value, far too small for the SFT part."
+        },
+    )
+    gradient_checkpointing: bool | None = field(
+        default=None,
+        metadata={
+            "help": "Whether to enable gradient checkpointing (transformers >= 5.23 calls it `activation_checkpointing`, "
+            "also accepted). Off when not set: the trainer runs the prompt once and both "
+            "continuations (SFT target and sample) on its KV cache, which checkpointing disables; with it on, the "
+            "trainer falls back to a forward over [prompt + target ; prompt + sample] (same loss, more compute, less "
+            "memory)."
+        },
+    )
+    bf16: bool | None = field(
+        default=None,
+        metadata={
+            "help": "Whether to use bf16 mixed precision. If not set, it is `True` only when `fp16` is not set and the "
+            "hardware supports bf16 (a bf16-capable GPU, XLA, or `use_cpu=True`), so the defaults also run on a "
+            "CPU-only machine."
+        },
+    )
+
+    def __post_init__(self):
+        self._check_flower_fields()
+        self._check_grpo_fields()
+        if self.bf16 is None:
+            self.bf16 = not self.fp16 and (self.use_cpu or is_torch_bf16_gpu_available() or is_torch_xla_available())
+        if self.num_generations == 1:
+            grpo_post_init_with_one_generation(self, super().__post_init__)
+        else:
+            super().__post_init__()
+        if self.gradient_checkpointing is None:  # transformers < 5.23 has no activation_checkpointing alias to resolve it
+            self.gradient_checkpointing = False
+
+    def _check_flower_fields(self) -> None:
+        if not 0.0 <= self.flow_lambda <= 1.0:  # also rejects NaN
+            raise ValueError(
+                f"flow_lambda={self.flow_lambda} is outside [0, 1]: it is the weight λ of the flow loss in "
+                "(1 − λ)·SFT + λ·flow. Use a value in [0, 1]; the paper uses 0.005 (CDs, Movies) or 0.0005 (Games)."
+            )
+        if self.flow_loss not in FLOW_LOSSES:
+            raise ValueError(f"flow_loss={self.flow_loss!r} is not one of {FLOW_LOSSES}; pick one of them.")
+        if not (math.isfinite(self.subtb_lambda) and self.subtb_lambda >= 0):
+            raise ValueError(
+                f"subtb_lambda={self.subtb_lambda} must be a finite number >= 0: segments of length n are weighted by "
+                "subtb_lambda^(n-1). Use 1.0 (the official value) for a plain mean over all segments."
+            )
+        if not math.isfinite(self.nonterminal_log_term):
+            raise ValueError(
+                f"nonterminal_log_term={self.nonterminal_log_term} must be finite (it is a log-probability target); "
+                "use the official -15.0."
+            )
+        if self.reward_variant not in REWARD_VARIANTS:
+            raise ValueError(f"reward_variant={self.reward_variant!r} is not one of {REWARD_VARIANTS}; pick one of them.")
+        if self.reward_variant != "none" and self.preference_scores_path is None:
+            raise ValueError(
+                f"reward_variant={self.reward_variant!r} personalises the rewards with auxiliary-model scores s(u, i), "
+                "but preference_scores_path is not set. Set it to a .npy file of logits [training rows, items], or "
+                "use reward_variant='none'."
+            )
+        if self.reward_variant == "none" and self.preference_scores_path is not None:
+            raise ValueError(
+                "preference_scores_path is set but reward_variant='none' ignores it; choose a personalised "
+                "reward_variant ('div_s', 'add_logs' or 'exact') or unset preference_scores_path."
+            )
+        if self.tokenization_mode not in TOKENIZATION_MODES:
+            raise ValueError(
+                f"tokenization_mode={self.tokenization_mode!r} is not one of {TOKENIZATION_MODES}; use 'default' "
+                "(one tokenisation everywhere) or 'reference' (the official code's split)."
+            )
+
+    def _check_grpo_fields(self) -> None:
+        if self.use_vllm:
+            raise ValueError(
+                "use_vllm=True is not supported: the prefix-tree constraint is a token-level logits processor that only "
+                "transformers' generate accepts (vLLM constrains strings, which may tokenise off the tree). Set "
+                "use_vllm=False."
+            )
+        if getattr(self, "use_transformers_continuous_batching", False) or getattr(self, "use_transformers_paged", False):
+            raise ValueError(
+                "use_transformers_continuous_batching (or use_transformers_paged) is not supported: continuous batching "
+                "rejects the stateful trie logits processor that keeps samples on catalogue items. Set it to False."
+            )
+        if self.beta != 0.0:
+            raise ValueError(
+                f"beta={self.beta} adds GRPO's KL penalty, which is not part of Flower's objective and would be "
+                "computed but never used. Set beta=0.0 (Flower regularises through the SFT term, weight 1 − λ)."
+            )
+        if self.num_iterations != 1:
+            raise ValueError(
+                f"num_iterations={self.num_iterations} would reuse each sampled batch (and its SFT targets) for several "
+                "updates; Flower takes one step per fresh on-policy batch. Set num_iterations=1."
+            )
+        if self.num_generations is None or self.num_generations < 1:
+            raise ValueError(
+                f"num_generations={self.num_generations} must be >= 1 (trajectories sampled per prompt); Flower uses 1."
+            )
