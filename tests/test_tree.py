@@ -352,7 +352,7 @@ def _chi2_critical(df: int, z: float = 3.719) -> float:
 
 def test_sampling_process_rewards_reproduces_reward_proportions(random_tree):
     _, _, tree = random_tree
-    n = 20_000
+    n = 10_000
     counts = _sample_items(tree, n, seed=0)  # [N] visits per terminal node
     R = np.exp(tree.log_flow)  # F(terminal) = R(y)
     terminals = np.flatnonzero(tree.is_terminal & (R > 0))
