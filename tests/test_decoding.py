@@ -223,10 +223,12 @@ class TestErrors:
         with pytest.raises(ValueError, match="every item reward is 0"):
             TrieLogitsProcessor(tree.with_rewards([0] * len(PATHS)), positive_flow_only=True)
 
-    def test_rejects_nan_scores(self, tree):
+    def test_rejects_nan_scores_on_allowed_tokens(self, tree):
         scores = _uniform(3)
-        scores[2, 11] = float("nan")  # NaN on a token the mask would remove still means a broken model
-        with pytest.raises(ValueError, match=r"scores of row 2 contain NaN"):
+        scores[0, 11] = float("nan")  # on a masked token: harmless, it becomes −inf
+        assert torch.isinf(TrieLogitsProcessor(tree)(torch.tensor([[3], [3], [3]]), scores)[0, 11])
+        scores[2, 8] = float("nan")  # on an allowed token: it would win every beam comparison
+        with pytest.raises(ValueError, match=r"scores of row 2 are NaN on allowed tokens"):
             TrieLogitsProcessor(tree)(torch.tensor([[3], [3], [3]]), scores)
 
     def test_call_errors(self, tree):

@@ -91,8 +91,8 @@ class TrieLogitsProcessor(LogitsProcessor):
 
     Raises:
         ValueError: at construction for invalid arguments; at a call if the vocabulary is smaller than the tree's
-            tokens, if the scores contain NaN, or if a row's generated tokens left the tree (names the row, position
-            and token).
+            tokens, if the scores are NaN on an allowed token, or if a row's generated tokens left the tree (names the
+            row, position and token).
 
     Examples:
     >>> import torch
@@ -148,6 +148,7 @@ class TrieLogitsProcessor(LogitsProcessor):
         self._prev_len: int = -1  # input_ids.shape[1] at the previous call
         self._prev_tokens: torch.Tensor | None = None  # [R', t-1] generated tokens at the previous call
         self._prev_nodes: torch.Tensor | None = None  # [R'] state after them
+        self.last_allowed: tuple[torch.Tensor, torch.Tensor] | None = None  # (rows, tokens) of the last call
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.Tensor) -> torch.Tensor:
         """Mask the scores of tokens that leave the tree.
@@ -172,12 +173,6 @@ class TrieLogitsProcessor(LogitsProcessor):
             )
         if not 0 <= self.finished_token_id < V:
             raise ValueError(f"finished_token_id {self.finished_token_id} is outside the vocabulary of size {V}")
-        nan_rows = torch.isnan(scores).any(dim=1)  # [R]: NaN scores would survive the mask and derail beam search
-        if bool(nan_rows.any()):
-            raise ValueError(
-                f"the scores of row {int(torch.nonzero(nan_rows)[0, 0])} contain NaN ({int(nan_rows.sum())} rows): the "
-                "model produced NaN logits (e.g. eager attention in float64 with left padding); fix the model inputs."
-            )
         length = input_ids.shape[1]
         if length <= self._prev_len:  # sequences never shrink inside one generate call: this is a new call
             self.reset()
@@ -192,12 +187,43 @@ class TrieLogitsProcessor(LogitsProcessor):
         nodes = self._nodes(generated)  # [R]
         self._prev_len = length
 
-        t = self.tree.tensors(scores.device)
-        finished = t.is_terminal[nodes]  # [R]
-        allowed = self.tree.allowed_mask(nodes, V, positive_flow_only=self.positive_flow_only)  # [R, V]
-        # terminal nodes have no children: their only allowed token is finished_token_id
-        allowed[:, self.finished_token_id] |= finished
-        return scores.masked_fill(~allowed, float("-inf"))
+        rows, tokens = self.allowed_entries(nodes)  # [E], [E]
+        values = scores[rows, tokens]  # [E]
+        if bool(torch.isnan(values).any()):  # NaN would survive the mask and derail beam search
+            row = int(rows[torch.isnan(values)][0])
+            raise ValueError(
+                f"the scores of row {row} are NaN on allowed tokens: the model produced NaN logits (e.g. eager "
+                "attention in float64 with left padding); fix the model inputs."
+            )
+        # One [R, V] write (the fill) plus O(E) scattered copies: the cheapest mask there is. A new tensor: the
+        # caller's scores are never modified.
+        out = torch.full_like(scores, float("-inf"))  # [R, V]
+        out[rows, tokens] = values
+        self.last_allowed = (rows, tokens)
+        return out
+
+    def allowed_entries(self, nodes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The allowed (row, token) pairs of rows at `nodes` [R] (all ≥ 0), as two flat int64 tensors [E].
+
+        Non-terminal rows allow their children (with `positive_flow_only`, those of positive flow), sorted by token;
+        terminal rows allow only `finished_token_id`. Built from the compact child arrays with one
+        ``repeat_interleave``: cost O(R + E), independent of the vocabulary.
+        """
+        t = self.tree.tensors(nodes.device)
+        R = nodes.shape[0]
+        count = t.num_children[nodes]  # [R], 0 for terminal nodes
+        E = int(count.sum())
+        rows = torch.repeat_interleave(torch.arange(R, device=nodes.device), count, output_size=E)  # [E]
+        # child of edge e = first_child[row] + (e - index of the row's first edge)
+        shift = t.first_child[nodes] - (torch.cumsum(count, 0) - count)  # [R]
+        child = shift[rows] + torch.arange(E, device=nodes.device)  # [E]
+        if self.positive_flow_only:
+            keep = torch.isfinite(t.log_flow[child])  # [E]
+            rows, child = rows[keep], child[keep]
+        finished_rows = torch.nonzero(t.is_terminal[nodes]).squeeze(1)  # [F]
+        rows = torch.cat([rows, finished_rows])  # [E + F]
+        tokens = torch.cat([t.token[child], torch.full_like(finished_rows, self.finished_token_id)])  # [E + F]
+        return rows, tokens
 
     # ------------------------------------------------------------------ state tracking
 

@@ -60,18 +60,20 @@ class _ScoreRecorder(LogitsProcessor):
 
     ``generate`` returns beam scores only with ``output_scores=True``, which keeps a dense [rows, V] copy per step
     (about 100 MB per step for 160 beams × a 152k vocabulary). The scores that matter are the few allowed entries,
-    so we keep only those, as sorted flat keys ``row * V + token`` (``torch.nonzero`` is row-major) and values.
+    which the trie processor just listed (``last_allowed``), so we keep only those: sorted flat keys
+    ``row * V + token`` and their values. Place it right after `trie`.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, trie: TrieLogitsProcessor) -> None:
+        self.trie = trie
         self.steps: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.vocab_size = 0
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.Tensor) -> torch.Tensor:
         self.vocab_size = scores.shape[1]
-        flat = scores.reshape(-1)  # [R * V]
-        keys = torch.nonzero(torch.isfinite(flat)).squeeze(1)  # [E], sorted
-        self.steps.append((keys, flat[keys]))
+        rows, tokens = self.trie.last_allowed  # [E], [E]
+        keys, order = torch.sort(rows * self.vocab_size + tokens)  # [E]
+        self.steps.append((keys, scores[rows, tokens][order]))
         return scores
 
     def sequence_scores(self, generated: torch.Tensor, beam_indices: torch.Tensor, length_penalty: float) -> torch.Tensor:
@@ -255,8 +257,9 @@ def recommend(
             rows = order[start : start + batch_size]  # [B] prompt indices
             input_ids, attention_mask = _left_pad([token_ids[i] for i in rows], pad_id, device)
             P = input_ids.shape[1]
-            recorder = _ScoreRecorder()
-            processors = [TrieLogitsProcessor(tree, prompt_length=P), recorder]
+            trie = TrieLogitsProcessor(tree, prompt_length=P)
+            recorder = _ScoreRecorder(trie)
+            processors = [trie, recorder]
             if temperature != 1.0:
                 processors.insert(0, LogProbTemperatureProcessor(temperature))
             out = model.generate(
