@@ -1,0 +1,524 @@
+"""`FlowerTrainer`: SFT + λ·flow-balance fine-tuning of an LLM recommender on top of `trl.GRPOTrainer`.
+
+Plumbing only: the prefix tree (`tree.py`), the token targets (`rewards.py`), the losses (`losses.py`) and the trie
+logits processor (`decoding.py`) hold the math. The TRL internals this file relies on are listed in `_trl_compat.py`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from trl import GRPOTrainer
+from trl.trainer.utils import get_config_model_id, pad
+
+from trl_flower._trl_compat import completion_eos_ids, constrained_generate
+from trl_flower.config import FlowerConfig
+from trl_flower.decoding import TrieLogitsProcessor
+from trl_flower.losses import (
+    combine_losses,
+    detailed_balance_loss,
+    flow_log_probs,
+    flower_subtb_loss,
+    flower_tb_loss,
+    full_distribution_loss,
+    token_log_probs,
+)
+from trl_flower.rewards import PrefixTreeRewardModel
+from trl_flower.tree import PrefixTree
+
+logger = logging.getLogger(__name__)
+
+TREE_FILE = "prefix_tree.npz"  # PrefixTree.save of the reward model's tree (structure + item rewards)
+INFO_FILE = "flower_config.json"  # what an evaluation needs besides the tree (terminator, mode, reward settings)
+ITEM_GROUPS_FILE = "item_groups.npy"  # popularity group per item id, when the trainer was given one
+COMPLETION_COLUMN = "completion"  # SFT target text in tokenization_mode="reference" (TRL's prompt-completion name)
+
+_PATH_LOSSES = {"flower_subtb": flower_subtb_loss, "db": detailed_balance_loss, "tb": flower_tb_loss}
+
+
+class FlowerTrainer(GRPOTrainer):
+    r"""
+    Trainer for Flower ([Process-Supervised LLM Recommenders via Flow-guided
+    Tuning](https://huggingface.co/papers/2503.07377)): supervised fine-tuning on the target item plus a GFlowNet
+    flow-balance loss on items sampled from the policy under a prefix-tree (trie) constraint, with token-level
+    process rewards F(s·a)/F(s) from the tree's item flows.
+
+    The only change w.r.t. [`GRPOTrainer`] is what is sampled and what is minimised: `_generate_single_turn` samples
+    through the inherited transformers path with a [`TrieLogitsProcessor`] added, so every completion is a catalogue
+    item; `_generate_and_score_completions` adds the SFT target path and the token-level flow targets
+    ([`PrefixTreeRewardModel.token_targets`]) to the batch; and `_compute_loss` returns
+    (1 − λ)·SFT + λ·flow loss from one teacher-forced forward with gradient (the prompt runs once, the target and the
+    sample continue on its KV cache). Batching, gradient accumulation, reward logging, PEFT, checkpointing and
+    distributed training are inherited unchanged. With `flow_lambda=0` nothing is sampled and the trainer is plain
+    SFT.
+
+    Args:
+        model (`str`, [`~transformers.PreTrainedModel`] or [`~peft.PeftModel`]):
+            The causal LM to train, or the path of a local model directory (as in [`GRPOTrainer`]).
+        tree ([`PrefixTree`]):
+            The catalogue's prefix tree over the model's tokens. Its item rewards R(i) (e.g. interaction counts)
+            define the flows unless `reward_model` is given. Default mode: item paths end with an EOS token.
+        args ([`FlowerConfig`], *optional*):
+            Training configuration. If `None`, a default [`FlowerConfig`] is used.
+        train_dataset ([`~datasets.Dataset`] or [`~datasets.IterableDataset`]):
+            Rows with a `prompt` (text, or a conversation the chat template renders) and the target item id in the
+            column `args.item_id_column`; `args.row_index_column` for personalised rewards; `completion` (the SFT
+            target text) in `tokenization_mode="reference"`.
+        eval_dataset ([`~datasets.Dataset`], *optional*):
+            Same format; evaluated with the same loss (sampling included when λ > 0).
+        processing_class ([`~transformers.PreTrainedTokenizerBase`], *optional*):
+            The tokenizer (left padding). Loaded from the model directory if `None`.
+        reward_model ([`PrefixTreeRewardModel`], *optional*):
+            The token-level reward model on `tree`. If `None`, one is built from the config (`reward_variant`,
+            `preference_scores_path`, `nonterminal_log_term`, `row_index_column`); if given, leave those config
+            fields at their defaults. It is also passed to GRPO as `reward_funcs`, so the mean sequence reward of the
+            samples is logged as `rewards/prefix_tree_reward/mean`.
+        item_groups (array of `int`, *optional*):
+            Popularity group (0 = most popular) of every item id, shape [num_items]; if given, the share of sampled
+            items per group is logged (`sampled/group_{g}_share`) and saved with the model.
+        peft_config ([`~peft.PeftConfig`], *optional*):
+            PEFT configuration (e.g. LoRA) used to wrap the model.
+        callbacks (list of [`~transformers.TrainerCallback`], *optional*):
+            Callbacks to customise the training loop.
+        optimizers (`tuple`, *optional*, defaults to `(None, None)`):
+            Optimizer and scheduler, as in [`~transformers.Trainer`].
+
+    Example:
+
+    ```python
+    >>> from trl_flower import FlowerConfig, FlowerTrainer, PrefixTree
+    >>> tree = PrefixTree.from_titles(titles, tokenizer, item_rewards=interaction_counts)
+    >>> trainer = FlowerTrainer(model="path/to/model", tree=tree, args=FlowerConfig("out", flow_lambda=0.005),
+    ...                         train_dataset=dataset)  # columns: prompt, item_id
+    >>> trainer.train()
+    ```
+    """
+
+    _tag_names = ["trl", "flower"]
+    _name = "Flower"
+    _paper = {
+        "title": "Process-Supervised LLM Recommenders via Flow-guided Tuning",
+        "id": "2503.07377",
+        # docstyle-ignore
+        "citation": textwrap.dedent("""\
+            @article{flower2025,
+                title        = {{Process-Supervised LLM Recommenders via Flow-guided Tuning}},
+                year         = 2025,
+                eprint       = {arXiv:2503.07377},
+            }"""),
+    }
+
+    def __init__(
+        self,
+        model,
+        tree: PrefixTree,
+        args: FlowerConfig | None = None,
+        train_dataset=None,
+        eval_dataset=None,
+        processing_class=None,
+        reward_model: PrefixTreeRewardModel | None = None,
+        item_groups=None,
+        peft_config=None,
+        callbacks=None,
+        optimizers=(None, None),
+    ):
+        if args is None:
+            model_name = model if isinstance(model, str) else get_config_model_id(model.config)
+            args = FlowerConfig(f"{model_name.split('/')[-1]}-Flower")
+        if not isinstance(args, FlowerConfig):
+            raise TypeError(f"`args` must be a FlowerConfig, got {type(args).__name__}; wrap your settings in FlowerConfig")
+        if not isinstance(tree, PrefixTree):
+            raise TypeError(f"`tree` must be a trl_flower PrefixTree, got {type(tree).__name__}")
+        # Everything checkable without the model is checked before GRPOTrainer loads it.
+        self.tree = tree
+        self.reward_model = _resolve_reward_model(tree, args, reward_model)
+        self.item_groups = _check_item_groups(item_groups, tree)
+        for name, dataset in (("train_dataset", train_dataset), ("eval_dataset", eval_dataset)):
+            _check_dataset(name, dataset, args, tree, self.reward_model)
+
+        super().__init__(
+            model=model,
+            reward_funcs=[self.reward_model],
+            args=args,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=processing_class,
+            callbacks=callbacks,
+            optimizers=optimizers,
+            peft_config=peft_config,
+        )
+        self._finished_token_id = self._check_model_and_tree()
+        # Run the prompt once and continue the SFT target and the sample on its KV cache (see `_state_logits`);
+        # gradient checkpointing drops KV caches inside the layers, so it needs the stacked forward.
+        self._share_prompt_forward = not self.args.gradient_checkpointing
+
+    # ------------------------------------------------------------------ construction checks
+
+    def _check_model_and_tree(self) -> int | None:
+        """Check what needs the tokenizer and model; return the token forced after the terminator (or None)."""
+        vocab = self.model.config.get_text_config().vocab_size
+        if self.tree.vocab_bound > vocab:
+            raise ValueError(
+                f"the prefix tree uses token ids up to {self.tree.vocab_bound - 1} but the model's vocabulary has "
+                f"{vocab} entries; build the tree with this model's tokenizer (PrefixTree.from_titles(titles, tok))."
+            )
+        longest = int(self.tree.item_length.max())
+        if self.args.max_completion_length is not None and self.args.max_completion_length < longest:
+            raise ValueError(
+                f"max_completion_length={self.args.max_completion_length} is shorter than the longest item path "
+                f"({longest} tokens with the terminator), so some samples would be cut before their item ends. Set "
+                f"max_completion_length >= {longest}."
+            )
+        eos_ids = completion_eos_ids(self)
+        terminator = self.tree.terminator_id
+        if self.args.tokenization_mode == "default":
+            if terminator not in eos_ids:
+                raise ValueError(
+                    f"tokenization_mode='default' needs item paths that end with an EOS token (one of {eos_ids}) so that "
+                    f"sampling stops at the end of an item and the SFT target equals the tree path, but the tree's "
+                    f"terminator is {terminator}. Build the tree with terminator_id=tokenizer.eos_token_id, or use "
+                    "tokenization_mode='reference' with a `completion` column."
+                )
+            return None
+        # reference mode: after the tree's terminator (e.g. "\n") the sampler emits EOS, which ends generation
+        return None if terminator in eos_ids else eos_ids[0]
+
+    def _set_signature_columns_if_needed(self):
+        # With remove_unused_columns=True, keep the columns Flower reads besides GRPO's "prompt".
+        super()._set_signature_columns_if_needed()
+        extra = [self.args.item_id_column, self.args.row_index_column, COMPLETION_COLUMN]
+        self._signature_columns = list(dict.fromkeys([*self._signature_columns, *extra]))
+
+    # ------------------------------------------------------------------ sampling and batch assembly
+
+    def _generate_single_turn(self, prompt_ids, *args, **kwargs):
+        # The inherited transformers path does the generation (its signature drifts across TRL versions, hence
+        # *args); the trie processor is added to its `generate` call. One processor per call: it is stateful.
+        def trie_processor():
+            return TrieLogitsProcessor(
+                self.reward_model.tree, finished_token_id=self._finished_token_id, positive_flow_only=True
+            )
+
+        with constrained_generate(self.accelerator.unwrap_model(self.model_wrapped), trie_processor):
+            return super()._generate_single_turn(prompt_ids, *args, **kwargs)
+
+    def _generate_and_score_completions(self, inputs: list[dict[str, Any]]) -> dict[str, Any]:
+        if self.args.flow_lambda == 0.0:
+            batch = self._tokenize_prompt_batch(inputs)  # plain SFT: nothing to sample
+        else:
+            batch = super()._generate_and_score_completions(inputs)
+            batch.update(self._flow_targets(inputs, batch["completion_ids"]))
+        batch.update(self._sft_targets(inputs))
+        return batch
+
+    def _tokenize_prompt_batch(self, inputs: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        """Left-padded prompt ids and mask, tokenised as GRPO does (chat template for conversations)."""
+        prompt_ids, _, _ = self._tokenize_prompts([x["prompt"] for x in inputs])
+        prompt_ids = [torch.tensor(ids) for ids in prompt_ids]
+        device = self.accelerator.device
+        return {
+            "prompt_ids": pad(prompt_ids, padding_value=self._tokenizer.pad_token_id, padding_side="left").to(device),
+            "prompt_mask": pad([torch.ones_like(ids) for ids in prompt_ids], padding_value=0, padding_side="left").to(
+                device
+            ),
+        }
+
+    def _sft_targets(self, inputs: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        """The SFT target continuation of each prompt: exactly the tokens the model should emit after it."""
+        device = self.accelerator.device
+        pad_id = self._tokenizer.pad_token_id
+        if self.args.tokenization_mode == "default":
+            items = torch.tensor([int(x[self.args.item_id_column]) for x in inputs], dtype=torch.long)  # [B]
+            ids, lengths = self.tree.item_paths(items, pad_id=pad_id)  # [B, L] title tokens + terminator
+        else:
+            texts = [x[COMPLETION_COLUMN] for x in inputs]
+            encoded = self._tokenizer(texts, add_special_tokens=False)["input_ids"]
+            eos = self._tokenizer.eos_token_id
+            paths = [torch.tensor([*e, eos]) for e in encoded]
+            ids = pad(paths, padding_value=pad_id, padding_side="right")  # [B, L]
+            lengths = torch.tensor([len(p) for p in paths])  # [B]
+        mask = torch.arange(ids.shape[1]).unsqueeze(0) < lengths.unsqueeze(1)  # [B, L]
+        ids, mask = ids.to(device), mask.to(device)
+        # Tokens of the whole generation batch on all processes: the SFT token mean is taken over the optimiser step
+        # (as transformers does with num_items_in_batch), so gradient accumulation does not change the loss.
+        num_tokens = self.accelerator.gather(mask.sum().unsqueeze(0)).sum()
+        return {"sft_ids": ids, "sft_mask": mask, "sft_num_tokens": num_tokens}
+
+    def _flow_targets(self, inputs: list[dict[str, Any]], completion_ids: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Token-level flow targets of the sampled items (no gradient; once per generation batch)."""
+        rows = None
+        if self.reward_model.variant != "none":
+            rows = torch.tensor([int(x[self.reward_model.row_column]) for x in inputs], device=completion_ids.device)
+        targets = self.reward_model.token_targets(completion_ids, rows)
+        T = targets.log_reward.shape[1]
+        title_mask = torch.arange(T, device=completion_ids.device).unsqueeze(0) < targets.lengths.unsqueeze(1)
+        title_ids = torch.where(title_mask, completion_ids[:, :T], self._tokenizer.pad_token_id)  # [B, T]
+        out = {
+            "flow_title_ids": title_ids,
+            "flow_title_mask": title_mask,
+            "flow_lengths": targets.lengths,
+            "flow_valid": targets.valid,
+            "flow_log_reward": targets.log_reward,
+            "flow_log_term_target": targets.log_term_target,
+        }
+        if self.args.flow_loss == "full_distribution":
+            tokens, log_rewards, child_mask = self.reward_model.child_targets(targets.nodes, rows, targets.terminal_nodes)
+            out.update(
+                flow_child_tokens=tokens,  # [B, T+1, K]
+                flow_child_log_rewards=log_rewards,  # [B, T+1, K]
+                flow_child_mask=child_mask,  # [B, T+1, K]
+                flow_state_mask=targets.nodes >= 0,  # [B, T+1]
+            )
+        self._log_sampled_items(targets.item_ids, targets.valid)
+        return out
+
+    def _log_sampled_items(self, item_ids: torch.Tensor, valid: torch.Tensor) -> None:
+        mode = "train" if self.model.training else "eval"
+        items = self.accelerator.gather(item_ids)  # [B_global], -1 for incomplete samples
+        valid = self.accelerator.gather(valid.long())  # [B_global]
+        self._metrics[mode]["sampled/valid_share"].append(valid.float().mean().item())
+        items = items[items >= 0]
+        self._metrics[mode]["sampled/distinct_items"].append(float(items.unique().numel()))
+        if self.item_groups is not None and items.numel():
+            groups = self.item_groups.to(items.device)[items]  # [n]
+            share = torch.bincount(groups, minlength=self._num_groups).double() / items.numel()  # [G]
+            for g, value in enumerate(share.tolist()):
+                self._metrics[mode][f"sampled/group_{g}_share"].append(value)
+
+    @property
+    def _num_groups(self) -> int:
+        return int(self.item_groups.max()) + 1
+
+    # ------------------------------------------------------------------ loss
+
+    def _compute_loss(self, model, inputs):
+        mode = "train" if self.model.training else "eval"
+        lam = self.args.flow_lambda
+        # Continuations after the prompt; state s_k's logits predict token k+1. The SFT target feeds all its tokens
+        # but the last (states s_0 … s_{L-1}); the sampled title feeds all its title tokens (states s_0 … s_t, where
+        # the terminator is decided).
+        continuations = [(inputs["sft_ids"][:, :-1], inputs["sft_mask"][:, :-1])]
+        if lam > 0:
+            continuations.append((inputs["flow_title_ids"], inputs["flow_title_mask"]))
+        state_logits = self._state_logits(model, inputs["prompt_ids"], inputs["prompt_mask"], continuations)
+
+        # SFT: token-sum of the cross-entropy over the targets, normalised by the target tokens of the whole
+        # optimiser step (GRPO's "dapo" normalisation), so the returned loss is already scaled for accumulation.
+        sft_mask = inputs["sft_mask"]
+        token_nll = -token_log_probs(state_logits[0], inputs["sft_ids"].unsqueeze(-1)).squeeze(-1)  # [B, L]
+        nll_sum = torch.where(sft_mask, token_nll, 0.0).sum()
+        normalizer = inputs["sft_num_tokens"].clamp(min=1).float() / self.accelerator.num_processes
+        accumulation = 1.0
+        if mode == "train":
+            # set by the training loop (shorter for the last window of an epoch); absent when called outside it
+            accumulation = getattr(self, "current_gradient_accumulation_steps", self.args.gradient_accumulation_steps)
+            normalizer = normalizer * accumulation / self.args.steps_per_generation
+        sft = nll_sum / normalizer
+
+        flow = torch.zeros((), device=sft.device)
+        if lam > 0:
+            flow = self._flow_loss(state_logits[1], inputs).to(sft.dtype)
+        loss = combine_losses(sft, flow / accumulation, lam)
+
+        local_sft_mean = nll_sum.detach() / sft_mask.sum().clamp(min=1)
+        self._metrics[mode]["sft_loss"].append(self.accelerator.gather(local_sft_mean.unsqueeze(0)).mean().item())
+        if lam > 0:
+            self._metrics[mode]["flow_loss"].append(self.accelerator.gather(flow.detach().unsqueeze(0)).mean().item())
+        return loss
+
+    def _flow_loss(self, state_logits: torch.Tensor, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The configured flow loss on the valid sampled paths; `state_logits` [B, T+1, V] at states s_0 … s_T."""
+        keep = inputs["flow_valid"]  # [B]; incomplete or zero-reward samples carry no finite target
+        if not bool(keep.any()):
+            return state_logits.sum() * 0.0  # keeps the graph connected (DDP) without a signal
+        if self.args.flow_loss == "full_distribution":
+            child_log_probs = token_log_probs(state_logits, inputs["flow_child_tokens"])  # [B, T+1, K]
+            return full_distribution_loss(
+                child_log_probs[keep],
+                inputs["flow_child_log_rewards"][keep],
+                inputs["flow_child_mask"][keep],
+                inputs["flow_state_mask"][keep],
+            )
+        log_pf, log_pterm = flow_log_probs(state_logits, inputs["flow_title_ids"], self.tree.terminator_id)
+        args = (
+            log_pf[keep],  # [B', T]
+            log_pterm[keep],  # [B', T+1]
+            inputs["flow_log_reward"][keep],  # [B', T]
+            inputs["flow_log_term_target"][keep],  # [B', T+1]
+            inputs["flow_lengths"][keep],  # [B']
+        )
+        if self.args.flow_loss == "flower_subtb":
+            return flower_subtb_loss(*args, subtb_lambda=self.args.subtb_lambda)
+        return _PATH_LOSSES[self.args.flow_loss](*args)
+
+    def _state_logits(
+        self,
+        model,
+        prompt_ids: torch.Tensor,
+        prompt_mask: torch.Tensor,
+        continuations: list[tuple[torch.Tensor, torch.Tensor]],
+    ) -> list[torch.Tensor]:
+        """Logits at the states after the prompt for several continuations of the same prompts, with gradient.
+
+        Continuation i (ids and mask [B, n_i], right-padded) yields logits [B, n_i + 1, V] at the states
+        s_0 … s_{n_i} (s_0 = end of the prompt). With two or more continuations the prompt [B, P] runs once and
+        its KV cache is repeated for the continuations (the gradient flows back into the prompt through the
+        cache); this halves the forward cost for Flower's long prompts and short titles. Gradient checkpointing
+        drops caches, so then (and with a single continuation) the rows [prompt + continuation_i] run stacked.
+        """
+        k = len(continuations)
+        n = max(ids.shape[1] for ids, _ in continuations)
+        pad_id = self._tokenizer.pad_token_id
+        cont_ids = torch.stack([_pad_columns(ids, n, pad_id) for ids, _ in continuations], dim=1)  # [B, k, n]
+        cont_mask = torch.stack([_pad_columns(m.long(), n, 0) for _, m in continuations], dim=1)  # [B, k, n]
+        B, P = prompt_ids.shape
+
+        logits = None
+        if k > 1 and self._share_prompt_forward:
+            out = model(input_ids=prompt_ids, attention_mask=prompt_mask, use_cache=True, logits_to_keep=1)
+            cache = out.past_key_values
+            if cache is not None and cache.get_seq_length() == P:
+                first = out.logits[:, -1:]  # [B, 1, V] state s_0, shared by all continuations
+                cache.batch_repeat_interleave(k)  # [B*k, ...] row b*k + i = prompt b, continuation i
+                attention = torch.cat([prompt_mask.repeat_interleave(k, dim=0), cont_mask.reshape(B * k, n)], dim=1)
+                rest = model(
+                    input_ids=cont_ids.reshape(B * k, n), attention_mask=attention, past_key_values=cache, use_cache=True
+                ).logits  # [B*k, n, V] states s_1 … s_n
+                rest = rest.reshape(B, k, n, -1)
+                logits = torch.cat([first.unsqueeze(1).expand(B, k, 1, -1), rest], dim=2)  # [B, k, n+1, V]
+            else:
+                logger.warning_once("the model returned no usable KV cache; using the stacked forward instead")
+        if logits is None:
+            rows = torch.cat([prompt_ids.repeat_interleave(k, dim=0), cont_ids.reshape(B * k, n)], dim=1)  # [B*k, P+n]
+            attention = torch.cat([prompt_mask.repeat_interleave(k, dim=0), cont_mask.reshape(B * k, n)], dim=1)
+            logits = model(input_ids=rows, attention_mask=attention, logits_to_keep=n + 1).logits  # [B*k, n+1, V]
+            logits = logits.reshape(B, k, n + 1, -1)
+        return [logits[:, i, : c_ids.shape[1] + 1] for i, (c_ids, _) in enumerate(continuations)]
+
+    # ------------------------------------------------------------------ saving
+
+    def _save(self, output_dir: str | None = None, state_dict=None):
+        # A plain Hugging Face model directory (weights, config, generation config, tokenizer, chat template) from
+        # the parent, plus the tree and a small JSON: what an evaluation needs. from_pretrained ignores these files.
+        super()._save(output_dir, state_dict=state_dict)
+        if not self.args.should_save:
+            return
+        out = Path(output_dir if output_dir is not None else self.args.output_dir)
+        self.reward_model.tree.save(out / TREE_FILE)
+        if self.item_groups is not None:
+            np.save(out / ITEM_GROUPS_FILE, self.item_groups.numpy())
+        info = {
+            "format": "trl-flower/1",
+            "tree_file": TREE_FILE,
+            "item_groups_file": ITEM_GROUPS_FILE if self.item_groups is not None else None,
+            "terminator_id": self.tree.terminator_id,
+            "num_items": self.tree.num_items,
+            "tokenization_mode": self.args.tokenization_mode,
+            "finished_token_id": self._finished_token_id,
+            "reward_variant": self.reward_model.variant,
+            "preference_scores_path": self.args.preference_scores_path,
+            "row_index_column": self.reward_model.row_column,
+            "item_id_column": self.args.item_id_column,
+            "nonterminal_log_term": self.reward_model.nonterminal_log_term,
+            "flow_loss": self.args.flow_loss,
+            "flow_lambda": self.args.flow_lambda,
+            "subtb_lambda": self.args.subtb_lambda,
+        }
+        (out / INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
+
+
+# ---------------------------------------------------------------------- helpers
+
+
+def _pad_columns(x: torch.Tensor, width: int, value: int) -> torch.Tensor:
+    """Right-pad [B, n] to [B, width] with `value`."""
+    return torch.nn.functional.pad(x, (0, width - x.shape[1]), value=value)
+
+
+def _resolve_reward_model(
+    tree: PrefixTree, args: FlowerConfig, reward_model: PrefixTreeRewardModel | None
+) -> PrefixTreeRewardModel:
+    """The given reward model (checked against the tree and config) or the one the config describes."""
+    if reward_model is None:
+        scores = None
+        if args.preference_scores_path is not None:
+            scores = np.load(args.preference_scores_path, mmap_mode="r")  # only the batch rows are read
+        return PrefixTreeRewardModel(
+            tree,
+            variant=args.reward_variant,
+            preference_scores=scores,
+            nonterminal_log_term=args.nonterminal_log_term,
+            row_column=args.row_index_column,
+        )
+    if not isinstance(reward_model, PrefixTreeRewardModel):
+        raise TypeError(
+            f"`reward_model` must be a PrefixTreeRewardModel (it provides the token-level targets), got "
+            f"{type(reward_model).__name__}"
+        )
+    if args.reward_variant != "none" or args.preference_scores_path is not None:
+        raise ValueError(
+            "pass either `reward_model` or the config's reward fields (reward_variant, preference_scores_path), not "
+            "both: the config fields only describe the reward model the trainer builds when none is given."
+        )
+    rt = reward_model.tree
+    if (rt.num_nodes, rt.num_items, rt.terminator_id) != (tree.num_nodes, tree.num_items, tree.terminator_id):
+        raise ValueError(
+            f"`reward_model` is built on another tree ({rt!r}) than the trainer's ({tree!r}); build it with "
+            "PrefixTreeRewardModel(tree, ...) on the same tree."
+        )
+    if reward_model.nonterminal_log_term != args.nonterminal_log_term:
+        raise ValueError(
+            f"reward_model.nonterminal_log_term={reward_model.nonterminal_log_term} differs from the config's "
+            f"nonterminal_log_term={args.nonterminal_log_term}; set them equal."
+        )
+    if reward_model.row_column != args.row_index_column:
+        raise ValueError(
+            f"reward_model.row_column={reward_model.row_column!r} differs from the config's "
+            f"row_index_column={args.row_index_column!r}; set them equal."
+        )
+    return reward_model
+
+
+def _check_item_groups(item_groups, tree: PrefixTree) -> torch.Tensor | None:
+    if item_groups is None:
+        return None
+    groups = torch.as_tensor(np.asarray(item_groups))
+    if groups.shape != (tree.num_items,) or groups.dtype.is_floating_point or groups.dtype == torch.bool:
+        raise ValueError(
+            f"item_groups must be an integer array with one popularity group per item id, shape ({tree.num_items},); "
+            f"got shape {tuple(groups.shape)} and dtype {groups.dtype}."
+        )
+    if groups.numel() and int(groups.min()) < 0:
+        raise ValueError("item_groups must be >= 0 (group 0 = most popular); map unknown items to the last group.")
+    return groups.long()
+
+
+def _check_dataset(name: str, dataset, args: FlowerConfig, tree: PrefixTree, reward_model: PrefixTreeRewardModel):
+    if isinstance(dataset, dict):  # several eval datasets (dict or DatasetDict)
+        for key, part in dataset.items():
+            _check_dataset(f"{name}[{key!r}]", part, args, tree, reward_model)
+        return
+    if dataset is None or getattr(dataset, "column_names", None) is None:
+        return  # no dataset, or a streaming dataset whose columns are unknown until read
+    columns = set(dataset.column_names)
+    needed = {"prompt": "the prompt", args.item_id_column: "the target item id (FlowerConfig.item_id_column)"}
+    if reward_model.variant != "none":
+        needed[reward_model.row_column] = f"the preference-score row of reward_variant={reward_model.variant!r}"
+    if args.tokenization_mode == "reference":
+        needed[COMPLETION_COLUMN] = "the SFT target text of tokenization_mode='reference'"
+    for column, what in needed.items():
+        if column not in columns:
+            raise ValueError(f"{name} has no column {column!r} ({what}); its columns are {sorted(columns)}.")
+    if hasattr(dataset, "__len__") and len(dataset) > 0 and hasattr(dataset, "with_format"):
+        ids = np.asarray(dataset.with_format("numpy")[args.item_id_column])
+        if not np.issubdtype(ids.dtype, np.integer) or ids.min() < 0 or ids.max() >= tree.num_items:
+            raise ValueError(
+                f"{name}[{args.item_id_column!r}] must hold integer item ids in [0, {tree.num_items}) (the tree's "
+                f"items); got dtype {ids.dtype}, range [{ids.min()}, {ids.max()}]."
+            )
