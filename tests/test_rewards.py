@@ -390,3 +390,17 @@ def test_full_distribution_loss_zero_at_targets(tree, variant):
     assert full_distribution_loss(log_r, log_r, mask, state_mask).item() == pytest.approx(0.0, abs=1e-12)
     uniform = torch.where(mask, -torch.log(mask.sum(-1, keepdim=True).clamp(min=1).double()), -math.inf)
     assert full_distribution_loss(uniform, log_r, mask, state_mask).item() > 1e-3
+
+
+def test_title_log_term_flow_uses_own_termination_reward_at_intermediate_titles():
+    """Path [5, 6, ⊤] passes the complete title [5] (R=1, F([5]) = 1 + 3): "flow" targets log(1/4) there."""
+    tree = PrefixTree.from_token_paths([[5, 2], [5, 6, 2], [7, 2]], terminator_id=2, item_rewards=[1.0, 3.0, 4.0])
+    ids = torch.tensor([[5, 6, 2]])
+    official = PrefixTreeRewardModel(tree).token_targets(ids)
+    flow = PrefixTreeRewardModel(tree, title_log_term="flow").token_targets(ids)
+    # s_0 = root is not a title: both keep −15; s_1 = [5] is a title; s_2 = [5, 6] is the sampled end: log 3/3 = 0
+    assert official.log_term_target[0].tolist() == pytest.approx([-15.0, -15.0, 0.0])
+    assert flow.log_term_target[0].tolist() == pytest.approx([-15.0, math.log(1 / 4), 0.0])
+    assert torch.equal(flow.log_reward, official.log_reward)
+    with pytest.raises(ValueError, match="title_log_term"):
+        PrefixTreeRewardModel(tree, title_log_term="exact")

@@ -144,6 +144,11 @@ class PrefixTreeRewardModel:
         invalid_reward: ``__call__``'s value for a completion that is not a catalogue title (and, under
             ``"log_share"``, for a zero-reward title, whose log-share is −inf).
         nonterminal_log_term: termination target log ρ at every state before the end of the title (official: −15).
+        title_log_term: the termination target at a state *before* the sampled title's end that is itself a complete
+            title (e.g. "Back to Life" on the way to "Back to Life Again"). ``"official"`` uses
+            `nonterminal_log_term` there, as the official code does; the two conditions on π(⊤|s) then conflict
+            (≈ 13 nats apart), so the SubTB loss can never reach 0 and pushes π(⊤|title) towards 0. ``"flow"``
+            uses that title's own (variant-adjusted) log R(s)/F(s), which is consistent with the flows.
         row_column: the dataset column holding each prompt's row of `preference_scores` (TRL passes it in kwargs).
 
     Raises:
@@ -164,7 +169,11 @@ class PrefixTreeRewardModel:
         invalid_reward: float = 0.0,
         nonterminal_log_term: float = -15.0,
         row_column: str = "row_index",
+        title_log_term: str = "official",
     ) -> None:
+        if title_log_term not in ("official", "flow"):
+            raise ValueError(f"`title_log_term` must be 'official' or 'flow', got {title_log_term!r}")
+        self.title_log_term = title_log_term
         if variant not in VARIANTS:
             raise ValueError(f"`variant` must be one of {VARIANTS}, got {variant!r}")
         if sequence_reward not in SEQUENCE_REWARDS:
@@ -379,6 +388,12 @@ class PrefixTreeRewardModel:
         log_reward = torch.where(title_mask, ell, 0.0)  # [B, T]
         term = torch.where(valid, term, self.nonterminal_log_term)  # [B]
         log_term = torch.where(k.unsqueeze(0) < lengths.unsqueeze(1), self.nonterminal_log_term, 0.0)  # [B, T+1]
+        if self.title_log_term == "flow":
+            # states before the end that are complete titles themselves get their own log R(s)/F(s)
+            end_here = self.tree.advance(nodes, torch.full_like(nodes, self.tree.terminator_id))  # [B, T+1]
+            own = self._personalize(self._log_flows(end_here, table) - log_f, s)  # [B, T+1]
+            is_title = torch.isfinite(own) & (k.unsqueeze(0) < lengths.unsqueeze(1)) & valid.unsqueeze(1)
+            log_term = torch.where(is_title, own, log_term.to(own.dtype))  # [B, T+1]
         log_term = log_term.to(torch.float64).scatter(1, lengths.clamp(max=T).unsqueeze(1), term.unsqueeze(1))
         log_term = torch.where(on_path, log_term, 0.0)  # [B, T+1]
         return TokenTargets(
