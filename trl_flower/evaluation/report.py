@@ -92,6 +92,11 @@ def format_value(name: str, value: Any) -> str:
     return "nan" if math.isnan(value) else f"{value:.4f}"
 
 
+def escape_cell(text: str) -> str:
+    """A table cell's text with ``|`` escaped (``KL(T||R)`` would otherwise split the cell)."""
+    return str(text).replace("|", "\\|")
+
+
 def markdown_table(results: Mapping[str, Mapping[str, Any]], columns: Sequence[str] | None = None) -> str:
     """A markdown table with one row per metric and one column per method.
 
@@ -105,10 +110,10 @@ def markdown_table(results: Mapping[str, Mapping[str, Any]], columns: Sequence[s
     if not results:
         raise ValueError("no results: pass {method name: {metric: value}} with at least one method")
     names = list(results)
-    rows = [f"| metric | {' | '.join(names)} |", "|---" * (len(names) + 1) + "|"]
+    rows = [f"| metric | {' | '.join(map(escape_cell, names))} |", "|---" * (len(names) + 1) + "|"]
     for metric in columns if columns is not None else table_columns(results):
         cells = [format_value(metric, results[n].get(metric, "missing")) for n in names]
-        rows.append(f"| {metric} | {' | '.join(cells)} |")
+        rows.append(f"| {escape_cell(metric)} | {' | '.join(cells)} |")
     return "\n".join(rows)
 
 
@@ -124,8 +129,8 @@ def group_shares_table(
     G = len(series[0][1])
     rows = ["| | " + " | ".join(f"G{g + 1}" for g in range(G)) + " |", "|---" * (G + 1) + "|"]
     for name, values in series:
-        rows.append(f"| {name} | " + " | ".join("nan" if v is None or math.isnan(v) else f"{v:.3f}" for v in values)
-                    + " |")
+        cells = ["nan" if v is None or math.isnan(v) else f"{v:.3f}" for v in values]
+        rows.append(f"| {escape_cell(name)} | {' | '.join(cells)} |")
     return "\n".join(rows)
 
 
@@ -152,7 +157,8 @@ def _metadata_lines(metadata: Mapping[str, Any]) -> list[str]:
         if key == "command":
             continue
         if isinstance(value, Mapping):
-            shown = ", ".join(f"{k}={v}" for k, v in value.items() if not isinstance(v, (Mapping, list, tuple)))
+            shown = ", ".join(f"{k}={v!r}" if isinstance(v, str) and "\n" in v else f"{k}={v}"
+                              for k, v in value.items() if not isinstance(v, (Mapping, list, tuple)))
         elif isinstance(value, (list, tuple)):
             continue
         elif isinstance(value, float):

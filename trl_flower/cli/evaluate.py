@@ -1,0 +1,531 @@
+"""`trl-flower evaluate`: top-K recommendation (or distribution fitting) of a local model, with the paper's metrics.
+
+Examples::
+
+    trl-flower evaluate --model out/flower --data Movies_and_TV --max-rows 500 --output-dir eval/flower
+    trl-flower evaluate --model out/flower --data CDs_and_Vinyl --prompt-mode chat --export-official-json
+    trl-flower evaluate --model out/rq1 --task distribution --target movies_100.json --num-samples 2000
+
+Task ``recommend`` (default; flower_reference.md §3.1-3.2): the paper's prompt for every row of ``--split`` (its
+history), trie-constrained beam search over ALL catalogue items (K beams, K results), HR/NDCG@1,3,5,10, DGU/MGU@K
+against the training-history popularity groups, word entropy H, TTR, invalid and distinct titles.
+
+Task ``distribution`` (§3.3): the history-free prompt, ``--num-samples`` constrained samples over the target's
+titles, title- and token-level KL(T‖R), KL(R‖T), JS, and the item-frequency plot.
+
+The prefix tree is the one saved beside the weights (``flower_config.json`` -> ``prefix_tree.npz``, as
+``FlowerTrainer`` saves it) if present and built for this catalogue, else built from the titles with the tokenizer
+(terminator: its EOS). Outputs in ``--output-dir``: ``metrics.json`` (metrics, command, settings, versions, seed,
+wall times), ``metrics.md``, ``group_shares.png`` or ``item_frequency.png``, and ``predictions.json`` (official
+form) with ``--export-official-json``. The metrics table is printed on stdout; progress goes to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+import textwrap
+import time
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+TASKS = ("recommend", "distribution")
+PROMPT_MODES = ("reference", "chat")
+EVAL_SPLITS = ("train", "valid", "test")
+INFO_FILE = "flower_config.json"  # FlowerTrainer._save: names the tree file and the tokenization mode
+TREE_FILES = ("prefix_tree.npz", "flower_tree.npz")  # looked for in the model directory, in this order
+TARGET_DIR = "movies_popularity"  # <data root>/movies_popularity/<name>.json: the RQ1 targets
+OFFICIAL_JSON = "predictions.json"
+
+
+@dataclass
+class EvaluateArguments:
+    """Options of `trl-flower evaluate` (each field's ``help`` is the command-line help)."""
+
+    model: str = field(metadata={"help": "Local model directory (weights, config and tokenizer; a trained "
+                                         "FlowerTrainer output also holds the prefix tree)."})
+    task: str = field(
+        default="recommend",
+        metadata={"help": "'recommend': top-K beam search on a data split, the paper's Table 4 metrics. "
+                          "'distribution': history-free constrained sampling against --target, Table 3 metrics.",
+                  "choices": TASKS},
+    )
+    data: str | None = field(
+        default=None,
+        metadata={"help": "Dataset for --task recommend: a category name under <data-root>/amazon/ "
+                          "(Movies_and_TV, CDs_and_Vinyl) or a directory with items.tsv and train/valid/test.csv."},
+    )
+    data_root: str | None = field(
+        default=None,
+        metadata={"help": "Root holding amazon/<category>/ and movies_popularity/ (default: $TRL_FLOWER_DATA, "
+                          "else ../shared/data)."},
+    )
+    split: str = field(default="test", metadata={"help": "Split whose rows are evaluated.", "choices": EVAL_SPLITS})
+    max_rows: int = field(default=0, metadata={"help": "Evaluate only the first N rows of the split; 0 = all."})
+    top_k: int = field(default=10, metadata={"help": "K: recommendations per row (num_return_sequences)."})
+    num_beams: int | None = field(
+        default=None, metadata={"help": "Beams per row, >= K (default: K, as the paper).", "type": int}
+    )
+    batch_size: int | None = field(
+        default=None,
+        metadata={"help": "Rows per generate call: prompts for beam search (each with num_beams beams; default 16), "
+                          "samples for --task distribution (default 64). Results do not depend on it.",
+                  "type": int},
+    )
+    length_penalty: float = field(
+        default=1.0, metadata={"help": "Beam score = sum of log-probs / length ** this (paper 1.0; D3 uses 0.0)."}
+    )
+    temperature: float = field(
+        default=1.0, metadata={"help": "Decoding temperature (beam search: the 'Temp' baseline; sampling: T)."}
+    )
+    max_new_tokens: int | None = field(
+        default=None, metadata={"help": "Decoding budget (default: the longest item path, so every title can end).",
+                                "type": int}
+    )
+    prompt_mode: str = field(
+        default="reference",
+        metadata={"help": "'reference': the paper's plain-text prompt (base models). 'chat': the same text as a user "
+                          "message through the tokenizer's chat template (instruct models).",
+                  "choices": PROMPT_MODES},
+    )
+    category: str | None = field(
+        default=None,
+        metadata={"help": "Category words in the prompt, e.g. 'books' (default: from the dataset name: Movies_and_TV "
+                          "-> 'movies and TV', CDs_and_Vinyl -> 'musics', Video_Games -> 'video games')."},
+    )
+    tree: str | None = field(
+        default=None,
+        metadata={"help": "A PrefixTree .npz to decode with (default: the tree saved in --model if present, else "
+                          "one built from the catalogue titles with the model's tokenizer and EOS terminator)."},
+    )
+    rebuild_tree: bool = field(
+        default=False, metadata={"help": "Ignore a tree saved in --model and build one from the titles."}
+    )
+    target: str | None = field(
+        default=None,
+        metadata={"help": "Target distribution for --task distribution: a JSON file {title: count}, or a name in "
+                          "<data-root>/movies_popularity/ (movies_100.json, movies_1500.json)."},
+    )
+    num_samples: int = field(
+        default=2000, metadata={"help": "Constrained samples for --task distribution (paper: 2000)."}
+    )
+    item_noun: str = field(
+        default="movie", metadata={"help": "Item noun of the history-free prompt ('Please recommend a movie ...')."}
+    )
+    response_space: bool = field(
+        default=False,
+        metadata={"help": "History-free prompt ends '### Response: \\n' (the SFT/DPO/PPO baselines of RQ1) instead "
+                          "of '### Response:\\n' (the GFlowNet runs)."},
+    )
+    seed: int = field(default=0, metadata={"help": "Torch seed (sampling draws; beam search is deterministic)."})
+    device: str = field(default="auto", metadata={"help": "'auto' (CUDA if available), 'cpu', 'cuda', 'cuda:1', ..."})
+    num_threads: int = field(
+        default=0, metadata={"help": "CPU threads for torch; 0 = torch's default (tiny models: 1 is often fastest)."}
+    )
+    label: str | None = field(
+        default=None, metadata={"help": "Name of the model in the report (default: the model directory's name)."}
+    )
+    output_dir: str = field(
+        default="trl-flower-eval", metadata={"help": "Where metrics.json, metrics.md and the plots are written."}
+    )
+    export_official_json: bool = field(
+        default=False,
+        metadata={"help": f"Also write {OFFICIAL_JSON}: per row the K titles ('predict'), the target ('output'), "
+                          "the beam scores and the prompt, readable by the authors' calc.py."},
+    )
+    no_progress: bool = field(default=False, metadata={"help": "Hide the progress bar and stage messages."})
+
+
+def make_parser(subparsers: argparse._SubParsersAction | None = None) -> argparse.ArgumentParser:
+    """Register ``evaluate`` on ``subparsers`` (or build a standalone parser) with one option per field."""
+    kwargs = dict(
+        description=textwrap.fill(
+            "Evaluate a local causal LM as a recommender with the Flower paper's protocol: trie-constrained beam "
+            "search over every catalogue item and the paper's metrics (NDCG@5, HR@5, DGU@10, MGU@10, H, TTR and "
+            "more), or history-free distribution fitting against a target item distribution. Writes metrics.json, "
+            "metrics.md and PNG plots, and prints the metrics table.",
+            width=100,
+        ),
+        epilog="examples:\n" + __doc__.split("Examples::\n\n")[1].split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    if subparsers is None:
+        parser = argparse.ArgumentParser(prog="trl-flower evaluate", **kwargs)
+    else:
+        parser = subparsers.add_parser("evaluate", help="top-K recommendation metrics and plots of a model", **kwargs)
+    for f in fields(EvaluateArguments):
+        flag = "--" + f.name.replace("_", "-")
+        meta = f.metadata
+        if f.default is MISSING:
+            parser.add_argument(flag, dest=f.name, required=True, help=meta["help"])
+        elif isinstance(f.default, bool):
+            parser.add_argument(flag, dest=f.name, action="store_true", help=meta["help"])
+        else:
+            kind = meta.get("type") or (type(f.default) if f.default is not None else str)
+            shown = "" if f.default is None else f" (default: {f.default})"
+            parser.add_argument(flag, dest=f.name, type=kind, default=f.default, choices=meta.get("choices"),
+                                metavar=f.name.upper() if meta.get("choices") is None else None,
+                                help=meta["help"] + shown)
+    parser.set_defaults(func=main)
+    return parser
+
+
+def command_line(args: EvaluateArguments) -> str:
+    """The `trl-flower evaluate` command that reproduces ``args`` (options at their default are left out)."""
+    parts = ["trl-flower", "evaluate"]
+    for f in fields(EvaluateArguments):
+        value = getattr(args, f.name)
+        if f.default is not MISSING and value == f.default:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        parts += [flag] if isinstance(value, bool) else [flag, str(value)]
+    return shlex.join(parts)
+
+
+def check_arguments(args: EvaluateArguments) -> None:
+    """Cheap checks before anything is loaded. Raises ValueError/FileNotFoundError with the option and the fix."""
+    model = Path(args.model).expanduser()
+    if not model.exists():
+        raise FileNotFoundError(f"--model {args.model}: no such directory; pass a local model directory")
+    if not (model / "config.json").is_file():
+        raise FileNotFoundError(
+            f"--model {args.model}: no config.json in it; pass a Hugging Face model directory (save_pretrained output)"
+        )
+    if args.task not in TASKS:
+        raise ValueError(f"--task must be one of {TASKS}, got {args.task!r}")
+    if args.prompt_mode not in PROMPT_MODES:
+        raise ValueError(f"--prompt-mode must be one of {PROMPT_MODES}, got {args.prompt_mode!r}")
+    if args.split not in EVAL_SPLITS:
+        raise ValueError(f"--split must be one of {EVAL_SPLITS}, got {args.split!r}")
+    if args.task == "recommend":
+        if args.data is None:
+            raise ValueError("--task recommend needs --data (a category name such as Movies_and_TV or a dataset dir)")
+        if args.target is not None:
+            raise ValueError("--target is only used with --task distribution")
+    else:
+        if args.target is None:
+            raise ValueError("--task distribution needs --target (a {title: count} JSON, e.g. movies_100.json)")
+        if args.data is not None or args.export_official_json:
+            raise ValueError("--data and --export-official-json are only used with --task recommend; drop them")
+    positive = {"top_k": args.top_k, "num_samples": args.num_samples, "batch_size": args.batch_size,
+                "max_new_tokens": args.max_new_tokens}
+    for name, value in positive.items():
+        if value is not None and value < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    if args.num_beams is not None and args.num_beams < args.top_k:
+        raise ValueError(f"--num-beams must be >= --top-k ({args.top_k}), got {args.num_beams}")
+    if args.max_rows < 0 or args.num_threads < 0:
+        raise ValueError("--max-rows and --num-threads must be >= 0 (0 = all rows / torch's default)")
+    if not args.temperature > 0:
+        raise ValueError(f"--temperature must be > 0, got {args.temperature}")
+    if args.tree is not None and args.rebuild_tree:
+        raise ValueError("--tree and --rebuild-tree contradict each other; give one")
+
+
+def main(args: argparse.Namespace | EvaluateArguments) -> int:
+    """Run the evaluation; errors are printed as one line (no traceback) and give exit status 2."""
+    if isinstance(args, argparse.Namespace):
+        args = EvaluateArguments(**{f.name: getattr(args, f.name) for f in fields(EvaluateArguments)})
+    try:
+        check_arguments(args)
+        report = run_evaluation(args)
+    except (FileNotFoundError, ValueError, OSError) as err:
+        message = " ".join(str(err).split())
+        print(f"trl-flower evaluate: error: {message}", file=sys.stderr)
+        return 2
+    print(report["table"])
+    print("\nwrote " + ", ".join(str(p) for p in report["files"].values()))
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------------- pipeline
+
+
+class _Stages:
+    """Wall time per stage, with an optional one-line message on stderr when a stage starts."""
+
+    def __init__(self, verbose: bool) -> None:
+        self.verbose = verbose
+        self.times: dict[str, float] = {}
+        self.start = time.perf_counter()
+
+    def run(self, name: str, fn, *fn_args, **fn_kwargs):
+        if self.verbose:
+            print(f"[evaluate] {name} ...", file=sys.stderr, flush=True)
+        t0 = time.perf_counter()
+        out = fn(*fn_args, **fn_kwargs)
+        self.times[name] = round(time.perf_counter() - t0, 3)
+        return out
+
+    def total(self) -> dict[str, float]:
+        return {**self.times, "total": round(time.perf_counter() - self.start, 3)}
+
+
+def run_evaluation(args: EvaluateArguments) -> dict[str, Any]:
+    """The whole evaluation (after `check_arguments`); returns ``{"metrics", "table", "files", ...}``."""
+    import torch
+
+    stages = _Stages(verbose=not args.no_progress)
+    if args.num_threads:
+        torch.set_num_threads(args.num_threads)
+    torch.manual_seed(args.seed)
+    if args.task == "recommend":
+        return _run_recommend(args, stages)
+    return _run_distribution(args, stages)
+
+
+def _load_model(args: EvaluateArguments):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype="auto").to(device).eval()
+    return model, tokenizer, str(device)
+
+
+def _read_info(model_dir: Path) -> dict[str, Any]:
+    import json
+
+    path = model_dir / INFO_FILE
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def catalogue_tree(args: EvaluateArguments, titles: list[str], tokenizer, info: dict[str, Any]):
+    """The prefix tree to decode with and where it came from (see ``--tree`` / ``--rebuild-tree``).
+
+    A saved tree must hold exactly the catalogue's items, in id order: its item paths (without the terminator)
+    must decode to the titles, else a ValueError says how to fix it.
+    """
+    from trl_flower.tree import PrefixTree
+
+    path: Path | None = None
+    if args.tree is not None:
+        path = Path(args.tree).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f"--tree {args.tree}: no such file")
+    elif not args.rebuild_tree:
+        model_dir = Path(args.model).expanduser()
+        names = [info["tree_file"]] if info.get("tree_file") else []
+        found = [model_dir / n for n in dict.fromkeys([*names, *TREE_FILES]) if (model_dir / n).is_file()]
+        path = found[0] if found else None
+    if path is None:
+        return PrefixTree.from_titles(titles, tokenizer), "built from the catalogue titles"
+    tree = PrefixTree.load(path)
+    check_tree_matches(tree, titles, tokenizer, str(path))
+    return tree, str(path)
+
+
+def check_tree_matches(tree, titles: list[str], tokenizer, where: str) -> None:
+    """Raise ValueError unless `tree` has one path per title, over this tokenizer, decoding to the titles."""
+    import torch
+
+    fix = "pass --rebuild-tree to build one from the titles, or --tree with the matching tree"
+    if tree.num_items != len(titles):
+        raise ValueError(f"the prefix tree {where} has {tree.num_items} items but the catalogue has {len(titles)}; "
+                         f"it was built for another catalogue: {fix}")
+    if tree.vocab_bound > len(tokenizer):
+        raise ValueError(f"the prefix tree {where} uses token ids up to {tree.vocab_bound - 1} but the tokenizer has "
+                         f"{len(tokenizer)}: it was built with another tokenizer; {fix}")
+    paths, lengths = tree.item_paths(torch.arange(tree.num_items))  # [N, L], [N]
+    rows = [p[: n - 1] for p, n in zip(paths.tolist(), lengths.tolist())]  # title tokens, terminator dropped
+    decoded = tokenizer.batch_decode(rows, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+    bad = [i for i, (d, t) in enumerate(zip(decoded, titles)) if d.strip() != t.strip()]
+    if bad:
+        shown = "; ".join(f"item {i}: tree {decoded[i]!r} vs catalogue {titles[i]!r}" for i in bad[:3])
+        raise ValueError(f"the prefix tree {where} does not match the catalogue for {len(bad)} of {len(titles)} "
+                         f"items ({shown}); {fix}")
+
+
+def _check_sample(prompts: list[str]) -> list[str]:
+    """The prompts checked against every title by the tokenisation check: the first and the last row. All prompts
+    of one template end alike (where the title starts), so two suffice and keep the check at a few seconds."""
+    return list(dict.fromkeys([prompts[0], prompts[-1]]))
+
+
+def _run_recommend(args: EvaluateArguments, stages: _Stages) -> dict[str, Any]:
+    import numpy as np
+
+    from trl_flower.data import PromptBuilder, check_prompt_tokenization, load_amazon, popularity_from_histories
+    from trl_flower.evaluation.metrics import TOPKS, group_fairness_at_k, recommendation_metrics
+    from trl_flower.evaluation.recommend import export_official_json, recommend
+    from trl_flower.evaluation.report import markdown_table, write_report
+
+    splits = ("train",) if args.split == "train" else ("train", args.split)
+    data = stages.run("load data", load_amazon, args.data, data_root=args.data_root, splits=splits)
+    rows = data.splits[args.split]
+    if args.max_rows:
+        rows = rows.select(range(min(args.max_rows, rows.num_rows)))
+    if rows.num_rows == 0:
+        raise ValueError(f"the {args.split} split of {data.path} has no rows")
+    model, tokenizer, device = stages.run("load model", _load_model, args)
+    info = _read_info(Path(args.model).expanduser())
+    tree, tree_source = stages.run("prefix tree", catalogue_tree, args, data.items, tokenizer, info)
+
+    builder = (PromptBuilder(category=args.category, mode=args.prompt_mode, tokenizer=tokenizer)
+               if args.category else PromptBuilder.from_dataset(data.name, mode=args.prompt_mode, tokenizer=tokenizer))
+    prompts = [builder(h) for h in rows["history_item_title"]]
+    terminator = None if info.get("tokenization_mode") == "reference" else tree.terminator_id
+    stages.run("tokenisation check", check_prompt_tokenization, tokenizer, _check_sample(prompts),
+               data.items, terminator)
+
+    K = args.top_k
+    recs = stages.run(
+        "beam search", recommend, model, tokenizer, prompts, tree, top_k=K, num_beams=args.num_beams,
+        batch_size=args.batch_size or 16, max_new_tokens=args.max_new_tokens, length_penalty=args.length_penalty,
+        temperature=args.temperature, titles=data.items, add_special_tokens=args.prompt_mode == "reference",
+        show_progress=not args.no_progress,
+    )
+
+    def score():
+        popularity = popularity_from_histories(data.splits["train"]["history_item_title"])
+        ks = sorted({k for k in TOPKS if k <= K} | {K})
+        fairness_ks = sorted({k for k in (10,) if k <= K} | {K})
+        metrics = recommendation_metrics(recs.titles, rows["item_title"], popularity, data.items, ks=ks,
+                                         fairness_ks=fairness_ks)
+        metrics["unfinished"] = int((recs.item_ids < 0).sum())
+        shares = group_fairness_at_k(recs.titles, popularity, data.items, ks=(K,))[f"group_shares@{K}"]
+        return metrics, shares, popularity
+
+    metrics, shares, popularity = stages.run("metrics", score)
+    label = args.label or Path(args.model).expanduser().resolve().name
+    settings = {
+        **asdict(args),
+        "num_beams": args.num_beams or K,
+        "batch_size": args.batch_size or 16,
+        "max_new_tokens": args.max_new_tokens or int(tree.item_length.max()),
+        "device": device,
+        "tree": tree_source,
+        "tokenization_mode": info.get("tokenization_mode", "default"),
+        "dataset": str(data.path),
+        "num_rows": rows.num_rows,
+        "num_items": data.num_items,
+        "tree_nodes": tree.num_nodes,
+    }
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    extra: dict[str, Path] = {}
+    if args.export_official_json:
+        extra["predictions"] = out / OFFICIAL_JSON
+        export_official_json(recs, rows["item_title"], extra["predictions"], prompts=prompts)
+    metadata = _metadata(args, settings, stages)
+    files = write_report(
+        {label: metrics}, out, title=f"{label} on {data.name} ({args.split}, {rows.num_rows} rows, top-{K})",
+        group_shares={label: shares}, reference_shares=np.asarray(popularity.shares).tolist(),
+        reference_label=f"{data.name} train histories", metadata=metadata,
+    )
+    return {"metrics": metrics, "group_shares": shares, "table": markdown_table({label: metrics}),
+            "files": {**files, **extra}, "recommendations": recs, "metadata": metadata}
+
+
+def load_target(target: str, data_root: str | None) -> tuple[Path, dict[str, float]]:
+    """Read a {title: count} target from a path, or from ``<data root>/movies_popularity/<name>``."""
+    import json
+
+    from trl_flower.data import default_data_root
+
+    path = Path(target).expanduser()
+    if not path.is_file() and len(path.parts) == 1:
+        root = Path(data_root).expanduser() if data_root else default_data_root()
+        candidates = [root / TARGET_DIR / target, root / TARGET_DIR / f"{target}.json"]
+        path = next((p for p in candidates if p.is_file()), path)
+        if not path.is_file():
+            available = sorted(p.name for p in (root / TARGET_DIR).glob("*.json"))
+            raise FileNotFoundError(f"--target {target}: no such file, nor in {root / TARGET_DIR} (available: "
+                                    f"{available or 'none'})")
+    if not path.is_file():
+        raise FileNotFoundError(f"--target {target}: no such file")
+    try:
+        counts = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise ValueError(f"--target {path}: not valid JSON ({err})") from None
+    if not isinstance(counts, dict) or not counts:
+        raise ValueError(f"--target {path}: expected a non-empty JSON object {{title: count}}")
+    bad = [k for k, v in counts.items() if isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0]
+    if bad:
+        raise ValueError(f"--target {path}: counts must be positive numbers; {bad[0]!r} has {counts[bad[0]]!r}")
+    return path, {str(k): float(v) for k, v in counts.items()}
+
+
+def history_free(args: EvaluateArguments, tokenizer) -> str:
+    """The history-free prompt (reference text, or its instruction as a chat user message)."""
+    from trl_flower.data import history_free_prompt
+
+    text = history_free_prompt(args.item_noun, response_space=args.response_space)
+    if args.prompt_mode == "reference":
+        return text
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError("--prompt-mode chat needs a tokenizer with a chat template; use --prompt-mode reference")
+    message = text.rsplit("### Response:", 1)[0].rstrip("\n")
+    return tokenizer.apply_chat_template([{"role": "user", "content": message}], tokenize=False,
+                                         add_generation_prompt=True)
+
+
+def _run_distribution(args: EvaluateArguments, stages: _Stages) -> dict[str, Any]:
+    from collections import Counter
+
+    from trl_flower.data import check_prompt_tokenization
+    from trl_flower.evaluation.distribution import distribution_metrics
+    from trl_flower.evaluation.recommend import sample_items
+    from trl_flower.evaluation.report import markdown_table, write_report
+
+    target_path, target = stages.run("load target", load_target, args.target, args.data_root)
+    titles = list(target)
+    model, tokenizer, device = stages.run("load model", _load_model, args)
+    info = _read_info(Path(args.model).expanduser())
+    tree, tree_source = stages.run("prefix tree", catalogue_tree, args, titles, tokenizer, info)
+    prompt = history_free(args, tokenizer)
+    terminator = None if info.get("tokenization_mode") == "reference" else tree.terminator_id
+    stages.run("tokenisation check", check_prompt_tokenization, tokenizer, [prompt], titles, terminator)
+    items = stages.run(
+        "sampling", sample_items, model, tokenizer, [prompt], tree, num_samples=args.num_samples,
+        temperature=args.temperature, batch_size=args.batch_size or 64, seed=args.seed,
+        max_new_tokens=args.max_new_tokens, add_special_tokens=args.prompt_mode == "reference",
+        show_progress=not args.no_progress,
+    )[0]  # [S]
+    generated = [titles[i] if i >= 0 else "" for i in items.tolist()]  # "" = a title cut by max_new_tokens
+    metrics = stages.run("metrics", distribution_metrics, generated, target, tokenizer)
+    metrics["unfinished"] = int((items < 0).sum())
+
+    label = args.label or Path(args.model).expanduser().resolve().name
+    settings = {
+        **asdict(args),
+        "batch_size": args.batch_size or 64,
+        "max_new_tokens": args.max_new_tokens or int(tree.item_length.max()),
+        "device": device,
+        "tree": tree_source,
+        "tokenization_mode": info.get("tokenization_mode", "default"),
+        "target_file": str(target_path),
+        "num_items": len(titles),
+        "prompt": prompt,
+    }
+    metadata = _metadata(args, settings, stages)
+    files = write_report(
+        {label: metrics}, args.output_dir,
+        title=f"{label}: distribution fitting on {target_path.name} ({args.num_samples} samples)",
+        generated_counts={label: dict(Counter(generated))}, target_counts=target, metadata=metadata,
+    )
+    return {"metrics": metrics, "table": markdown_table({label: metrics}), "files": files, "generated": generated,
+            "metadata": metadata}
+
+
+def _metadata(args: EvaluateArguments, settings: dict[str, Any], stages: _Stages) -> dict[str, Any]:
+    import platform
+    from importlib.metadata import PackageNotFoundError, version
+
+    import trl_flower
+
+    versions = {"python": platform.python_version(), "trl_flower": trl_flower.__version__}
+    for package in ("torch", "transformers", "trl", "datasets", "numpy", "matplotlib"):
+        try:
+            versions[package] = version(package)
+        except PackageNotFoundError:
+            versions[package] = None
+    return {"command": command_line(args), "seed": args.seed, "wall_time_s": stages.total(),
+            "settings": settings, "versions": versions}
+
+
+if __name__ == "__main__":
+    sys.exit(main(make_parser().parse_args()))
