@@ -343,3 +343,35 @@ class TestWithTinyCausalLM:
         out = model.generate(**enc, generation_config=self._config(tiny_tokenizer, do_sample=True, num_return_sequences=20))
         nodes, _ = generated_nodes(tree, out[:, enc.input_ids.shape[1] :])
         assert math.isclose(float((tree.terminal_item(nodes) >= 0).float().mean()), 0.0, abs_tol=0.1)
+
+
+def test_docs_page_examples_print_what_they_say():
+    """Run docs/decoding.md's ```python blocks (```py blocks are illustrations that need a model); each
+    `print(...)` line followed by `# ` comment lines must print exactly those lines."""
+    import contextlib
+    import io
+    import re
+    from pathlib import Path
+
+    page = Path(__file__).resolve().parents[1] / "docs" / "decoding.md"
+    namespace: dict = {}
+    checked = 0
+    for block in re.findall(r"```python\n(.*?)```", page.read_text(), re.S):
+        expected = [c.replace("# ", "", 1) for c in re.findall(r"^print\(.*\n(# .*)$", block, re.M)]
+        buffer = io.StringIO()
+        with contextlib.redirect_stdout(buffer):
+            exec(compile(block, str(page), "exec"), namespace)
+        assert buffer.getvalue().splitlines() == expected
+        checked += len(expected)
+    assert checked == 2
+
+
+def test_module_docstring_examples_run():
+    import doctest
+
+    import trl_flower.evaluation.recommend as recommend_module
+
+    for module in (decoding, recommend_module):
+        result = doctest.testmod(module)
+        assert result.failed == 0
+    assert doctest.testmod(decoding).attempted >= 8
