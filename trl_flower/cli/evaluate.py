@@ -268,12 +268,16 @@ def run_evaluation(args: EvaluateArguments) -> dict[str, Any]:
     import torch
 
     stages = _Stages(verbose=not args.no_progress)
+    saved_threads = torch.get_num_threads()
     if args.num_threads:
         torch.set_num_threads(args.num_threads)
     torch.manual_seed(args.seed)
-    if args.task == "recommend":
-        return _run_recommend(args, stages)
-    return _run_distribution(args, stages)
+    try:
+        if args.task == "recommend":
+            return _run_recommend(args, stages)
+        return _run_distribution(args, stages)
+    finally:
+        torch.set_num_threads(saved_threads)  # callers in the same process keep their setting
 
 
 def _load_model(args: EvaluateArguments):
