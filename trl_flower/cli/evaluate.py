@@ -105,8 +105,8 @@ class EvaluateArguments:
     )
     target: str | None = field(
         default=None,
-        metadata={"help": "Target distribution for --task distribution: a JSON file {title: count}, or a name in "
-                          "<data-root>/movies_popularity/ (movies_100.json, movies_1500.json)."},
+        metadata={"help": "Target distribution for --task distribution: a JSON file {title: count}, or the name of "
+                          "one in the data root's movies_popularity folder (movies_100.json, movies_1500.json)."},
     )
     num_samples: int = field(
         default=2000, metadata={"help": "Constrained samples for --task distribution (paper: 2000)."}
@@ -284,9 +284,18 @@ def _load_model(args: EvaluateArguments):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from transformers.utils import logging as hf_logging
+
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    tokenizer = AutoTokenizer.from_pretrained(args.model)
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype="auto").to(device).eval()
+    bars = hf_logging.is_progress_bar_enabled()
+    if args.no_progress:
+        hf_logging.disable_progress_bar()  # transformers' "Loading weights" bar
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(args.model)
+        model = AutoModelForCausalLM.from_pretrained(args.model, dtype="auto").to(device).eval()
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
     return model, tokenizer, str(device)
 
 
