@@ -150,8 +150,10 @@ def processor_overhead(args, model, tokenizer, prompts, tree) -> dict:
     with torch.no_grad(), _own_generation_defaults(model):
         timed = Timed(TrieLogitsProcessor(tree, prompt_length=P))
         t0 = time.perf_counter()
-        out = model.generate(input_ids=input_ids, attention_mask=attention_mask, logits_processor=LogitsProcessorList([timed]),
-                             generation_config=GenerationConfig(max_new_tokens=max_new, **common))
+        out = model.generate(
+            input_ids=input_ids, attention_mask=attention_mask, logits_processor=LogitsProcessorList([timed]),
+            generation_config=GenerationConfig(max_new_tokens=max_new, **common),
+        )
         constrained = time.perf_counter() - t0
         steps = timed.calls
         t0 = time.perf_counter()
@@ -159,7 +161,8 @@ def processor_overhead(args, model, tokenizer, prompts, tree) -> dict:
                        generation_config=GenerationConfig(max_new_tokens=steps, min_new_tokens=steps, **common))
         plain = time.perf_counter() - t0
     result.update(
-        rows=int(input_ids.shape[0] * K), prompt_length=P, steps=steps, generated_length=int(out.sequences.shape[1] - P),
+        rows=int(input_ids.shape[0] * K), prompt_length=P, steps=steps,
+        generated_length=int(out.sequences.shape[1] - P),
         constrained_ms_per_step=round(1e3 * constrained / steps, 2), plain_ms_per_step=round(1e3 * plain / steps, 2),
         processor_us_per_call=round(1e6 * timed.seconds / steps, 1),
         processor_share_of_constrained=round(timed.seconds / constrained, 3),
@@ -267,9 +270,11 @@ def markdown(r: dict) -> str:
                      f"{', '.join(map(str, b['seconds_all_repeats']))} |")
     lines += [
         "",
-        f"Speed-up batch {large.split('_')[1]} over batch {small.split('_')[1]}: **{t['speedup_large_over_small']}×**. "
+        f"Speed-up batch {large.split('_')[1]} over batch {small.split('_')[1]}: "
+        f"**{t['speedup_large_over_small']}×**. "
         f"Identical top-K lists at both batch sizes: **{t['identical_top_k_lists']}** (max |score difference| "
-        f"{t['max_abs_score_difference']:.1e}, float32 rounding from padding); unfinished beams: {t['unfinished_beams']}.",
+        f"{t['max_abs_score_difference']:.1e}, float32 rounding from padding); "
+        f"unfinished beams: {t['unfinished_beams']}.",
         "",
         f"Where the time goes: batch {large.split('_')[1]} does "
         f"{t[large]['row_steps'] / t[small]['row_steps']:.2f}× the row-steps of batch {small.split('_')[1]} (a "
@@ -280,7 +285,8 @@ def markdown(r: dict) -> str:
         "",
         "## Processor overhead per decoding step",
         "",
-        f"One `generate` call, {o['rows']} rows (16 prompts × {s['top_k']} beams), prompt length {o['prompt_length']}, "
+        f"One `generate` call, {o['rows']} rows (16 prompts × {s['top_k']} beams), "
+        f"prompt length {o['prompt_length']}, "
         f"{o['steps']} steps:",
         "",
         "| | ms per step |",
@@ -292,7 +298,8 @@ def markdown(r: dict) -> str:
         f"{100 * o['processor_share_of_constrained']:.1f}% of the constrained call.",
         "",
         f"At an LLM's vocabulary ({v['vocab']:,} columns, {v['rows']} rows, beam-style re-gathering between steps): "
-        f"median {v['us_per_call_median']} µs per call (first step, largest fan-out: {v['us_per_call_first_step']} µs); "
+        f"median {v['us_per_call_median']} µs per call "
+        f"(first step, largest fan-out: {v['us_per_call_first_step']} µs); "
         f"a bare `masked_fill` of the same [rows, V] scores costs {v['us_masked_fill_floor']} µs.",
         "",
     ]

@@ -109,7 +109,9 @@ class TestMasks:
         zero = tree.with_rewards(rewards)
         first = TrieLogitsProcessor(zero, positive_flow_only=True)(torch.tensor([[2]]), _uniform(1))
         assert _allowed_sets(first) == [{4, 9}]
-        after4 = TrieLogitsProcessor(zero, prompt_length=1, positive_flow_only=True)(torch.tensor([[2, 4]]), _uniform(1))
+        after4 = TrieLogitsProcessor(zero, prompt_length=1, positive_flow_only=True)(
+            torch.tensor([[2, 4]]), _uniform(1)
+        )
         assert _allowed_sets(after4) == [{5, 6}]  # termination after [4] has zero flow
         plain = TrieLogitsProcessor(zero, prompt_length=1)(torch.tensor([[2, 4]]), _uniform(1))
         assert _allowed_sets(plain) == [{1, 5, 6}]
@@ -202,7 +204,8 @@ class TestErrors:
     def test_rejects_zero_flow_node_with_positive_flow_only(self, tree):
         zero = tree.with_rewards([1, 1, 1, 0, 1, 1])  # item [8, 1] has reward 0
         processor = TrieLogitsProcessor(zero, prompt_length=1, positive_flow_only=True)
-        with pytest.raises(ValueError, match=r"row 1 .* token 8 at position 0 after the prompt leads to a node with zero"):
+        message = r"row 1 .* token 8 at position 0 after the prompt leads to a node with zero flow"
+        with pytest.raises(ValueError, match=message):
             processor(torch.tensor([[3, 4, 5], [3, 8, 1]]), _uniform(2))
 
     @pytest.mark.parametrize(
@@ -308,7 +311,9 @@ class TestWithTinyCausalLM:
 
     @staticmethod
     def _config(tok, **kwargs) -> GenerationConfig:
-        return GenerationConfig(pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, max_new_tokens=12, **kwargs)
+        return GenerationConfig(
+            pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, max_new_tokens=12, **kwargs
+        )
 
     def _assert_complete_items(self, tree, seqs: torch.Tensor, P: int) -> torch.Tensor:
         nodes, off_at = generated_nodes(tree, seqs[:, P:])
@@ -323,7 +328,8 @@ class TestWithTinyCausalLM:
         model, tree, enc = setup
         torch.manual_seed(0)
         cfg = self._config(tiny_tokenizer, do_sample=True, temperature=1.5, top_k=0, num_return_sequences=200)
-        out = model.generate(**enc, generation_config=cfg, logits_processor=LogitsProcessorList([TrieLogitsProcessor(tree)]))
+        processors = LogitsProcessorList([TrieLogitsProcessor(tree)])
+        out = model.generate(**enc, generation_config=cfg, logits_processor=processors)
         items = self._assert_complete_items(tree, out, enc.input_ids.shape[1])
         assert len(set(items.tolist())) == int(tree.is_terminal.sum())  # 400 samples at T=1.5 visit every title
 
@@ -331,7 +337,8 @@ class TestWithTinyCausalLM:
         model, tree, enc = setup
         K = int(tree.is_terminal.sum())  # 9 distinct title paths (one duplicate title)
         cfg = self._config(tiny_tokenizer, do_sample=False, num_beams=K, num_return_sequences=K)
-        out = model.generate(**enc, generation_config=cfg, logits_processor=LogitsProcessorList([TrieLogitsProcessor(tree)]))
+        processors = LogitsProcessorList([TrieLogitsProcessor(tree)])
+        out = model.generate(**enc, generation_config=cfg, logits_processor=processors)
         items = self._assert_complete_items(tree, out, enc.input_ids.shape[1]).view(2, K)
         for row in items.tolist():
             assert sorted(row) == sorted(set(tree.terminal_item(torch.as_tensor(tree.item_node)).tolist()))
@@ -340,7 +347,8 @@ class TestWithTinyCausalLM:
         """Control: without the processor, the random model does not produce catalogue paths."""
         model, tree, enc = setup
         torch.manual_seed(0)
-        out = model.generate(**enc, generation_config=self._config(tiny_tokenizer, do_sample=True, num_return_sequences=20))
+        cfg = self._config(tiny_tokenizer, do_sample=True, num_return_sequences=20)
+        out = model.generate(**enc, generation_config=cfg)
         nodes, _ = generated_nodes(tree, out[:, enc.input_ids.shape[1] :])
         assert math.isclose(float((tree.terminal_item(nodes) >= 0).float().mean()), 0.0, abs_tol=0.1)
 

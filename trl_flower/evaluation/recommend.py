@@ -76,7 +76,9 @@ class _ScoreRecorder(LogitsProcessor):
         self.steps.append((keys, scores[rows, tokens][order]))
         return scores
 
-    def sequence_scores(self, generated: torch.Tensor, beam_indices: torch.Tensor, length_penalty: float) -> torch.Tensor:
+    def sequence_scores(
+        self, generated: torch.Tensor, beam_indices: torch.Tensor, length_penalty: float
+    ) -> torch.Tensor:
         """Σ_s score_s[beam_indices[:, s], generated[:, s]] / n ** length_penalty, n = number of generated tokens.
 
         Args:
@@ -112,7 +114,9 @@ def _own_generation_defaults(model) -> Iterator[None]:
         owner.generation_config = saved
 
 
-def _generation_config(tree: PrefixTree, pad_id: int, max_new_tokens: int, do_sample: bool, **kwargs) -> GenerationConfig:
+def _generation_config(
+    tree: PrefixTree, pad_id: int, max_new_tokens: int, do_sample: bool, **kwargs
+) -> GenerationConfig:
     """A complete generation config: the caller's settings and neutral values for every other knob.
 
     Fields left None would be filled from transformers' global defaults (``top_k=50``!), so the sampling knobs are
@@ -244,7 +248,8 @@ def recommend(
     token_ids = _tokenize(tokenizer, prompts, add_special_tokens)
     pad_id, device = _pad_id(tokenizer, tree), _device(model)
     config = _generation_config(
-        tree, pad_id, max_new_tokens, False, num_beams=num_beams, num_return_sequences=top_k, length_penalty=float(length_penalty)
+        tree, pad_id, max_new_tokens, False, num_beams=num_beams, num_return_sequences=top_k,
+        length_penalty=float(length_penalty),
     )
 
     U = len(token_ids)
