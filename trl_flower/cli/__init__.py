@@ -17,6 +17,7 @@ SUBCOMMANDS = {
     "train": "train",
     "evaluate": "evaluate",
     "tree": "tree",
+    "sasrec": "sasrec",
 }
 
 

@@ -1,0 +1,145 @@
+"""`trl-flower sasrec`: train the SASRec baseline, save it, export per-row logits, report its test metrics.
+
+Writes into ``--output-dir``:
+
+* ``model/`` (``sasrec_config.json`` + ``sasrec_model.pt``, load with `SASRec.from_pretrained`);
+* ``{train,valid,test}_logits.npy``: float32 [rows, num_items], row i = CSV row i (the ``preference_scores`` of
+  Flower's personalised rewards, D3's guidance and the PPO reward);
+* ``metrics.json``: settings, training summary (best epoch, best validation NDCG@20, per-epoch log) and test metrics.
+
+Example::
+
+    trl-flower sasrec --data Movies_and_TV --output-dir runs/sasrec_movies
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import MISSING, dataclass, field, fields
+
+DEFAULT_EPOCHS = 200
+
+
+@dataclass
+class ScriptArguments:
+    """Arguments of `trl-flower sasrec` (each field's ``help`` is its command-line help)."""
+
+    data: str = field(
+        metadata={"help": "Dataset directory with items.tsv and train/valid/test.csv, or a category name such as "
+                  "Movies_and_TV looked up under --data-root."}
+    )
+    output_dir: str = field(metadata={"help": "Directory for the model, the logits .npy files and metrics.json."})
+    data_root: str | None = field(
+        default=None,
+        metadata={"help": "Root holding amazon/<category>/ for category names (default: $TRL_FLOWER_DATA, "
+                  "else ../shared/data)."},
+    )
+    epochs: int = field(
+        default=DEFAULT_EPOCHS,
+        metadata={"help": "Maximum epochs (the paper's 200; early stopping usually ends the run much earlier)."},
+    )
+    patience: int = field(
+        default=20, metadata={"help": "Stop after this many epochs without a better validation NDCG@20."}
+    )
+    lr: float = field(default=1e-3, metadata={"help": "Adam learning rate."})
+    weight_decay: float = field(default=1e-5, metadata={"help": "Adam (L2) weight decay."})
+    batch_size: int = field(default=1024, metadata={"help": "Training rows per step."})
+    hidden_size: int = field(default=64, metadata={"help": "Embedding / hidden size d."})
+    seed: int = field(default=1, metadata={"help": "Seed of initialisation, dropout, shuffling and negatives."})
+    device: str = field(default="cpu", metadata={"help": "Torch device, e.g. cpu or cuda."})
+    threads: int | None = field(
+        default=None, metadata={"help": "torch.set_num_threads for CPU runs (default: torch's choice)."}
+    )
+    export_splits: str = field(
+        default="train,valid,test",
+        metadata={"help": "Comma-separated splits whose per-row logits are saved as <split>_logits.npy ('' = none)."},
+    )
+    no_progress: bool = field(default=False, metadata={"help": "Hide the per-epoch progress bar."})
+
+
+def make_parser(subparsers: argparse._SubParsersAction | None = None) -> argparse.ArgumentParser:
+    """Register ``sasrec`` on ``subparsers`` (the `trl-flower` CLI), or build a standalone parser when None."""
+    description = "Train the SASRec baseline (Flower paper's settings), export per-row logits, report test metrics."
+    if subparsers is None:
+        parser = argparse.ArgumentParser(prog="trl-flower sasrec", description=description)
+    else:
+        parser = subparsers.add_parser("sasrec", help="train the SASRec baseline", description=description)
+    for f in fields(ScriptArguments):
+        flag = "--" + f.name.replace("_", "-")
+        help_text = f.metadata["help"]
+        if f.type == "bool":
+            parser.add_argument(flag, dest=f.name, action="store_true", help=help_text)
+            continue
+        kind = {"int": int, "float": float, "int | None": int}.get(f.type, str)
+        if f.default is MISSING:  # required
+            parser.add_argument(flag, dest=f.name, type=kind, required=True, help=help_text)
+        else:
+            help_text = f"{help_text} (default: {f.default})"
+            parser.add_argument(flag, dest=f.name, type=kind, default=f.default, help=help_text)
+    parser.set_defaults(func=main)
+    return parser
+
+
+def main(args: argparse.Namespace | ScriptArguments) -> int:
+    """Train, save, export and evaluate; prints the test metrics."""
+    import json
+    import platform
+    from pathlib import Path
+
+    import torch
+
+    from trl_flower.baselines.sasrec import SASRecTrainingArguments, evaluate_sasrec, export_split_logits, fit_sasrec
+    from trl_flower.data import load_amazon, popularity_from_histories
+
+    if isinstance(args, argparse.Namespace):
+        args = ScriptArguments(**{f.name: getattr(args, f.name) for f in fields(ScriptArguments)})
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    splits = [s for s in args.export_splits.split(",") if s]
+    unknown = set(splits) - {"train", "valid", "test"}
+    if unknown:
+        raise SystemExit(f"--export-splits: unknown split(s) {sorted(unknown)}; choose from train, valid, test")
+
+    data = load_amazon(args.data, data_root=args.data_root)
+    train_args = SASRecTrainingArguments(
+        epochs=args.epochs,
+        patience=args.patience,
+        lr=args.lr,
+        weight_decay=args.weight_decay,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        device=args.device,
+        progress=not args.no_progress,
+    )
+    model, result = fit_sasrec(data, train_args, hidden_size=args.hidden_size)
+    out = Path(args.output_dir)
+    model.save_pretrained(out / "model")
+    logits = export_split_logits(model, data, out, splits)
+    popularity = popularity_from_histories(data.splits["train"]["history_item_title"])
+    test = evaluate_sasrec(model, data.splits["test"], data.items, popularity)
+    report = {
+        "dataset": data.name,
+        "arguments": {f.name: getattr(args, f.name) for f in fields(ScriptArguments)},
+        "versions": {"python": platform.python_version(), "torch": torch.__version__},
+        "training": {
+            "best_epoch": result.best_epoch,
+            "best_valid_NDCG@20": result.best_valid_ndcg,
+            "epochs_run": result.epochs_run,
+            "stopped_early": result.stopped_early,
+            "wall_time_s": result.wall_time_s,
+            "history": result.history,
+        },
+        "test": test,
+        "logits": {split: str(path) for split, path in logits.items()},
+    }
+    (out / "metrics.json").write_text(json.dumps(report, indent=2) + "\n")
+    shown = ("HR@5", "NDCG@5", "item_HR@5", "item_NDCG@5", "DGU@10", "MGU@10", "H", "TTR")
+    print(f"SASRec on {data.name}: best epoch {result.best_epoch} of {result.epochs_run}, "
+          f"valid NDCG@20 {result.best_valid_ndcg:.4f}")
+    print("test: " + ", ".join(f"{k} {test[k]:.4f}" for k in shown))
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(make_parser().parse_args()))
