@@ -256,3 +256,38 @@ def test_real_movies_rows_with_a_tokenizer_trained_on_the_titles(data_dir, tmp_p
     assert {t for p in predictions for t in p["predict"]} <= set(data.items)
     metrics = json.loads((out / "metrics.json").read_text())["results"]["model"]
     assert metrics["invalid"] == 0 and metrics["num_users"] == 20
+
+
+def test_chat_mode_and_the_tokenisation_check_is_applied(tiny_model_dir, dataset_dir, tiny_titles, tiny_tokenizer,
+                                                         tmp_path, monkeypatch, capsys):
+    import trl_flower.data.prompts as prompts_module
+
+    calls = []
+    real_check = prompts_module.check_prompt_tokenization
+
+    def recording_check(tokenizer, prompts, titles, terminator_id=None, **kwargs):
+        calls.append((list(prompts), list(titles), terminator_id))
+        return real_check(tokenizer, prompts, titles, terminator_id, **kwargs)
+
+    monkeypatch.setattr(prompts_module, "check_prompt_tokenization", recording_check)
+    out = tmp_path / "chat"
+    argv = ["evaluate", "--model", str(tiny_model_dir), "--data", str(dataset_dir), "--category", "items",
+            "--max-rows", "3", "--prompt-mode", "chat", "--output-dir", str(out), "--export-official-json", *FAST]
+    assert cli(argv) == 0
+    predictions = json.loads((out / "predictions.json").read_text())
+    assert all(p["input"].startswith("<|im_start|>user\n") and p["input"].endswith("<|im_start|>assistant\n")
+               for p in predictions)
+    assert all(set(p["predict"]) <= set(tiny_titles) for p in predictions)
+    # checked: the first and last prompt against every catalogue title, with the tree's terminator (EOS)
+    (checked_prompts, checked_titles, terminator), = calls
+    assert checked_prompts == [predictions[0]["input"], predictions[-1]["input"]]
+    assert checked_titles == tiny_titles and terminator == tiny_tokenizer.eos_token_id
+
+    def failing_check(*args, **kwargs):
+        raise ValueError("prompt and title tokenise differently together than apart for 3 of 18 pairs")
+
+    monkeypatch.setattr(prompts_module, "check_prompt_tokenization", failing_check)
+    capsys.readouterr()
+    assert cli(argv) == 2
+    assert capsys.readouterr().err == ("trl-flower evaluate: error: prompt and title tokenise differently together "
+                                       "than apart for 3 of 18 pairs\n")

@@ -226,3 +226,14 @@ def test_docs_evaluation_examples_run_and_print_what_they_say(tmp_path, monkeypa
 
     monkeypatch.chdir(tmp_path)  # the examples write their report into the working directory
     assert run_doc_blocks(Path(__file__).resolve().parents[1] / "docs" / "evaluation.md") == 2
+
+
+def test_module_examples_run():
+    import doctest
+
+    import trl_flower.evaluation.plots as plots_module
+    import trl_flower.evaluation.report as report_module
+
+    for module in (report_module, plots_module):
+        result = doctest.testmod(module)
+        assert result.failed == 0 and result.attempted >= 2, module.__name__

@@ -13,11 +13,13 @@
 
 Example:
     >>> import tempfile
-    >>> out = tempfile.mkdtemp()
-    >>> files = write_report({"SFT": {"NDCG@5": 0.1, "HR@5": 0.12}, "Flower": {"NDCG@5": 0.09, "HR@5": 0.125}}, out,
-    ...                      group_shares={"SFT": [0.8, 0.2], "Flower": [0.6, 0.4]}, reference_shares=[0.7, 0.3])
+    >>> out = tempfile.TemporaryDirectory()
+    >>> files = write_report({"SFT": {"NDCG@5": 0.1, "HR@5": 0.12}, "Flower": {"NDCG@5": 0.09, "HR@5": 0.125}},
+    ...                      out.name, group_shares={"SFT": [0.8, 0.2], "Flower": [0.6, 0.4]},
+    ...                      reference_shares=[0.7, 0.3])
     >>> sorted(files)
     ['group_shares_plot', 'json', 'markdown']
+    >>> out.cleanup()
     >>> print(markdown_table({"SFT": {"NDCG@5": 0.1, "invalid": 0}}))
     | metric | SFT |
     |---|---|
