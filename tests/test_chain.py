@@ -46,32 +46,46 @@ TINY_ARGS = dict(
 )
 
 
-@pytest.fixture(scope="module")
-def flower_checkpoint(tmp_path_factory, tiny_tokenizer, tiny_titles):
-    """A "Flower checkpoint": a plain HF directory (model, tokenizer, chat template) plus the saved prefix tree.
+COUNTS = [5, 1, 9, 3, 3, 7, 2, 4, 6, 8]  # interaction counts per item id of the tiny catalogue (ids 3, 4 share a title)
 
-    TODO(trainer): replace by a 2-step FlowerTrainer run + save_model once trl_flower/trainer.py lands.
-    """
-    from trl_flower.tiny import build_model
 
-    out = tmp_path_factory.mktemp("flower-checkpoint")
-    build_model(tiny_tokenizer, seed=0).save_pretrained(out)
-    tiny_tokenizer.save_pretrained(out)
-    counts = [5, 1, 9, 3, 3, 7, 2, 4, 6, 8]  # interaction counts per item id (ids 3 and 4 share a title)
-    tree = PrefixTree.from_titles(tiny_titles, tiny_tokenizer, item_rewards=counts)
-    tree.save(out / "prefix_tree.npz")
+def _train_checkpoint(out, init_dir, tokenizer, titles, flow_lambda):
+    """A 2-step FlowerTrainer run from `init_dir`, saved to `out` (λ = 0: the SFT twin; same rows, steps and seed)."""
+    from datasets import Dataset
+
+    from trl_flower.config import FlowerConfig
+    from trl_flower.trainer import FlowerTrainer
+
+    tree = PrefixTree.from_titles(titles, tokenizer, item_rewards=COUNTS)
+    rows = Dataset.from_dict({"prompt": [PROMPT.format(titles[(i + 1) % 10]) for i in range(8)],
+                              "item_id": [(i + 2) % 10 for i in range(8)]})
+    args = FlowerConfig(str(out), flow_lambda=flow_lambda, max_completion_length=int(tree.item_length.max()),
+                        **{k: v for k, v in TINY_ARGS.items() if k != "gradient_checkpointing"})
+    trainer = FlowerTrainer(model=str(init_dir), tree=tree, args=args, train_dataset=rows, processing_class=tokenizer)
+    trainer.train()
+    trainer.save_model(str(out))
     return out
 
 
 @pytest.fixture(scope="module")
-def init_dir(tmp_path_factory, tiny_tokenizer):
-    """Another policy init (same tokenizer, other random weights), for reference != policy init."""
-    from trl_flower.tiny import build_model
+def demo_dir(tmp_path_factory, tiny_model_dir, tiny_tokenizer, tiny_titles):
+    """A `trl-flower-demo`-like directory with a real Flower checkpoint (λ = 0.5) and its SFT twin (λ = 0)."""
+    root = tmp_path_factory.mktemp("chain") / "trl-flower-demo"
+    for name, lam in (("flower", 0.5), ("sft", 0.0)):
+        _train_checkpoint(root / name, tiny_model_dir, tiny_tokenizer, tiny_titles, lam)
+    return root
 
-    out = tmp_path_factory.mktemp("policy-init")
-    build_model(tiny_tokenizer, seed=1).save_pretrained(out)
-    tiny_tokenizer.save_pretrained(out)
-    return out
+
+@pytest.fixture(scope="module")
+def flower_checkpoint(demo_dir):
+    """The Flower checkpoint: a plain HF directory (model, tokenizer, chat template) plus the saved prefix tree."""
+    return demo_dir / "flower"
+
+
+@pytest.fixture(scope="module")
+def init_dir(demo_dir):
+    """Another policy init (the SFT twin), for reference != policy init."""
+    return demo_dir / "sft"
 
 
 @pytest.fixture(scope="module")
@@ -98,6 +112,19 @@ def _unwrapped(trainer, model):
 
 
 # ------------------------------------------------------------------------------------------------------- helpers
+
+
+def test_flower_checkpoint_is_a_plain_model_dir_with_its_tree(flower_checkpoint, init_dir, tiny_model_dir):
+    import json
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    assert AutoTokenizer.from_pretrained(flower_checkpoint).chat_template
+    info = json.loads((flower_checkpoint / "flower_config.json").read_text())
+    assert info["flow_lambda"] == 0.5 and info["tree_file"] == "prefix_tree.npz"
+    assert PrefixTree.load(flower_checkpoint / info["tree_file"]).item_rewards.tolist() == COUNTS
+    flower, sft, start = (AutoModelForCausalLM.from_pretrained(d) for d in (flower_checkpoint, init_dir, tiny_model_dir))
+    assert not _same_weights(flower, start) and not _same_weights(flower, sft)
 
 
 def test_load_reference_policy_is_frozen_and_equal(flower_checkpoint):
@@ -354,3 +381,33 @@ def test_ppo_hooks_leave_other_models_to_trl(tiny_model_dir):
     rows = torch.tensor([[5, 6, 7, 8, 0]])
     logits, final, end = ppo_module.get_reward(value, rows, pad_token_id=0, context_length=2)
     assert logits.shape == (1, 5, 1) and end.tolist() == [3]
+
+
+# ------------------------------------------------------------------------------------------------------- docs
+
+
+def test_docs_chaining_page_runs(demo_dir, monkeypatch):
+    """Run docs/chaining.md's ```python blocks in order from a directory holding `trl-flower-demo/{flower,sft}`;
+    a `print(...)` line followed by `# ` comment lines must print exactly those lines. The PPO block trains only on
+    trl 1.11/1.12 (it checks the version itself)."""
+    import contextlib
+    import io
+    import re
+    from pathlib import Path
+
+    page = Path(__file__).resolve().parents[1] / "docs" / "chaining.md"
+    monkeypatch.chdir(demo_dir.parent)
+    namespace: dict = {}
+    checked = 0
+    blocks = re.findall(r"```python\n(.*?)```", page.read_text(), re.S)
+    for block in blocks:
+        expected = [c.replace("# ", "", 1) for c in re.findall(r"^print\(.*\n(# .*)$", block, re.M)]
+        buffer = io.StringIO()
+        with contextlib.redirect_stdout(buffer):
+            exec(compile(block, str(page), "exec"), namespace)
+        # Trainer log dicts and PPO's "===training policy===" banner are not the page's output
+        printed = [line for line in buffer.getvalue().splitlines() if not line.startswith(("{", "==="))]
+        assert printed == expected
+        checked += len(expected)
+    assert len(blocks) == 5 and checked == 3
+    assert ("trainer" in namespace) and namespace["trainer"].state.global_step == 2
