@@ -58,7 +58,9 @@ class TestFlowerConfigDefaults:
             (3, 1, {"generation_batch_size": 9}, (9, 3)),
         ],
     )
-    def test_one_generation_keeps_the_requested_generation_batch(self, batch, accumulation, generation_kwargs, expected):
+    def test_one_generation_keeps_the_requested_generation_batch(
+        self, batch, accumulation, generation_kwargs, expected
+    ):
         config = make(per_device_train_batch_size=batch, gradient_accumulation_steps=accumulation, **generation_kwargs)
         assert config.num_generations == 1 and config.num_generations_eval is None
         assert (config.generation_batch_size, config.steps_per_generation) == expected

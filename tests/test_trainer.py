@@ -35,7 +35,8 @@ def tree(tiny_titles, tiny_tokenizer):
 
 
 def _prompt(titles, i):
-    return f"The user has enjoyed the following items before: {titles[i % 10]}, {titles[(i + 3) % 10]}. Recommend the next item.\n"
+    history = f"{titles[i % 10]}, {titles[(i + 3) % 10]}"
+    return f"The user has enjoyed the following items before: {history}. Recommend the next item.\n"
 
 
 @pytest.fixture(scope="module")
@@ -252,7 +253,8 @@ class TestFlowerTrainer:
         np.testing.assert_array_equal(np.load(out / "item_groups.npy"), ITEM_GROUPS)
         info = json.loads((out / "flower_config.json").read_text())
         assert info["terminator_id"] == tree.terminator_id == tokenizer.eos_token_id
-        assert (info["tokenization_mode"], info["reward_variant"], info["flow_loss"]) == ("default", "none", "flower_subtb")
+        assert (info["tokenization_mode"], info["reward_variant"]) == ("default", "none")
+        assert (info["flow_loss"], info["flow_lambda"]) == ("flower_subtb", 0.5)
 
     def test_conversational_prompts(self, tiny_model_dir, tree, dataset, tmp_path):
         chat = dataset.map(lambda row: {"prompt": [{"role": "user", "content": row["prompt"].strip()}]})
@@ -310,7 +312,8 @@ class TestFlowerTrainerErrors:
             make_trainer(tiny_model_dir, tree, dataset, tmp_path, max_completion_length=4)
 
     def test_default_mode_needs_an_eos_terminator(self, tiny_model_dir, tiny_titles, tiny_tokenizer, dataset, tmp_path):
-        newline_tree = PrefixTree.from_titles(tiny_titles, tiny_tokenizer, terminator_id=tiny_tokenizer("\n")["input_ids"][0])
+        newline = tiny_tokenizer("\n")["input_ids"][0]
+        newline_tree = PrefixTree.from_titles(tiny_titles, tiny_tokenizer, terminator_id=newline)
         with pytest.raises(ValueError, match="tokenization_mode='default' needs item paths that end with an EOS"):
             make_trainer(tiny_model_dir, newline_tree, dataset, tmp_path)
 
@@ -333,7 +336,9 @@ class TestFlowerTrainerErrors:
         with pytest.raises(ValueError, match=r"one popularity group per item id, shape \(10,\)"):
             make_trainer(tiny_model_dir, tree, dataset, tmp_path, trainer_kwargs={"item_groups": [0, 1, 2]})
 
-    def test_reward_model_and_config_disagree(self, tiny_model_dir, tree, dataset, tmp_path, tiny_titles, tiny_tokenizer):
+    def test_reward_model_and_config_disagree(
+        self, tiny_model_dir, tree, dataset, tmp_path, tiny_titles, tiny_tokenizer
+    ):
         reward = PrefixTreeRewardModel(tree, nonterminal_log_term=-10.0)
         with pytest.raises(ValueError, match="nonterminal_log_term=-10.0 differs"):
             make_trainer(tiny_model_dir, tree, dataset, tmp_path, trainer_kwargs={"reward_model": reward})
@@ -344,5 +349,7 @@ class TestFlowerTrainerErrors:
         scores = tmp_path / "scores.npy"
         np.save(scores, np.zeros((NUM_ROWS, 10)))
         with pytest.raises(ValueError, match="pass either `reward_model` or the config's reward fields"):
-            make_trainer(tiny_model_dir, tree, dataset, tmp_path, trainer_kwargs={"reward_model": PrefixTreeRewardModel(tree)},
-                         reward_variant="div_s", preference_scores_path=str(scores))
+            make_trainer(
+                tiny_model_dir, tree, dataset, tmp_path, trainer_kwargs={"reward_model": PrefixTreeRewardModel(tree)},
+                reward_variant="div_s", preference_scores_path=str(scores),
+            )

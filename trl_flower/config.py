@@ -149,9 +149,9 @@ class FlowerConfig(GRPOConfig):
     preference_scores_path: str | None = field(
         default=None,
         metadata={
-            "help": "Path to a `.npy` file of auxiliary-model logits (e.g. SASRec's) of shape [number of training rows, "
-            "number of items]; row u belongs to the dataset rows whose `row_index_column` is u. It is memory-mapped; "
-            "only the rows of each batch are read."
+            "help": "Path to a `.npy` file of auxiliary-model logits (e.g. SASRec's) of shape [number of training "
+            "rows, number of items]; row u belongs to the dataset rows whose `row_index_column` is u. It is "
+            "memory-mapped; only the rows of each batch are read."
         },
     )
     row_index_column: str = field(
@@ -185,15 +185,15 @@ class FlowerConfig(GRPOConfig):
     num_generations: int = field(
         default=1,
         metadata={
-            "help": "Number of trie-constrained trajectories sampled per prompt. The paper samples one. With more, each "
-            "prompt's SFT target is repeated as often (same expectation, more compute)."
+            "help": "Number of trie-constrained trajectories sampled per prompt. The paper samples one. With more, "
+            "each prompt's SFT target is repeated as often (same expectation, more compute)."
         },
     )
     temperature: float = field(
         default=1.0,
         metadata={
-            "help": "Sampling temperature of the on-policy trajectories. 1 samples from the policy itself, as the paper "
-            "does."
+            "help": "Sampling temperature of the on-policy trajectories. 1 samples from the policy itself, as the "
+            "paper does."
         },
     )
     beta: float = field(
@@ -205,15 +205,15 @@ class FlowerConfig(GRPOConfig):
     learning_rate: float = field(
         default=3e-4,
         metadata={
-            "help": "Initial learning rate for AdamW. The paper's value (full fine-tuning of Qwen2.5-1.5B, batch 128, 20 "
-            "warmup steps); GRPO's 1e-6 is an RL value, far too small for the SFT part."
+            "help": "Initial learning rate for AdamW. The paper's value (full fine-tuning of Qwen2.5-1.5B, batch 128, "
+            "20 warmup steps); GRPO's 1e-6 is an RL value, far too small for the SFT part."
         },
     )
     gradient_checkpointing: bool | None = field(
         default=None,
         metadata={
-            "help": "Whether to enable gradient checkpointing (transformers >= 5.23 calls it `activation_checkpointing`, "
-            "also accepted). Off when not set: the trainer runs the prompt once and both "
+            "help": "Whether to enable gradient checkpointing (transformers >= 5.23 calls it "
+            "`activation_checkpointing`, also accepted). Off when not set: the trainer runs the prompt once and both "
             "continuations (SFT target and sample) on its KV cache, which checkpointing disables; with it on, the "
             "trainer falls back to a forward over [prompt + target ; prompt + sample] (same loss, more compute, less "
             "memory)."
@@ -237,7 +237,7 @@ class FlowerConfig(GRPOConfig):
             grpo_post_init_with_one_generation(self, super().__post_init__)
         else:
             super().__post_init__()
-        if self.gradient_checkpointing is None:  # transformers < 5.23 has no activation_checkpointing alias to resolve it
+        if self.gradient_checkpointing is None:  # transformers < 5.23: no activation_checkpointing alias resolved it
             self.gradient_checkpointing = False
 
     def _check_flower_fields(self) -> None:
@@ -259,7 +259,7 @@ class FlowerConfig(GRPOConfig):
                 "use the official -15.0."
             )
         if self.reward_variant not in REWARD_VARIANTS:
-            raise ValueError(f"reward_variant={self.reward_variant!r} is not one of {REWARD_VARIANTS}; pick one of them.")
+            raise ValueError(f"reward_variant={self.reward_variant!r} is not one of {REWARD_VARIANTS}; pick one.")
         if self.reward_variant != "none" and self.preference_scores_path is None:
             raise ValueError(
                 f"reward_variant={self.reward_variant!r} personalises the rewards with auxiliary-model scores s(u, i), "
@@ -280,14 +280,16 @@ class FlowerConfig(GRPOConfig):
     def _check_grpo_fields(self) -> None:
         if self.use_vllm:
             raise ValueError(
-                "use_vllm=True is not supported: the prefix-tree constraint is a token-level logits processor that only "
-                "transformers' generate accepts (vLLM constrains strings, which may tokenise off the tree). Set "
+                "use_vllm=True is not supported: the prefix-tree constraint is a token-level logits processor that "
+                "only transformers' generate accepts (vLLM constrains strings, which may tokenise off the tree). Set "
                 "use_vllm=False."
             )
-        if getattr(self, "use_transformers_continuous_batching", False) or getattr(self, "use_transformers_paged", False):
+        continuous = getattr(self, "use_transformers_continuous_batching", False)
+        if continuous or getattr(self, "use_transformers_paged", False):
             raise ValueError(
-                "use_transformers_continuous_batching (or use_transformers_paged) is not supported: continuous batching "
-                "rejects the stateful trie logits processor that keeps samples on catalogue items. Set it to False."
+                "use_transformers_continuous_batching (or use_transformers_paged) is not supported: continuous "
+                "batching rejects the stateful trie logits processor that keeps samples on catalogue items. Set it to "
+                "False."
             )
         if self.beta != 0.0:
             raise ValueError(
@@ -296,8 +298,8 @@ class FlowerConfig(GRPOConfig):
             )
         if self.num_iterations != 1:
             raise ValueError(
-                f"num_iterations={self.num_iterations} would reuse each sampled batch (and its SFT targets) for several "
-                "updates; Flower takes one step per fresh on-policy batch. Set num_iterations=1."
+                f"num_iterations={self.num_iterations} would reuse each sampled batch (and its SFT targets) for "
+                "several updates; Flower takes one step per fresh on-policy batch. Set num_iterations=1."
             )
         if self.num_generations is None or self.num_generations < 1:
             raise ValueError(

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import textwrap
 from pathlib import Path
 from typing import Any
@@ -59,8 +60,9 @@ class FlowerTrainer(GRPOTrainer):
     SFT.
 
     Args:
-        model (`str`, [`~transformers.PreTrainedModel`] or [`~peft.PeftModel`]):
-            The causal LM to train, or the path of a local model directory (as in [`GRPOTrainer`]).
+        model (`str`, `os.PathLike`, [`~transformers.PreTrainedModel`] or [`~peft.PeftModel`]):
+            The causal LM to train, or the path of a local model directory (as in [`GRPOTrainer`]). Pass a path
+            rather than a loaded model if reference policies may need to reload it.
         tree ([`PrefixTree`]):
             The catalogue's prefix tree over the model's tokens. Its item rewards R(i) (e.g. interaction counts)
             define the flows unless `reward_model` is given. Default mode: item paths end with an EOS token.
@@ -128,11 +130,13 @@ class FlowerTrainer(GRPOTrainer):
         callbacks=None,
         optimizers=(None, None),
     ):
+        if isinstance(model, os.PathLike):
+            model = os.fspath(model)  # GRPOTrainer loads a model from a str path only
         if args is None:
             model_name = model if isinstance(model, str) else get_config_model_id(model.config)
             args = FlowerConfig(f"{model_name.split('/')[-1]}-Flower")
         if not isinstance(args, FlowerConfig):
-            raise TypeError(f"`args` must be a FlowerConfig, got {type(args).__name__}; wrap your settings in FlowerConfig")
+            raise TypeError(f"`args` must be a FlowerConfig, got {type(args).__name__}; put the settings in one")
         if not isinstance(tree, PrefixTree):
             raise TypeError(f"`tree` must be a trl_flower PrefixTree, got {type(tree).__name__}")
         # Everything checkable without the model is checked before GRPOTrainer loads it.
@@ -180,10 +184,10 @@ class FlowerTrainer(GRPOTrainer):
         if self.args.tokenization_mode == "default":
             if terminator not in eos_ids:
                 raise ValueError(
-                    f"tokenization_mode='default' needs item paths that end with an EOS token (one of {eos_ids}) so that "
-                    f"sampling stops at the end of an item and the SFT target equals the tree path, but the tree's "
-                    f"terminator is {terminator}. Build the tree with terminator_id=tokenizer.eos_token_id, or use "
-                    "tokenization_mode='reference' with a `completion` column."
+                    f"tokenization_mode='default' needs item paths that end with an EOS token (one of {eos_ids}) so "
+                    "that sampling stops at the end of an item and the SFT target equals the tree path, but the "
+                    f"tree's terminator is {terminator}. Build the tree with terminator_id=tokenizer.eos_token_id, "
+                    "or use tokenization_mode='reference' with a `completion` column."
                 )
             return None
         # reference mode: after the tree's terminator (e.g. "\n") the sampler emits EOS, which ends generation
@@ -268,7 +272,8 @@ class FlowerTrainer(GRPOTrainer):
             "flow_log_term_target": targets.log_term_target,
         }
         if self.args.flow_loss == "full_distribution":
-            tokens, log_rewards, child_mask = self.reward_model.child_targets(targets.nodes, rows, targets.terminal_nodes)
+            children = self.reward_model.child_targets(targets.nodes, rows, targets.terminal_nodes)
+            tokens, log_rewards, child_mask = children
             out.update(
                 flow_child_tokens=tokens,  # [B, T+1, K]
                 flow_child_log_rewards=log_rewards,  # [B, T+1, K]
@@ -388,7 +393,10 @@ class FlowerTrainer(GRPOTrainer):
                 cache.batch_repeat_interleave(k)  # [B*k, ...] row b*k + i = prompt b, continuation i
                 attention = torch.cat([prompt_mask.repeat_interleave(k, dim=0), cont_mask.reshape(B * k, n)], dim=1)
                 rest = model(
-                    input_ids=cont_ids.reshape(B * k, n), attention_mask=attention, past_key_values=cache, use_cache=True
+                    input_ids=cont_ids.reshape(B * k, n),
+                    attention_mask=attention,
+                    past_key_values=cache,
+                    use_cache=True,
                 ).logits  # [B*k, n, V] states s_1 … s_n
                 rest = rest.reshape(B, k, n, -1)
                 logits = torch.cat([first.unsqueeze(1).expand(B, k, 1, -1), rest], dim=2)  # [B, k, n+1, V]
