@@ -256,6 +256,18 @@ class TestFlowerTrainer:
         assert (info["tokenization_mode"], info["reward_variant"]) == ("default", "none")
         assert (info["flow_loss"], info["flow_lambda"]) == ("flower_subtb", 0.5)
 
+    def test_evaluate(self, tiny_model_dir, tree, dataset, tmp_path):
+        """Evaluation runs the same loss (sampling included) on the eval set; nothing is trained."""
+        trainer = FlowerTrainer(
+            str(tiny_model_dir), tree, args=make_config(tmp_path, per_device_eval_batch_size=4),
+            train_dataset=dataset, eval_dataset=dataset.select(range(4)),
+        )
+        before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+        metrics = trainer.evaluate()
+        assert np.isfinite([metrics["eval_loss"], metrics["eval_sft_loss"], metrics["eval_flow_loss"]]).all()
+        assert metrics["eval_sampled/valid_share"] == 1.0
+        assert all(torch.equal(param, trainer.model.get_parameter(name)) for name, param in before.items())
+
     def test_conversational_prompts(self, tiny_model_dir, tree, dataset, tmp_path):
         chat = dataset.map(lambda row: {"prompt": [{"role": "user", "content": row["prompt"].strip()}]})
         trainer = make_trainer(tiny_model_dir, tree, chat, tmp_path, max_steps=1)
