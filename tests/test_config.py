@@ -117,6 +117,7 @@ def test_cli_parsing():
         ({"flow_loss": "subtb"}, "flow_loss='subtb' is not one of"),
         ({"subtb_lambda": -1.0}, "subtb_lambda=-1.0 must be a finite number >= 0"),
         ({"nonterminal_log_term": float("-inf")}, "nonterminal_log_term=-inf must be finite"),
+        ({"title_log_term": "exact"}, "title_log_term='exact' is not 'official' or 'flow'"),
         ({"reward_variant": "div"}, "reward_variant='div' is not one of"),
         ({"reward_variant": "div_s"}, "preference_scores_path is not set"),
         ({"preference_scores_path": "s.npy"}, "reward_variant='none' ignores it"),

@@ -109,6 +109,16 @@ class TestFlowerTrainer:
         assert np.all(shares[7] == 0.0)  # group 7 holds only item 9, which has zero reward
         assert logged(trainer, "rewards/prefix_tree_reward/mean")  # TRL's reward logging sees the reward model
 
+    def test_title_log_term_reaches_the_reward_model(self, tiny_model_dir, tree, dataset, tmp_path):
+        trainer = make_trainer(tiny_model_dir, tree, dataset, tmp_path, title_log_term="flow")
+        assert trainer.reward_model.title_log_term == "flow"
+        # "Back to Life" (item 0) is passed on the way to "Back to Life Again" (item 1): its own log R/F is the target
+        path, length = tree.item_paths(torch.tensor([1]))
+        targets = trainer.reward_model.token_targets(path)
+        node_title = tree.item_node[0]
+        own = float(np.log(tree.item_rewards[0]) - trainer.reward_model.tree.log_flow[tree.parent[node_title]])
+        assert own in [pytest.approx(v) for v in targets.log_term_target[0].tolist()]
+
     def test_samples_are_positive_reward_catalogue_items(self, tiny_model_dir, tree, dataset, tmp_path, tiny_titles):
         trainer = make_trainer(tiny_model_dir, tree, dataset, tmp_path)
         trainer.model.train()

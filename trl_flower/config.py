@@ -47,6 +47,10 @@ class FlowerConfig(GRPOConfig):
         nonterminal_log_term (`float`, *optional*, defaults to `-15.0`):
             Target log-probability of the terminator at every prefix before the end of the sampled title (the
             official e^-15 constant, log ρ).
+        title_log_term (`str`, *optional*, defaults to `"official"`):
+            Termination target at a prefix before the sampled title's end that is itself a complete title:
+            `"official"` uses `nonterminal_log_term` there (as the official code; the SubTB loss then cannot reach 0
+            and pushes π(⊤|title) towards 0), `"flow"` uses that title's own log R/F (consistent with the flows).
 
         > Parameters that control the rewards
 
@@ -132,6 +136,15 @@ class FlowerConfig(GRPOConfig):
         metadata={
             "help": "Target log-probability of the terminator at every prefix before the end of the sampled title (the "
             "official e^-15 constant, log ρ)."
+        },
+    )
+    title_log_term: str = field(
+        default="official",
+        metadata={
+            "help": "Termination target at a prefix before the sampled title's end that is itself a complete title: "
+            '`"official"` uses `nonterminal_log_term` there (as the official code; the SubTB loss then cannot reach 0 '
+            'and pushes π(⊤|title) towards 0), `"flow"` uses that title\'s own log R/F (consistent with the flows).',
+            "choices": ["official", "flow"],
         },
     )
 
@@ -258,6 +271,8 @@ class FlowerConfig(GRPOConfig):
                 f"nonterminal_log_term={self.nonterminal_log_term} must be finite (it is a log-probability target); "
                 "use the official -15.0."
             )
+        if self.title_log_term not in ("official", "flow"):
+            raise ValueError(f"title_log_term={self.title_log_term!r} is not 'official' or 'flow'; pick one of them.")
         if self.reward_variant not in REWARD_VARIANTS:
             raise ValueError(f"reward_variant={self.reward_variant!r} is not one of {REWARD_VARIANTS}; pick one.")
         if self.reward_variant != "none" and self.preference_scores_path is None:

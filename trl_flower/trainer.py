@@ -434,6 +434,7 @@ class FlowerTrainer(GRPOTrainer):
             "row_index_column": self.reward_model.row_column,
             "item_id_column": self.args.item_id_column,
             "nonterminal_log_term": self.reward_model.nonterminal_log_term,
+            "title_log_term": self.reward_model.title_log_term,
             "flow_loss": self.args.flow_loss,
             "flow_lambda": self.args.flow_lambda,
             "subtb_lambda": self.args.subtb_lambda,
@@ -463,6 +464,7 @@ def _resolve_reward_model(
             preference_scores=scores,
             nonterminal_log_term=args.nonterminal_log_term,
             row_column=args.row_index_column,
+            title_log_term=args.title_log_term,
         )
     if not isinstance(reward_model, PrefixTreeRewardModel):
         raise TypeError(
@@ -484,6 +486,11 @@ def _resolve_reward_model(
         raise ValueError(
             f"reward_model.nonterminal_log_term={reward_model.nonterminal_log_term} differs from the config's "
             f"nonterminal_log_term={args.nonterminal_log_term}; set them equal."
+        )
+    if reward_model.title_log_term != args.title_log_term:
+        raise ValueError(
+            f"reward_model.title_log_term={reward_model.title_log_term!r} differs from the config's "
+            f"title_log_term={args.title_log_term!r}; set them equal."
         )
     if reward_model.row_column != args.row_index_column:
         raise ValueError(
