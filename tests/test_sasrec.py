@@ -303,6 +303,8 @@ def test_export_split_logits_and_evaluate(synthetic, tmp_path):
     split = SequenceSplit.from_dataset(synthetic.splits["test"], synthetic.num_items, 10)
     ids = full_ranking_metrics(model.score_rows(synthetic.splits["test"]["history_item_id"]), split.targets)
     assert out["item_HR@5"] == pytest.approx(ids["HR@5"]) and out["item_NDCG@20"] == pytest.approx(ids["NDCG@20"])
+    with pytest.raises(ValueError, match="need at least 50 items"):
+        evaluate_sasrec(model, synthetic.splits["test"], synthetic.items, pop, ks=(5, 50))
 
 
 # ----------------------------------------------------------------------------------------------------------- CLI

@@ -52,7 +52,6 @@ Example:
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 import os
@@ -480,13 +479,17 @@ def train_sasrec(
         history.append({"epoch": epoch, "loss": total / count, **{f"valid_{k}": v for k, v in metrics.items()}})
         if ndcg > best_ndcg:
             best_ndcg, best_epoch, bad_epochs = ndcg, epoch, 0
-            best_state = copy.deepcopy({k: v.detach().clone() for k, v in model.state_dict().items()})
+            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         else:
             bad_epochs += 1
         bar.set_postfix(loss=f"{total / count:.4f}", ndcg=f"{ndcg:.4f}", best=f"{best_ndcg:.4f}@{best_epoch}")
         if bad_epochs >= args.patience:
             break
     bar.close()
+    if best_state is None:
+        raise FloatingPointError(
+            f"validation NDCG@{args.eval_k} was never a number (last: {ndcg}); the loss diverged, try a smaller lr"
+        )
     model.load_state_dict(best_state)
     model.eval()
     return SASRecTrainResult(
@@ -585,8 +588,13 @@ def evaluate_sasrec(
     from trl_flower.evaluation.metrics import hit_matrix, hr_ndcg_at_k, recommendation_metrics
 
     ks = tuple(ks)
-    split = SequenceSplit.from_dataset(dataset, model.config.num_items, model.config.max_len)
     top_k = max(max(ks), list_k)
+    if top_k > model.config.num_items:
+        raise ValueError(
+            f"cut-offs up to {top_k} need at least {top_k} items, the model has {model.config.num_items}; "
+            "lower ks / list_k"
+        )
+    split = SequenceSplit.from_dataset(dataset, model.config.num_items, model.config.max_len)
     tops, ranks = [], []
     for i in range(0, len(split), batch_size):
         logits = model._score(split.seq[i : i + batch_size], split.lengths[i : i + batch_size], batch_size)  # [b, N]
