@@ -16,7 +16,6 @@ SUBCOMMANDS = {
     "prepare": "prepare",
     "train": "train",
     "evaluate": "evaluate",
-    "tree": "tree",
     "sasrec": "sasrec",
 }
 
