@@ -188,12 +188,12 @@ def test_multi_negative_trainer_with_one_negative_matches_trl_dpo(ckpts, tree, t
     trl_dpo = PreferenceDPOTrainer(ref_model=load_reference_policy(ckpts["flower"]), args=args(),
                                    train_dataset=single, **common)
     batch = trl_dpo.data_collator([single[i] for i in range(4)])
-    expected = float(trl_dpo.compute_loss(trl_dpo.model, batch))
+    expected = float(trl_dpo.compute_loss(trl_dpo.model, batch).detach())
     assert abs(expected - math.log(2)) > 1e-4  # policy != reference: a non-trivial value
     for loss in ("sdpo", "dmpo"):
         ours = MultiNegativeDPOTrainer(loss=loss, ref_model=load_reference_policy(ckpts["flower"]), args=args(),
                                        train_dataset=multi, **common)
-        got = float(ours.compute_loss(ours.model, ours.data_collator([multi[i] for i in range(4)])))
+        got = float(ours.compute_loss(ours.model, ours.data_collator([multi[i] for i in range(4)])).detach())
         assert got == pytest.approx(expected, abs=1e-5)
 
 
@@ -275,9 +275,10 @@ def _record_rewards(trainer):
     return calls
 
 
-@pytest.mark.parametrize("init", ["flower", "sft"])
-def test_rloo_constrained_rollouts_get_sasrec_reward(init, ckpts, tree, rows, tmp_path):
-    trainer = train_online_rl("rloo", ckpts[init], ckpts["flower"], rows, tmp_path, preference_scores=SCORES,
+@pytest.mark.parametrize(("method", "init"), [("rloo", "flower"), ("rloo", "sft"), ("grpo", "sft")])
+def test_online_rl_constrained_rollouts_get_sasrec_reward(method, init, ckpts, tree, rows, tmp_path):
+    """RLOO/GRPO: every rollout is an item, its reward is the hand-computed SASRec score; reference = Flower."""
+    trainer = train_online_rl(method, ckpts[init], ckpts["flower"], rows, tmp_path, preference_scores=SCORES,
                               train=False, num_generations=2, beta=0.05, **{**TINY, "per_device_train_batch_size": 4})
     calls = _record_rewards(trainer)
     before = _params(trainer.model)
