@@ -49,7 +49,7 @@ def dataset_dir(tmp_path_factory, tiny_titles) -> Path:
     return out
 
 
-@pytest.mark.parametrize("method", ["sft", "ifair", "flower"])
+@pytest.mark.parametrize("method", ["sft", "ifair", "flower", "sdpo"])
 def test_train_end_to_end(method, tiny_model_dir, dataset_dir, tmp_path, tiny_titles):
     out = tmp_path / method
     extra = ["--flow-lambda", "0.5"] if method == "flower" else []
