@@ -129,3 +129,65 @@ def test_temperature_beam_scores(tiny_model, tiny_tokenizer, tiny_titles):
         logp = torch.log_softmax(torch.log_softmax(logits, -1) / T, -1)
         expected = logp[torch.arange(len(path)), torch.tensor(path)].sum().item() / len(path)
         assert hot.scores[0, rank] == pytest.approx(expected, abs=1e-4)
+
+
+# ------------------------------------------------------------------ trl-flower evaluate --decoding
+
+
+@pytest.fixture(scope="module")
+def eval_data(tmp_path_factory, tiny_titles):
+    """Amazon-format splits over the tiny catalogue and test-split SASRec logits that favour each row's target."""
+    import csv
+    import json
+
+    out = tmp_path_factory.mktemp("data") / "Tiny_Items"
+    out.mkdir()
+    (out / "items.tsv").write_text("item_id\ttitle\n" + "".join(f"{i}\t{t}\n" for i, t in enumerate(tiny_titles)))
+    rng = np.random.default_rng(1)
+    n = len(tiny_titles)
+    rows = [(rng.integers(0, n, size=2).tolist(), int(rng.integers(0, n))) for _ in range(6)]
+    rows[0] = (list(range(n)), 0)
+    for name in ("train", "valid", "test"):
+        with (out / f"{name}.csv").open("w", newline="", encoding="utf-8") as f:
+            writer = csv.writer(f)
+            writer.writerow(["history_item_id", "history_item_title", "item_id", "item_title"])
+            for history, target in rows:
+                writer.writerow([json.dumps(history), json.dumps([tiny_titles[i] for i in history]), target,
+                                 tiny_titles[target]])
+    logits = np.zeros((len(rows), n), dtype=np.float32)
+    logits[np.arange(len(rows)), [t for _, t in rows]] = 10.0
+    np.save(out / "test_logits.npy", logits)
+    return out
+
+
+def evaluate_cli(argv):
+    from trl_flower.cli.evaluate import main, make_parser
+
+    return main(make_parser().parse_args(argv))
+
+
+def test_evaluate_decoding_d3_and_temp(tiny_model_dir, eval_data, tmp_path, capsys):
+    import json
+
+    base = ["--model", str(tiny_model_dir), "--data", str(eval_data), "--category", "items", "--top-k", "3",
+            "--num-threads", "1", "--no-progress"]
+    # g = 0: the beams follow SASRec, which puts almost all mass on each row's target: HR@1 = 1
+    assert evaluate_cli([*base, "--decoding", "d3", "--sasrec-logits", str(eval_data / "test_logits.npy"),
+                         "--guidance-scale", "0", "--output-dir", str(tmp_path / "d3")]) == 0
+    report = json.loads((tmp_path / "d3" / "metrics.json").read_text())
+    metrics = next(iter(report["results"].values()))
+    assert metrics["HR@1"] == 1.0
+    assert report["settings"]["length_penalty"] == 0.0 and report["settings"]["decoding"] == "d3"
+    assert evaluate_cli([*base, "--decoding", "temp", "--temperature", "1.5",
+                         "--output-dir", str(tmp_path / "temp")]) == 0
+    capsys.readouterr()
+    errors = [
+        (["--decoding", "temp"], "--temperature != 1"),
+        (["--decoding", "d3"], "needs --sasrec-logits"),
+        (["--guidance-scale", "0.5"], "only used with --decoding d3"),
+        (["--decoding", "d3", "--sasrec-logits", str(eval_data / "test_logits.npy"), "--guidance-scale", "0.5",
+          "--length-penalty", "0.5"], "length penalty 0"),
+    ]
+    for extra, message in errors:
+        assert evaluate_cli([*base, *extra, "--output-dir", str(tmp_path / "x")]) == 2
+        assert message in capsys.readouterr().err

@@ -30,6 +30,7 @@ beam's node comes from :func:`~trl_flower.decoding.generated_nodes`, a pure func
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 
 import numpy as np
@@ -207,7 +208,7 @@ def recommend_d3(
                                length_penalty=0.0, add_special_tokens=add_special_tokens,
                                show_progress=False, **kwargs))
         if show_progress:
-            print(f"d3: {stop}/{len(prompts)} prompts", flush=True)
+            print(f"d3: {stop}/{len(prompts)} prompts", file=sys.stderr, flush=True)
     titles = None if parts[0].titles is None else [row for p in parts for row in p.titles]
     return Recommendations(
         item_ids=np.concatenate([p.item_ids for p in parts]), nodes=np.concatenate([p.nodes for p in parts]),

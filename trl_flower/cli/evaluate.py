@@ -33,6 +33,7 @@ from typing import Any
 
 TASKS = ("recommend", "distribution")
 PROMPT_MODES = ("reference", "chat")
+DECODINGS = ("beam", "temp", "d3")
 EVAL_SPLITS = ("train", "valid", "test")
 INFO_FILE = "flower_config.json"  # FlowerTrainer._save: names the tree file and the tokenization mode
 TREE_FILES = ("prefix_tree.npz", "flower_tree.npz")  # looked for in the model directory, in this order
@@ -79,6 +80,24 @@ class EvaluateArguments:
     )
     temperature: float = field(
         default=1.0, metadata={"help": "Decoding temperature (beam search: the 'Temp' baseline; sampling: T)."}
+    )
+    decoding: str = field(
+        default="beam",
+        metadata={"help": "Beam-search variant for --task recommend: 'beam' (the paper's decoding), 'temp' (the "
+                          "Temp baseline: needs --temperature != 1, paper 1.5), 'd3' (D3: length penalty 0 plus "
+                          "SASRec guidance; needs --sasrec-logits and --guidance-scale).",
+                  "choices": DECODINGS},
+    )
+    sasrec_logits: str | None = field(
+        default=None,
+        metadata={"help": "--decoding d3: SASRec logits of the evaluated split (.npy [split rows, items], e.g. "
+                          "test_logits.npy of `trl-flower sasrec`); row = the CSV row of the split."},
+    )
+    guidance_scale: float | None = field(
+        default=None,
+        metadata={"help": "--decoding d3: guidance g in g*(score - cf) + cf. 1 = no guidance (the official script's "
+                          "default, which makes D3 only the length-penalty removal); < 1 moves towards SASRec.",
+                  "type": float},
     )
     max_new_tokens: int | None = field(
         default=None, metadata={"help": "Decoding budget (default: the longest item path, so every title can end).",
@@ -222,6 +241,29 @@ def check_arguments(args: EvaluateArguments) -> None:
         raise ValueError(f"--temperature must be > 0, got {args.temperature}")
     if args.tree is not None and args.rebuild_tree:
         raise ValueError("--tree and --rebuild-tree contradict each other; give one")
+    check_decoding(args)
+
+
+def check_decoding(args: EvaluateArguments) -> None:
+    """The --decoding variant and its options agree (see the field helps)."""
+    if args.decoding not in DECODINGS:
+        raise ValueError(f"--decoding must be one of {DECODINGS}, got {args.decoding!r}")
+    if args.decoding != "beam" and args.task != "recommend":
+        raise ValueError(f"--decoding {args.decoding} is a beam-search variant; use it with --task recommend")
+    if args.decoding == "temp" and args.temperature == 1.0:
+        raise ValueError("--decoding temp needs --temperature != 1 (the paper tunes 1.2, 1.5, 2.0)")
+    if args.decoding == "d3":
+        if args.sasrec_logits is None or args.guidance_scale is None:
+            raise ValueError("--decoding d3 needs --sasrec-logits (the split's SASRec logits .npy) and "
+                             "--guidance-scale (1 = the official script's no-op guidance, < 1 follows SASRec more)")
+        if not Path(args.sasrec_logits).expanduser().is_file():
+            raise FileNotFoundError(f"--sasrec-logits {args.sasrec_logits}: no such file")
+        if args.guidance_scale < 0:
+            raise ValueError(f"--guidance-scale must be >= 0, got {args.guidance_scale}")
+        if args.length_penalty not in (0.0, 1.0):
+            raise ValueError("--decoding d3 decodes with length penalty 0; drop --length-penalty")
+    elif args.sasrec_logits is not None or args.guidance_scale is not None:
+        raise ValueError("--sasrec-logits and --guidance-scale are only used with --decoding d3; drop them")
 
 
 def main(args: argparse.Namespace | EvaluateArguments) -> int:
@@ -385,12 +427,18 @@ def _run_recommend(args: EvaluateArguments, stages: _Stages) -> dict[str, Any]:
                data.items, terminator)
 
     K = args.top_k
-    recs = stages.run(
-        "beam search", recommend, model, tokenizer, prompts, tree, top_k=K, num_beams=args.num_beams,
-        batch_size=args.batch_size or 16, max_new_tokens=args.max_new_tokens, length_penalty=args.length_penalty,
-        temperature=args.temperature, titles=data.items, add_special_tokens=args.prompt_mode == "reference",
-        show_progress=not args.no_progress,
-    )
+    common = dict(top_k=K, num_beams=args.num_beams, batch_size=args.batch_size or 16,
+                  max_new_tokens=args.max_new_tokens, temperature=args.temperature, titles=data.items,
+                  add_special_tokens=args.prompt_mode == "reference", show_progress=not args.no_progress)
+    if args.decoding == "d3":
+        from trl_flower.baselines.d3 import recommend_d3
+
+        logits = _split_logits(args.sasrec_logits, rows["row_index"], data.num_items)
+        recs = stages.run("D3 beam search", recommend_d3, model, tokenizer, prompts, tree, logits,
+                          args.guidance_scale, **common)
+    else:
+        recs = stages.run("beam search", recommend, model, tokenizer, prompts, tree,
+                          length_penalty=args.length_penalty, **common)
 
     def score():
         popularity = popularity_from_histories(data.splits["train"]["history_item_title"])
@@ -406,6 +454,7 @@ def _run_recommend(args: EvaluateArguments, stages: _Stages) -> dict[str, Any]:
     label = args.label or Path(args.model).expanduser().resolve().name
     settings = {
         **asdict(args),
+        "length_penalty": 0.0 if args.decoding == "d3" else args.length_penalty,
         "num_beams": args.num_beams or K,
         "batch_size": args.batch_size or 16,
         "max_new_tokens": args.max_new_tokens or int(tree.item_length.max()),
@@ -431,6 +480,18 @@ def _run_recommend(args: EvaluateArguments, stages: _Stages) -> dict[str, Any]:
     )
     return {"metrics": metrics, "group_shares": shares, "table": markdown_table({label: metrics}),
             "files": {**files, **extra}, "recommendations": recs, "metadata": metadata}
+
+
+def _split_logits(path: str, row_index, num_items: int):
+    """The SASRec logits rows [U, num_items] of the evaluated rows (``row_index`` = CSV rows of the split)."""
+    import numpy as np
+
+    logits = np.load(Path(path).expanduser(), mmap_mode="r")
+    rows = np.asarray(row_index, dtype=np.int64)
+    if logits.ndim != 2 or logits.shape[1] != num_items or logits.shape[0] <= int(rows.max()):
+        raise ValueError(f"--sasrec-logits {path}: shape {logits.shape}, expected [rows of the split (> "
+                         f"{int(rows.max())}), {num_items} items]; pass the logits of the evaluated split")
+    return np.asarray(logits[rows], dtype=np.float64)
 
 
 def load_target(target: str, data_root: str | None) -> tuple[Path, dict[str, float]]:
