@@ -121,6 +121,7 @@ class TestFlowerTrainer:
 
     def test_samples_are_positive_reward_catalogue_items(self, tiny_model_dir, tree, dataset, tmp_path, tiny_titles):
         trainer = make_trainer(tiny_model_dir, tree, dataset, tmp_path)
+        trainer.sample_in_loss_step = False  # GRPO's generate path (the in-loss sampler: test_sample_in_loss_step_*)
         trainer.model.train()
         batch = trainer._generate_and_score_completions([dataset[i] for i in range(NUM_ROWS)])
 
@@ -174,6 +175,7 @@ class TestFlowerTrainer:
     def test_shared_prompt_forward_equals_stacked_forward(self, tiny_model_dir, tree, dataset, tmp_path):
         """Prompt once + both continuations on its KV cache == [prompt + target ; prompt + sample] rows."""
         trainer = make_trainer(tiny_model_dir, tree, dataset, tmp_path)
+        trainer.sample_in_loss_step = False  # a batch with the samples in it
         trainer.model.train()
         batch = trainer._generate_and_score_completions([dataset[i] for i in range(8)])
         results = []
@@ -188,6 +190,64 @@ class TestFlowerTrainer:
         torch.testing.assert_close(loss_a, loss_b, rtol=1e-5, atol=1e-5)
         for name in grads_a:
             torch.testing.assert_close(grads_a[name], grads_b[name], rtol=1e-4, atol=1e-5)
+
+    def test_sample_in_loss_step_gives_positive_reward_catalogue_items(
+        self, tiny_model_dir, tree, dataset, tmp_path, tiny_titles
+    ):
+        trainer = make_trainer(tiny_model_dir, tree, dataset, tmp_path)
+        assert trainer.sample_in_loss_step and trainer._samples_in_loss_step()
+        trainer.model.train()
+        batch = trainer._generate_and_score_completions([dataset[i] for i in range(NUM_ROWS)])
+        assert "completion_ids" not in batch and batch["flow_uniforms"].shape == (NUM_ROWS, 8)
+        sampled = []
+        sampler = trainer._sample_items
+        trainer._sample_items = lambda *a, **k: sampled.append(sampler(*a, **k)) or sampled[-1]
+        trainer._compute_loss(trainer.model, batch).backward()
+
+        targets = trainer.reward_model.token_targets(sampled[0])
+        assert bool(targets.complete.all()) and bool(targets.valid.all())
+        assert all(COUNTS[i] > 0 for i in targets.item_ids.tolist())
+        texts = trainer.processing_class.batch_decode(sampled[0], skip_special_tokens=True)
+        assert set(texts) <= set(tiny_titles) - {tiny_titles[9]}
+        # the same uniforms give the same samples whatever the micro-batch cut (gradient accumulation)
+        half = {k: (v[:4] if torch.is_tensor(v) and v.dim() else v) for k, v in batch.items()}
+        trainer._compute_loss(trainer.model, half)
+        torch.testing.assert_close(sampled[1], sampled[0][:4, : sampled[1].shape[1]])
+
+    def test_sample_in_loss_step_same_samples_same_loss(self, tiny_model_dir, tree, dataset, tmp_path):
+        """Given the samples of the generate path, the in-loss path gives the same loss and gradients."""
+        trainer = make_trainer(tiny_model_dir, tree, dataset, tmp_path)
+        trainer.model.train()
+        rows = [dataset[i] for i in range(8)]
+        trainer.sample_in_loss_step = False
+        old = trainer._generate_and_score_completions(rows)
+        trainer.sample_in_loss_step = True
+        new = trainer._generate_and_score_completions(rows)
+        trainer._sample_items = lambda *a, **k: old["completion_ids"]
+        results = []
+        for batch in (old, new):
+            trainer.model.zero_grad()
+            loss = trainer._compute_loss(trainer.model, batch)
+            loss.backward()
+            results.append((loss.detach(), {n: p.grad.clone() for n, p in trainer.model.named_parameters()}))
+        (loss_a, grads_a), (loss_b, grads_b) = results
+        torch.testing.assert_close(loss_a, loss_b, rtol=1e-5, atol=1e-6)
+        for name in grads_a:
+            torch.testing.assert_close(grads_a[name], grads_b[name], rtol=1e-4, atol=1e-6)
+
+    def test_sample_in_loss_step_logs_the_same_metrics(self, tiny_model_dir, tree, dataset, tmp_path):
+        runs = {}
+        for in_loss in (True, False):
+            trainer = make_trainer(tiny_model_dir, tree, dataset, tmp_path / str(in_loss),
+                                   trainer_kwargs={"item_groups": ITEM_GROUPS})
+            trainer.sample_in_loss_step = in_loss
+            trainer.train()
+            runs[in_loss] = trainer
+        keys = [{k for entry in t.state.log_history for k in entry} for t in runs.values()]
+        assert keys[0] == keys[1]
+        assert logged(runs[True], "sampled/valid_share") == [1.0, 1.0]
+        assert logged(runs[True], "completions/clipped_ratio") == [0.0, 0.0]
+        assert runs[True].state.num_input_tokens_seen > 0
 
     def test_gradient_accumulation(self, tiny_model_dir, tree, dataset, tmp_path):
         """GA=2 with half the batch == GA=1 with the full batch (same generation batch, hence the same samples).
@@ -294,8 +354,18 @@ class TestFlowerTrainer:
             tiny_model_dir, tree, data, tmp_path, tokenization_mode="reference", max_completion_length=9
         )
         trainer.model.train()
-        batch = trainer._generate_and_score_completions([data[i] for i in range(4)])
         eos = tiny_tokenizer.eos_token_id
+        # the in-loss sampler: the title's "\n", then the forced EOS
+        in_loss = trainer._generate_and_score_completions([data[i] for i in range(4)])
+        sampled = []
+        sampler = trainer._sample_items
+        trainer._sample_items = lambda *a, **k: sampled.append(sampler(*a, **k)) or sampled[-1]
+        assert torch.isfinite(trainer._compute_loss(trainer.model, in_loss))
+        for ids in sampled[0].tolist():
+            ids = ids[: ids.index(eos) + 1]
+            assert ids[-2:] == [newline, eos]
+        trainer.sample_in_loss_step = False  # GRPO's generate path
+        batch = trainer._generate_and_score_completions([data[i] for i in range(4)])
         for ids, mask in zip(batch["completion_ids"], batch["completion_mask"]):
             ids = ids[mask.bool()].tolist()
             assert ids[-2:] == [newline, eos]

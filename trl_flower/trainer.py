@@ -6,6 +6,7 @@ logits processor (`decoding.py`) hold the math. The TRL internals this file reli
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
@@ -100,6 +101,23 @@ class FlowerTrainer(GRPOTrainer):
     ...                         train_dataset=dataset)  # columns: prompt, item_id
     >>> trainer.train()
     ```
+    """
+
+    sample_in_loss_step: bool = True
+    """Sample the items inside the loss step, on the prompt's KV cache (default), instead of in GRPO's `generate`.
+
+    On (and λ > 0, no gradient checkpointing, `steps_per_generation == gradient_accumulation_steps`, no
+    `repetition_penalty` or `generation_kwargs`): the prompt runs once, with gradient; each item is sampled under
+    `no_grad` on a detached copy of that KV cache (trie-constrained, temperature/top-k/top-p/min-p as configured);
+    then the SFT target and the sample continue on the gradient cache. This saves GRPO's separate no-grad prefill of
+    the prompt. The sampling randomness is drawn per prompt when the generation batch is built (one uniform per
+    prompt and decoding step, split and shuffled with the batch as GRPO does) and each token is drawn by inverse-CDF
+    from it, so the samples of a prompt do not depend on how the batch is cut into micro-batches: gradient
+    accumulation still equals the full batch. The policy is the same in every micro-batch of an optimiser step, so
+    the samples have the same distribution as in the `generate` path, and the gradient is the same (samples are not
+    differentiated). The logs keep their names (`completions/*`, `rewards/*`, `reward`, `num_tokens`,
+    `sampled/*`); they are logged per micro-batch instead of per generation batch.
+    Off (set ``trainer.sample_in_loss_step = False``), or when a condition above fails: TRL's `generate` path.
     """
 
     _tag_names = ["trl", "flower"]
@@ -215,11 +233,37 @@ class FlowerTrainer(GRPOTrainer):
     def _generate_and_score_completions(self, inputs: list[dict[str, Any]]) -> dict[str, Any]:
         if self.args.flow_lambda == 0.0:
             batch = self._tokenize_prompt_batch(inputs)  # plain SFT: nothing to sample
+        elif self._samples_in_loss_step():
+            # Sampling happens in `_compute_loss` on the prompt's KV cache; only its randomness is drawn here, one
+            # uniform per prompt and decoding step, so that it travels with the prompt through GRPO's split/shuffle.
+            batch = self._tokenize_prompt_batch(inputs)
+            B = batch["prompt_ids"].shape[0]
+            batch["flow_uniforms"] = torch.rand(B, self.max_completion_length, device=batch["prompt_ids"].device)
+            if self.reward_model.variant != "none" or self.reward_model.preference_scores is not None:
+                batch["flow_rows"] = self._rows(inputs, batch["prompt_ids"].device)  # [B]
         else:
             batch = super()._generate_and_score_completions(inputs)
-            batch.update(self._flow_targets(inputs, batch["completion_ids"]))
+            batch.update(self._flow_targets(self._rows(inputs, batch["completion_ids"].device), batch["completion_ids"]))
         batch.update(self._sft_targets(inputs))
         return batch
+
+    def _samples_in_loss_step(self) -> bool:
+        """Whether items are sampled inside the loss step (see `sample_in_loss_step`)."""
+        args = self.args
+        return (
+            self.sample_in_loss_step
+            and args.flow_lambda > 0
+            and self._share_prompt_forward
+            and args.steps_per_generation == args.gradient_accumulation_steps
+            and args.repetition_penalty == 1.0
+            and not args.generation_kwargs
+        )
+
+    def _rows(self, inputs: list[dict[str, Any]], device) -> torch.Tensor | None:
+        """The preference-score row of each prompt ([B]) for personalised rewards, else None."""
+        if self.reward_model.variant == "none" and self.reward_model.preference_scores is None:
+            return None
+        return torch.tensor([int(x[self.reward_model.row_column]) for x in inputs], device=device)
 
     def _tokenize_prompt_batch(self, inputs: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         """Left-padded prompt ids and mask, tokenised as GRPO does (chat template for conversations)."""
@@ -254,11 +298,10 @@ class FlowerTrainer(GRPOTrainer):
         num_tokens = self.accelerator.gather(mask.sum().unsqueeze(0)).sum()
         return {"sft_ids": ids, "sft_mask": mask, "sft_num_tokens": num_tokens}
 
-    def _flow_targets(self, inputs: list[dict[str, Any]], completion_ids: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Token-level flow targets of the sampled items (no gradient; once per generation batch)."""
-        rows = None
-        if self.reward_model.variant != "none":
-            rows = torch.tensor([int(x[self.reward_model.row_column]) for x in inputs], device=completion_ids.device)
+    def _flow_targets(self, rows: torch.Tensor | None, completion_ids: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Token-level flow targets of the sampled items (no gradient); `rows` [B] for personalised rewards."""
+        if self.reward_model.variant == "none":
+            rows = None
         targets = self.reward_model.token_targets(completion_ids, rows)
         T = targets.log_reward.shape[1]
         title_mask = torch.arange(T, device=completion_ids.device).unsqueeze(0) < targets.lengths.unsqueeze(1)
@@ -309,9 +352,26 @@ class FlowerTrainer(GRPOTrainer):
         # but the last (states s_0 … s_{L-1}); the sampled title feeds all its title tokens (states s_0 … s_t, where
         # the terminator is decided).
         continuations = [(inputs["sft_ids"][:, :-1], inputs["sft_mask"][:, :-1])]
-        if lam > 0:
+        if lam > 0 and "flow_uniforms" in inputs:
+            # Sample on the prompt's KV cache: prompt forward with gradient, sampling on a detached copy of its
+            # cache, then the target and the sample continue on the gradient cache (see `sample_in_loss_step`).
+            prompt_ids, prompt_mask = inputs["prompt_ids"], inputs["prompt_mask"]
+            first, cache = self._prompt_forward(model, prompt_ids, prompt_mask)
+            if cache is None:
+                raise RuntimeError(
+                    "sample_in_loss_step needs a model that returns a KV cache (use_cache=True); set "
+                    "`trainer.sample_in_loss_step = False` to sample with TRL's generate instead."
+                )
+            completion_ids = self._sample_items(model, first.detach(), _detached_cache(cache), prompt_mask,
+                                                inputs["flow_uniforms"])
+            inputs = {**inputs, **self._flow_targets(inputs.get("flow_rows"), completion_ids)}
+            self._log_in_loss_samples(inputs, completion_ids)
             continuations.append((inputs["flow_title_ids"], inputs["flow_title_mask"]))
-        state_logits = self._state_logits(model, inputs["prompt_ids"], inputs["prompt_mask"], continuations)
+            state_logits = self._continue_on_cache(model, first, cache, prompt_mask, continuations)
+        else:
+            if lam > 0:
+                continuations.append((inputs["flow_title_ids"], inputs["flow_title_mask"]))
+            state_logits = self._state_logits(model, inputs["prompt_ids"], inputs["prompt_mask"], continuations)
 
         # SFT: token-sum of the cross-entropy over the targets, normalised by the target tokens of the whole
         # optimiser step (GRPO's "dapo" normalisation), so the returned loss is already scaled for accumulation.
@@ -377,37 +437,146 @@ class FlowerTrainer(GRPOTrainer):
         cache); this halves the forward cost for Flower's long prompts and short titles. Gradient checkpointing
         drops caches, so then (and with a single continuation) the rows [prompt + continuation_i] run stacked.
         """
+        if len(continuations) > 1 and self._share_prompt_forward:
+            first, cache = self._prompt_forward(model, prompt_ids, prompt_mask)
+            if cache is not None:
+                return self._continue_on_cache(model, first, cache, prompt_mask, continuations)
+            logger.warning_once("the model returned no usable KV cache; using the stacked forward instead")
         k = len(continuations)
+        cont_ids, cont_mask, n = self._stack_continuations(continuations)  # [B, k, n]
+        B = prompt_ids.shape[0]
+        rows = torch.cat([prompt_ids.repeat_interleave(k, dim=0), cont_ids.reshape(B * k, n)], dim=1)  # [B*k, P+n]
+        attention = torch.cat([prompt_mask.repeat_interleave(k, dim=0), cont_mask.reshape(B * k, n)], dim=1)
+        logits = model(input_ids=rows, attention_mask=attention, logits_to_keep=n + 1).logits  # [B*k, n+1, V]
+        logits = logits.reshape(B, k, n + 1, -1)
+        return [logits[:, i, : c_ids.shape[1] + 1] for i, (c_ids, _) in enumerate(continuations)]
+
+    def _stack_continuations(self, continuations):
         n = max(ids.shape[1] for ids, _ in continuations)
         pad_id = self._tokenizer.pad_token_id
         cont_ids = torch.stack([_pad_columns(ids, n, pad_id) for ids, _ in continuations], dim=1)  # [B, k, n]
         cont_mask = torch.stack([_pad_columns(m.long(), n, 0) for _, m in continuations], dim=1)  # [B, k, n]
-        B, P = prompt_ids.shape
+        return cont_ids, cont_mask, n
 
-        logits = None
-        if k > 1 and self._share_prompt_forward:
-            out = model(input_ids=prompt_ids, attention_mask=prompt_mask, use_cache=True, logits_to_keep=1)
-            cache = out.past_key_values
-            if cache is not None and cache.get_seq_length() == P:
-                first = out.logits[:, -1:]  # [B, 1, V] state s_0, shared by all continuations
-                cache.batch_repeat_interleave(k)  # [B*k, ...] row b*k + i = prompt b, continuation i
-                attention = torch.cat([prompt_mask.repeat_interleave(k, dim=0), cont_mask.reshape(B * k, n)], dim=1)
-                rest = model(
-                    input_ids=cont_ids.reshape(B * k, n),
-                    attention_mask=attention,
-                    past_key_values=cache,
-                    use_cache=True,
-                ).logits  # [B*k, n, V] states s_1 … s_n
-                rest = rest.reshape(B, k, n, -1)
-                logits = torch.cat([first.unsqueeze(1).expand(B, k, 1, -1), rest], dim=2)  # [B, k, n+1, V]
-            else:
-                logger.warning_once("the model returned no usable KV cache; using the stacked forward instead")
-        if logits is None:
-            rows = torch.cat([prompt_ids.repeat_interleave(k, dim=0), cont_ids.reshape(B * k, n)], dim=1)  # [B*k, P+n]
-            attention = torch.cat([prompt_mask.repeat_interleave(k, dim=0), cont_mask.reshape(B * k, n)], dim=1)
-            logits = model(input_ids=rows, attention_mask=attention, logits_to_keep=n + 1).logits  # [B*k, n+1, V]
-            logits = logits.reshape(B, k, n + 1, -1)
+    def _prompt_forward(self, model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor):
+        """The prompt [B, P] once, with gradient: (logits [B, 1, V] at state s_0, KV cache), or (None, None)."""
+        out = model(input_ids=prompt_ids, attention_mask=prompt_mask, use_cache=True, logits_to_keep=1)
+        cache = out.past_key_values
+        if cache is None or cache.get_seq_length() != prompt_ids.shape[1]:
+            return None, None
+        return out.logits[:, -1:], cache
+
+    def _continue_on_cache(self, model, first, cache, prompt_mask, continuations) -> list[torch.Tensor]:
+        """All continuations in one forward on the prompt's cache (repeated in place); logits [B, n_i + 1, V]."""
+        k = len(continuations)
+        cont_ids, cont_mask, n = self._stack_continuations(continuations)  # [B, k, n]
+        B = prompt_mask.shape[0]
+        cache.batch_repeat_interleave(k)  # [B*k, ...] row b*k + i = prompt b, continuation i
+        attention = torch.cat([prompt_mask.repeat_interleave(k, dim=0), cont_mask.reshape(B * k, n)], dim=1)
+        rest = model(
+            input_ids=cont_ids.reshape(B * k, n), attention_mask=attention, past_key_values=cache, use_cache=True
+        ).logits  # [B*k, n, V] states s_1 … s_n
+        rest = rest.reshape(B, k, n, -1)
+        logits = torch.cat([first.unsqueeze(1).expand(B, k, 1, -1), rest], dim=2)  # [B, k, n+1, V]
         return [logits[:, i, : c_ids.shape[1] + 1] for i, (c_ids, _) in enumerate(continuations)]
+
+    @torch.no_grad()
+    def _sample_items(self, model, first, cache, prompt_mask, uniforms) -> torch.Tensor:
+        """Trie-constrained ancestral sampling on a (detached) prompt cache; completion ids [B, T] as GRPO returns.
+
+        `first` [B, 1, V]: logits at s_0; `cache`: the prompt's KV cache, extended in place; `uniforms` [B, T_max]:
+        the randomness of each prompt, one U(0, 1) per step, turned into a token by inverse CDF over the processed
+        (trie-masked, warped) distribution. Rows stop at an EOS id; the completion keeps its EOS and is padded after,
+        as GRPO's `generate` path returns it.
+        """
+        B, P = prompt_mask.shape
+        eos = torch.tensor(completion_eos_ids(self), device=prompt_mask.device)
+        pad_id = self._tokenizer.pad_token_id
+        trie = TrieLogitsProcessor(
+            self.reward_model.tree, prompt_length=0, finished_token_id=self._finished_token_id, positive_flow_only=True
+        )
+        warpers = self._sampling_warpers()
+        tokens = torch.empty(B, 0, dtype=torch.long, device=prompt_mask.device)  # [B, t] generated so far
+        done = torch.zeros(B, dtype=torch.bool, device=prompt_mask.device)
+        attention = prompt_mask
+        logits = first[:, -1].float()  # [B, V]
+        for step in range(uniforms.shape[1]):
+            scores = trie(tokens, logits)
+            for warp in warpers:
+                scores = warp(tokens, scores)
+            cdf = torch.softmax(scores, dim=-1).cumsum(dim=-1)  # [B, V]
+            u = uniforms[:, step : step + 1].to(cdf.dtype) * cdf[:, -1:]  # [B, 1]
+            nxt = torch.searchsorted(cdf, u, right=True).squeeze(1).clamp(max=cdf.shape[1] - 1)  # [B]
+            nxt = torch.where(done, pad_id, nxt)
+            tokens = torch.cat([tokens, nxt[:, None]], dim=1)
+            done = done | torch.isin(nxt, eos)
+            if bool(done.all()):
+                break
+            attention = torch.cat([attention, torch.ones_like(attention[:, :1])], dim=1)
+            logits = model(
+                input_ids=nxt[:, None], attention_mask=attention, past_key_values=cache, use_cache=True,
+                logits_to_keep=1,
+            ).logits[:, -1].float()
+        return tokens
+
+    def _sampling_warpers(self) -> list:
+        """Temperature, top-k, top-p, min-p as in GRPO's generation config (applied after the trie mask)."""
+        from transformers import MinPLogitsWarper, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+        args, warpers = self.args, []
+        if args.temperature != 1.0:
+            warpers.append(TemperatureLogitsWarper(args.temperature))
+        if args.top_k:
+            warpers.append(TopKLogitsWarper(args.top_k))
+        if args.top_p is not None and args.top_p < 1.0:
+            warpers.append(TopPLogitsWarper(args.top_p))
+        if args.min_p:
+            warpers.append(MinPLogitsWarper(args.min_p))
+        return warpers
+
+    def _log_in_loss_samples(self, inputs: dict[str, Any], completion_ids: torch.Tensor) -> None:
+        """The logs GRPO's generate path writes for a generation batch, for the samples of one loss step."""
+        mode = "train" if self.model.training else "eval"
+        metrics = self._metrics[mode]
+        gather = self.accelerator.gather
+        eos = torch.tensor(completion_eos_ids(self), device=completion_ids.device)
+        is_eos = torch.isin(completion_ids, eos)  # [B, T]
+        terminated = is_eos.any(dim=1)  # [B]
+        first_eos = torch.where(terminated, is_eos.int().argmax(dim=1), completion_ids.shape[1] - 1)
+        lengths = gather(first_eos + 1)  # [B_global]
+        terminated = gather(terminated)
+        prompt_tokens = gather(inputs["prompt_mask"].sum())
+        if mode == "train":
+            self.state.num_input_tokens_seen += (prompt_tokens.sum() + lengths.sum()).item()
+        metrics["num_tokens"] = [self.state.num_input_tokens_seen]
+        lengths_f = lengths.float()
+        metrics["completions/mean_length"].append(lengths_f.mean().item())
+        metrics["completions/min_length"].append(lengths_f.min().item())
+        metrics["completions/max_length"].append(lengths_f.max().item())
+        metrics["completions/clipped_ratio"].append(1.0 - terminated.float().mean().item())
+        term = lengths_f[terminated] if bool(terminated.any()) else torch.zeros(1, device=lengths.device)
+        metrics["completions/mean_terminated_length"].append(term.mean().item())
+        metrics["completions/min_terminated_length"].append(term.min().item())
+        metrics["completions/max_terminated_length"].append(term.max().item())
+
+        ids = [row[: int(n)].tolist() for row, n in zip(completion_ids, first_eos + 1)]
+        kwargs = {}
+        if inputs.get("flow_rows") is not None:
+            kwargs[self.reward_model.row_column] = inputs["flow_rows"].tolist()
+        rewards = self.reward_model(prompts=[None] * len(ids), completions=[""] * len(ids), completion_ids=ids,
+                                    **kwargs)
+        rewards = gather(torch.tensor(rewards, dtype=torch.float32, device=completion_ids.device))  # [B_global]
+        std = rewards.std() if rewards.numel() > 1 else torch.zeros(())
+        metrics[f"rewards/{self.reward_model.__name__}/mean"].append(rewards.mean().item())
+        metrics[f"rewards/{self.reward_model.__name__}/std"].append(std.item())
+        metrics["reward"].append(rewards.mean().item())
+        metrics["reward_std"].append(std.item())
+        G = self.num_generations if mode == "train" else self.num_generations_eval
+        if G and G > 1 and rewards.numel() % G == 0:
+            zero = torch.isclose(rewards.view(-1, G).std(dim=1), torch.zeros(()))
+            metrics["frac_reward_zero_std"].append(zero.float().mean().item())
+        else:
+            metrics["frac_reward_zero_std"].append(1.0)  # a group of one has zero spread (GRPO logs 1.0)
 
     # ------------------------------------------------------------------ saving
 
@@ -443,6 +612,19 @@ class FlowerTrainer(GRPOTrainer):
 
 
 # ---------------------------------------------------------------------- helpers
+
+
+def _detached_cache(cache):
+    """A copy of a DynamicCache whose layers hold detached views of its keys/values (no copy of the data).
+
+    Sampling extends the copy (each layer's update concatenates into new tensors), so the gradient cache is never
+    modified and the sampler's forwards build no graph.
+    """
+    clone = copy.copy(cache)
+    clone.layers = [copy.copy(layer) for layer in cache.layers]
+    for layer in clone.layers:
+        layer.keys, layer.values = layer.keys.detach(), layer.values.detach()
+    return clone
 
 
 def _pad_columns(x: torch.Tensor, width: int, value: int) -> torch.Tensor:
