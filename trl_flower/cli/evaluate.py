@@ -29,6 +29,8 @@ import textwrap
 import time
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
+
+from trl_flower.cli._args import add_dataclass_arguments, subcommand_parser, to_dataclass
 from typing import Any
 
 TASKS = ("recommend", "distribution")
@@ -170,23 +172,8 @@ def make_parser(subparsers: argparse._SubParsersAction | None = None) -> argpars
         epilog="examples:\n" + __doc__.split("Examples::\n\n")[1].split("\n\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    if subparsers is None:
-        parser = argparse.ArgumentParser(prog="trl-flower evaluate", **kwargs)
-    else:
-        parser = subparsers.add_parser("evaluate", help="top-K recommendation metrics and plots of a model", **kwargs)
-    for f in fields(EvaluateArguments):
-        flag = "--" + f.name.replace("_", "-")
-        meta = f.metadata
-        if f.default is MISSING:
-            parser.add_argument(flag, dest=f.name, required=True, help=meta["help"])
-        elif isinstance(f.default, bool):
-            parser.add_argument(flag, dest=f.name, action="store_true", help=meta["help"])
-        else:
-            kind = meta.get("type") or (type(f.default) if f.default is not None else str)
-            shown = "" if f.default is None else f" (default: {f.default})"
-            parser.add_argument(flag, dest=f.name, type=kind, default=f.default, choices=meta.get("choices"),
-                                metavar=f.name.upper() if meta.get("choices") is None else None,
-                                help=meta["help"] + shown)
+    parser = subcommand_parser(subparsers, "evaluate", "top-K recommendation metrics and plots of a model", **kwargs)
+    add_dataclass_arguments(parser, EvaluateArguments)
     parser.set_defaults(func=main)
     return parser
 
@@ -268,8 +255,7 @@ def check_decoding(args: EvaluateArguments) -> None:
 
 def main(args: argparse.Namespace | EvaluateArguments) -> int:
     """Run the evaluation; errors are printed as one line (no traceback) and give exit status 2."""
-    if isinstance(args, argparse.Namespace):
-        args = EvaluateArguments(**{f.name: getattr(args, f.name) for f in fields(EvaluateArguments)})
+    args = to_dataclass(args, EvaluateArguments)
     try:
         check_arguments(args)
         report = run_evaluation(args)

@@ -15,9 +15,10 @@ from __future__ import annotations
 import argparse
 import sys
 import textwrap
-from dataclasses import MISSING, dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from trl_flower.cli._args import add_dataclass_arguments, subcommand_parser, to_dataclass
 from trl_flower.data.prepare import DEFAULT_WINDOWS
 
 _WINDOWS = "; ".join(f"{c}: {s}..{e}" for c, (s, e) in DEFAULT_WINDOWS.items())
@@ -75,20 +76,8 @@ def make_parser(subparsers: argparse._SubParsersAction | None = None) -> argpars
         epilog="examples:\n" + __doc__.split("Examples::\n\n")[1].split("\n\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    if subparsers is None:
-        parser = argparse.ArgumentParser(prog="trl-flower prepare", **kwargs)
-    else:
-        parser = subparsers.add_parser("prepare", help="raw Amazon 2018 reviews -> train/valid/test splits", **kwargs)
-    for f in fields(PrepareArguments):
-        flag = "--" + f.name.replace("_", "-")
-        if f.default is MISSING:
-            parser.add_argument(flag, dest=f.name, required=True, help=f.metadata["help"])
-        elif isinstance(f.default, bool):
-            parser.add_argument(flag, dest=f.name, action="store_true", help=f.metadata["help"])
-        else:
-            kind = int if isinstance(f.default, int) else str
-            shown = "" if f.default is None else f" (default: {f.default})"
-            parser.add_argument(flag, dest=f.name, type=kind, default=f.default, help=f.metadata["help"] + shown)
+    parser = subcommand_parser(subparsers, "prepare", "raw Amazon 2018 reviews -> train/valid/test splits", **kwargs)
+    add_dataclass_arguments(parser, PrepareArguments)
     parser.set_defaults(func=main)
     return parser
 
@@ -108,8 +97,7 @@ def main(args: argparse.Namespace | PrepareArguments) -> int:
     """Run the preparation; errors are printed as one line (no traceback) and give exit status 2."""
     from trl_flower.data.prepare import prepare_amazon
 
-    if isinstance(args, argparse.Namespace):
-        args = PrepareArguments(**{f.name: getattr(args, f.name) for f in fields(PrepareArguments)})
+    args = to_dataclass(args, PrepareArguments)
     try:
         reviews, meta = _input_paths(args)
         prepare_amazon(

@@ -15,7 +15,9 @@ Example::
 from __future__ import annotations
 
 import argparse
-from dataclasses import MISSING, dataclass, field, fields
+from dataclasses import dataclass, field, fields
+
+from trl_flower.cli._args import add_dataclass_arguments, subcommand_parser, to_dataclass
 
 DEFAULT_EPOCHS = 200
 
@@ -60,22 +62,8 @@ class ScriptArguments:
 def make_parser(subparsers: argparse._SubParsersAction | None = None) -> argparse.ArgumentParser:
     """Register ``sasrec`` on ``subparsers`` (the `trl-flower` CLI), or build a standalone parser when None."""
     description = "Train the SASRec baseline (Flower paper's settings), export per-row logits, report test metrics."
-    if subparsers is None:
-        parser = argparse.ArgumentParser(prog="trl-flower sasrec", description=description)
-    else:
-        parser = subparsers.add_parser("sasrec", help="train the SASRec baseline", description=description)
-    for f in fields(ScriptArguments):
-        flag = "--" + f.name.replace("_", "-")
-        help_text = f.metadata["help"]
-        if f.type == "bool":
-            parser.add_argument(flag, dest=f.name, action="store_true", help=help_text)
-            continue
-        kind = {"int": int, "float": float, "int | None": int}.get(f.type, str)
-        if f.default is MISSING:  # required
-            parser.add_argument(flag, dest=f.name, type=kind, required=True, help=help_text)
-        else:
-            help_text = f"{help_text} (default: {f.default})"
-            parser.add_argument(flag, dest=f.name, type=kind, default=f.default, help=help_text)
+    parser = subcommand_parser(subparsers, "sasrec", "train the SASRec baseline", description=description)
+    add_dataclass_arguments(parser, ScriptArguments)
     parser.set_defaults(func=main)
     return parser
 
@@ -91,8 +79,7 @@ def main(args: argparse.Namespace | ScriptArguments) -> int:
     from trl_flower.baselines.sasrec import SASRecTrainingArguments, evaluate_sasrec, export_split_logits, fit_sasrec
     from trl_flower.data import load_amazon, popularity_from_histories
 
-    if isinstance(args, argparse.Namespace):
-        args = ScriptArguments(**{f.name: getattr(args, f.name) for f in fields(ScriptArguments)})
+    args = to_dataclass(args, ScriptArguments)
     if args.threads:
         torch.set_num_threads(args.threads)
     splits = [s for s in args.export_splits.split(",") if s]

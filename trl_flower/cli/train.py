@@ -27,8 +27,10 @@ from __future__ import annotations
 import argparse
 import sys
 import textwrap
-from dataclasses import MISSING, dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
+
+from trl_flower.cli._args import add_dataclass_arguments, subcommand_parser, to_dataclass
 from typing import Any
 
 SFT_METHODS = ("sft", "ifair")
@@ -103,22 +105,8 @@ def make_parser(subparsers: argparse._SubParsersAction | None = None) -> argpars
         epilog="examples:\n" + __doc__.split("Examples::\n\n")[1].split("\n\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    if subparsers is None:
-        parser = argparse.ArgumentParser(prog="trl-flower train", **kwargs)
-    else:
-        parser = subparsers.add_parser("train", help="fine-tune with Flower or a baseline", **kwargs)
-    for f in fields(TrainArguments):
-        flag = "--" + f.name.replace("_", "-")
-        meta = f.metadata
-        if f.default is MISSING:
-            parser.add_argument(flag, dest=f.name, required=True, choices=meta.get("choices"), help=meta["help"])
-        elif isinstance(f.default, bool):
-            parser.add_argument(flag, dest=f.name, action="store_true", help=meta["help"])
-        else:
-            kind = meta.get("type") or (type(f.default) if f.default is not None else str)
-            shown = "" if f.default is None else f" (default: {f.default})"
-            parser.add_argument(flag, dest=f.name, type=kind, default=f.default, choices=meta.get("choices"),
-                                help=meta["help"] + shown)
+    parser = subcommand_parser(subparsers, "train", "fine-tune with Flower or a baseline", **kwargs)
+    add_dataclass_arguments(parser, TrainArguments)
     parser.set_defaults(func=main)
     return parser
 
@@ -152,8 +140,7 @@ def check_arguments(args: TrainArguments) -> None:
 
 def main(args: argparse.Namespace | TrainArguments) -> int:
     """Run the training; errors are printed as one line and give exit status 2."""
-    if isinstance(args, argparse.Namespace):
-        args = TrainArguments(**{f.name: getattr(args, f.name) for f in fields(TrainArguments)})
+    args = to_dataclass(args, TrainArguments)
     try:
         check_arguments(args)
         out = run_training(args)
