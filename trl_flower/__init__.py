@@ -5,8 +5,7 @@ The TRL-facing classes (`FlowerConfig`, `FlowerTrainer`) are imported lazily so 
 stays fast and does not pull in TRL.
 """
 
-from importlib import import_module
-from typing import Any
+from trl_flower._lazy import lazy_exports
 
 __version__ = "0.1.0"
 
@@ -18,11 +17,5 @@ _LAZY = {
     "FlowerTrainer": "trl_flower.trainer",
 }
 
-__all__ = ["__version__", *_LAZY]
-
-
-def __getattr__(name: str) -> Any:
-    """Import public classes on first access (PEP 562) so that light users never import TRL."""
-    if name in _LAZY:
-        return getattr(import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'trl_flower' has no attribute {name!r}")
+__getattr__, _names = lazy_exports(__name__, _LAZY)
+__all__ = ["__version__", *_names]

@@ -3,8 +3,7 @@
 Names are exported lazily (PEP 562) so that ``import trl_flower.data.prompts`` does not import `datasets`.
 """
 
-from importlib import import_module
-from typing import Any
+from trl_flower._lazy import lazy_exports
 
 _LAZY = {
     "AmazonData": "trl_flower.data.amazon",
@@ -24,11 +23,4 @@ _LAZY = {
     "prepare_amazon": "trl_flower.data.prepare",
 }
 
-__all__ = list(_LAZY)
-
-
-def __getattr__(name: str) -> Any:
-    """Import public names on first access."""
-    if name in _LAZY:
-        return getattr(import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'trl_flower.data' has no attribute {name!r}")
+__getattr__, __all__ = lazy_exports(__name__, _LAZY)

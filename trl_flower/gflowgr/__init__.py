@@ -8,8 +8,7 @@
 Heavy classes are imported lazily so ``import trl_flower.gflowgr`` stays light.
 """
 
-from importlib import import_module
-from typing import Any
+from trl_flower._lazy import lazy_exports
 
 _LAZY = {
     "SemanticIDs": "trl_flower.gflowgr.semantic_ids",
@@ -21,10 +20,4 @@ _LAZY = {
     "GFlowGRTrainer": "trl_flower.gflowgr.trainer",
 }
 
-__all__ = list(_LAZY)
-
-
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        return getattr(import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'trl_flower.gflowgr' has no attribute {name!r}")
+__getattr__, __all__ = lazy_exports(__name__, _LAZY)
