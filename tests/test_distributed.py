@@ -196,3 +196,34 @@ def test_zero3_matches_single_process(runs_dir, single_run, tiny_model_dir, tiny
     assert_valid_samples(run_, tiny_titles, 2)
     assert all("DEEPSPEED" in r["distributed_type"] for r in run_["ranks"])
     assert_same_training(run_, single_run[1], out, single_run[0])
+
+
+@requires_deepspeed
+def test_flower_cds_zero3_checkpoint_chains_into_dpo(runs_dir, data_dir):
+    """The documented CPU commands: examples/flower_cds.py under ZeRO-3 (2 processes), then DPO from its output."""
+    out = runs_dir / "flower-cds"
+    run(accelerate_cmd("zero3", REPO / "examples" / "flower_cds.py",
+                       "--config", str(REPO / "examples" / "recipes" / "flower_cds.yaml"), "--data_root", str(data_dir),
+                       "--build_tiny_model", "--bf16", "false", "--max_train_rows", "32", "--max_steps", "2",
+                       "--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "1", "--eval_rows", "4",
+                       "--output_dir", str(out)),
+        runs_dir / "flower-cds.log")
+    checkpoint = out / "checkpoint-final"
+    report = json.loads((checkpoint / "eval_results.json").read_text())
+    assert report["eval"]["num_users"] == 4 and report["eval"]["invalid"] == 0  # constrained beams: catalogue titles
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(checkpoint)  # a plain HF directory: no DeepSpeed, no zero_to_fp32
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    assert type(model).__name__ == "Qwen2ForCausalLM" and tokenizer.chat_template
+    assert all(p.isfinite().all() for p in model.parameters())
+
+    dpo_out = runs_dir / "dpo"
+    run(accelerate_cmd(None, REPO / "examples" / "dpo_from_flower.py", "--flower_checkpoint", str(checkpoint),
+                       "--data_root", str(data_dir), "--max_train_rows", "8", "--max_steps", "1",
+                       "--per_device_train_batch_size", "2", "--bf16", "false", "--report_to", "none",
+                       "--save_strategy", "no", "--output_dir", str(dpo_out)),
+        runs_dir / "dpo.log")
+    dpo = AutoModelForCausalLM.from_pretrained(dpo_out / "checkpoint-final")
+    assert dpo.config.vocab_size == model.config.vocab_size
