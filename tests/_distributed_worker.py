@@ -92,13 +92,17 @@ def main(spec_path: str) -> None:
             with constrained_generate(self.accelerator.unwrap_model(self.model_wrapped), processors):
                 return GRPOTrainer._generate_single_turn(self, prompt_ids, *a, **kw)
 
-        def _flow_targets(self, inputs, completion_ids):
+        def _generate_and_score_completions(self, inputs):
+            # GRPO's generate path (do_sample=False disables FlowerTrainer's in-loss-step sampler): the batch holds
+            # this process's completions; record them with their rows (public reward-model API only).
+            batch = super()._generate_and_score_completions(inputs)
+            completion_ids = batch["completion_ids"]
             targets = self.reward_model.token_targets(completion_ids)
             texts = tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
             for x, text, item, valid in zip(inputs, texts, targets.item_ids.tolist(), targets.valid.tolist()):
                 records.append({"step": self.state.global_step, "row": int(x["row_index"]), "text": text,
                                 "item": item, "valid": bool(valid)})
-            return super()._flow_targets(inputs, completion_ids)
+            return batch
 
     trainer = RecordingTrainer(spec["model_dir"], tree, args=args, train_dataset=Dataset.from_list(spec["rows"]),
                                processing_class=tokenizer)
