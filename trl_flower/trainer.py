@@ -243,7 +243,8 @@ class FlowerTrainer(GRPOTrainer):
                 batch["flow_rows"] = self._rows(inputs, batch["prompt_ids"].device)  # [B]
         else:
             batch = super()._generate_and_score_completions(inputs)
-            batch.update(self._flow_targets(self._rows(inputs, batch["completion_ids"].device), batch["completion_ids"]))
+            completion_ids = batch["completion_ids"]
+            batch.update(self._flow_targets(self._rows(inputs, completion_ids.device), completion_ids))
         batch.update(self._sft_targets(inputs))
         return batch
 
@@ -489,7 +490,7 @@ class FlowerTrainer(GRPOTrainer):
         (trie-masked, warped) distribution. Rows stop at an EOS id; the completion keeps its EOS and is padded after,
         as GRPO's `generate` path returns it.
         """
-        B, P = prompt_mask.shape
+        B = prompt_mask.shape[0]
         eos = torch.tensor(completion_eos_ids(self), device=prompt_mask.device)
         pad_id = self._tokenizer.pad_token_id
         trie = TrieLogitsProcessor(
