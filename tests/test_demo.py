@@ -41,11 +41,26 @@ def test_options_are_parsed_with_their_types():
         (dict(eval_split="train"), "--eval-split must be 'valid' or 'test'"),
         (dict(flow_lambda=1.5), "--flow-lambda must lie in \\[0, 1\\]"),
         (dict(batch_size=0), "--batch-size must be >= 1"),
+        (dict(num_threads=-1), "--num-threads must be >= 0"),
     ],
 )
 def test_invalid_options_raise(kwargs, message):
     with pytest.raises(ValueError, match=message):
         DemoArguments(**kwargs)
+
+
+def test_auto_threads_leave_busy_cores_alone(monkeypatch):
+    import os
+
+    from trl_flower.cli.demo import auto_num_threads
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.2, 0.0, 0.0))
+    assert auto_num_threads() == 2
+    monkeypatch.setattr(os, "getloadavg", lambda: (1.4, 0.0, 0.0))
+    assert auto_num_threads() == 1
+    monkeypatch.setattr(os, "getloadavg", lambda: (7.9, 0.0, 0.0))
+    assert auto_num_threads() == 1
 
 
 def test_quick_shrinks_everything_but_keeps_explicit_budget():
@@ -73,7 +88,7 @@ def quick_run(tmp_path_factory):
 
 def test_quick_run_writes_the_report(quick_run):
     report = json.loads((quick_run / "report.json").read_text())
-    methods = ["Most popular", "SFT (λ = 0)", "Flower (λ = 0.1)"]
+    methods = ["Most popular", "SFT (λ = 0)", "Flower (λ = 0.005)"]
     assert list(report["results"]) == methods and list(report["group_shares"]) == methods
     q = report["reference_shares"]
     assert len(q) == 8 and math.isclose(sum(q), 1.0, abs_tol=1e-9)
@@ -92,7 +107,7 @@ def test_quick_run_writes_the_report(quick_run):
     assert report["command"] == f"trl-flower demo --quick --output-dir {quick_run}"
     assert report["wall_time_s"]["total"] > 0
     md = (quick_run / "report.md").read_text()
-    assert "| metric | Most popular | SFT (λ = 0) | Flower (λ = 0.1) |" in md and "group_shares.png" in md
+    assert "| metric | Most popular | SFT (λ = 0) | Flower (λ = 0.005) |" in md and "group_shares.png" in md
     png = (quick_run / "group_shares.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
 

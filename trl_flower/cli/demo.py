@@ -52,22 +52,29 @@ class DemoArguments:
     )
     num_items: int = field(default=300, metadata={"help": "Items in the synthetic catalogue."})
     num_users: int = field(
-        default=1000, metadata={"help": "Simulated users; rows are about 9 per user, split 8:1:1 by time."}
+        default=600, metadata={"help": "Simulated users; rows are about 9 per user, split 8:1:1 by time."}
     )
     epochs: float = field(default=2.0, metadata={"help": "Training epochs over the train split (both models)."})
     max_steps: int = field(
         default=-1, metadata={"help": "If > 0: optimisation steps per model, overriding --epochs."}
     )
     flow_lambda: float = field(
-        default=0.1,
+        default=0.005,
         metadata={"help": "λ of Flower's loss (1 − λ)·SFT + λ·SubTB; the SFT run uses λ = 0."},
+    )
+    flow_loss: str = field(
+        default="flower_subtb",
+        metadata={
+            "help": "Flower's flow-balance loss: flower_subtb (the paper's modified SubTB), db, tb or full_distribution "
+            "(see docs/trainer.md)."
+        },
     )
     learning_rate: float = field(default=2e-3, metadata={"help": "AdamW learning rate (linear decay), both models."})
     batch_size: int = field(default=32, metadata={"help": "Training rows per optimisation step."})
     warmup_steps: int = field(default=10, metadata={"help": "Linear learning-rate warm-up steps (both models)."})
     logging_steps: int = field(default=50, metadata={"help": "Print the training losses every N steps."})
     hidden_size: int = field(default=128, metadata={"help": "Width of the tiny model (ignored with --model)."})
-    num_layers: int = field(default=4, metadata={"help": "Decoder layers of the tiny model (ignored with --model)."})
+    num_layers: int = field(default=2, metadata={"help": "Decoder layers of the tiny model (ignored with --model)."})
     vocab_size: int = field(default=1024, metadata={"help": "BPE vocabulary of the tiny model (ignored with --model)."})
     top_k: int = field(default=10, metadata={"help": "K: recommendations per user (beam search with K beams)."})
     eval_split: str = field(
@@ -76,6 +83,13 @@ class DemoArguments:
     eval_rows: int = field(default=0, metadata={"help": "If > 0: evaluate only the first N rows of the split."})
     eval_batch_size: int = field(default=16, metadata={"help": "Prompts per beam-search call."})
     seed: int = field(default=0, metadata={"help": "Seed of the data, the initial weights and training."})
+    num_threads: int = field(
+        default=0,
+        metadata={
+            "help": "PyTorch CPU threads; 0 = auto: the number of cores minus the current load (at least 1), because "
+            "OpenMP threads that compete with other processes for a core slow the tiny model down several-fold."
+        },
+    )
     quick: bool = field(
         default=False,
         metadata={"help": "A seconds-long smoke run (tiny data, model and budget) for tests; numbers are meaningless."},
@@ -86,6 +100,8 @@ class DemoArguments:
             raise ValueError(f"--eval-split must be 'valid' or 'test', got {self.eval_split!r}")
         if not 0.0 <= self.flow_lambda <= 1.0:
             raise ValueError(f"--flow-lambda must lie in [0, 1] (loss = (1 − λ)·SFT + λ·SubTB), got {self.flow_lambda}")
+        if self.num_threads < 0:
+            raise ValueError(f"--num-threads must be >= 0 (0: automatic), got {self.num_threads}")
         for name in ("num_items", "num_users", "batch_size", "top_k", "eval_batch_size", "hidden_size", "num_layers"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
@@ -166,8 +182,10 @@ def run_demo(cfg: DemoArguments) -> dict[str, Any]:
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
+    torch.set_num_threads(cfg.num_threads or auto_num_threads())
 
-    _stage("data", f"synthetic catalogue: {cfg.num_items} items, {cfg.num_users} users (seed {cfg.seed})")
+    _stage("data", f"synthetic catalogue: {cfg.num_items} items, {cfg.num_users} users (seed {cfg.seed}); "
+                   f"{torch.get_num_threads()} CPU thread(s)")
     data = make_synthetic(cfg.num_items, cfg.num_users, seed=cfg.seed)
     train_split = data.splits["train"]
     popularity = popularity_from_histories(train_split["history_item_title"])
@@ -219,6 +237,7 @@ def run_demo(cfg: DemoArguments) -> dict[str, Any]:
             "eval_rows": eval_split.num_rows,
         },
         "checkpoints": {"sft": str(out / "sft"), "flower": str(out / "flower")},
+        "threads": torch.get_num_threads(),
         "wall_time_s": {k: round(v, 1) for k, v in timing.items()},
     }
     title = f"trl-flower demo: SFT vs Flower on the synthetic catalogue ({cfg.eval_split} split)"
@@ -240,6 +259,18 @@ def _command_line(cfg: DemoArguments) -> list[str]:
             continue
         flags.append("--" + f.name.replace("_", "-") + ("" if isinstance(value, bool) else f" {value}"))
     return (["--quick"] if cfg.quick else []) + flags
+
+
+def auto_num_threads() -> int:
+    """CPU cores not busy with other work: ``cores - round(1-minute load average)``, at least 1."""
+    import os
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        busy = round(os.getloadavg()[0])
+    except (AttributeError, OSError):  # no load average on this platform
+        busy = 0
+    return max(1, cores - busy)
 
 
 def _stage(name: str, message: str) -> None:
@@ -302,6 +333,7 @@ def _train(name: str, flow_lambda: float, cfg: DemoArguments, init_dir: Path, to
     args = FlowerConfig(
         output_dir=str(out),
         flow_lambda=flow_lambda,
+        flow_loss=cfg.flow_loss,
         per_device_train_batch_size=cfg.batch_size,
         num_train_epochs=cfg.epochs,
         max_steps=cfg.max_steps,
