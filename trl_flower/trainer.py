@@ -6,7 +6,6 @@ logits processor (`decoding.py`) hold the math. The TRL internals this file reli
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import os
@@ -31,7 +30,9 @@ from trl_flower.losses import (
     full_distribution_loss,
     token_log_probs,
 )
+from trl_flower.prompt_sharing import continue_on_cache, prompt_forward, stacked_continuation_logits
 from trl_flower.rewards import PrefixTreeRewardModel
+from trl_flower.sampling import detached_cache, sample_on_cache, sampling_warpers
 from trl_flower.tree import PrefixTree
 
 logger = logging.getLogger(__name__)
@@ -357,18 +358,19 @@ class FlowerTrainer(GRPOTrainer):
             # Sample on the prompt's KV cache: prompt forward with gradient, sampling on a detached copy of its
             # cache, then the target and the sample continue on the gradient cache (see `sample_in_loss_step`).
             prompt_ids, prompt_mask = inputs["prompt_ids"], inputs["prompt_mask"]
-            first, cache = self._prompt_forward(model, prompt_ids, prompt_mask)
+            first, cache = prompt_forward(model, prompt_ids, prompt_mask)
             if cache is None:
                 raise RuntimeError(
                     "sample_in_loss_step needs a model that returns a KV cache (use_cache=True); set "
                     "`trainer.sample_in_loss_step = False` to sample with TRL's generate instead."
                 )
-            completion_ids = self._sample_items(model, first.detach(), _detached_cache(cache), prompt_mask,
+            completion_ids = self._sample_items(model, first.detach(), detached_cache(cache), prompt_mask,
                                                 inputs["flow_uniforms"])
             inputs = {**inputs, **self._flow_targets(inputs.get("flow_rows"), completion_ids)}
             self._log_in_loss_samples(inputs, completion_ids)
             continuations.append((inputs["flow_title_ids"], inputs["flow_title_mask"]))
-            state_logits = self._continue_on_cache(model, first, cache, prompt_mask, continuations)
+            state_logits = continue_on_cache(model, first, cache, prompt_mask, continuations,
+                                             self._tokenizer.pad_token_id)
         else:
             if lam > 0:
                 continuations.append((inputs["flow_title_ids"], inputs["flow_title_mask"]))
@@ -438,102 +440,23 @@ class FlowerTrainer(GRPOTrainer):
         cache); this halves the forward cost for Flower's long prompts and short titles. Gradient checkpointing
         drops caches, so then (and with a single continuation) the rows [prompt + continuation_i] run stacked.
         """
+        pad_id = self._tokenizer.pad_token_id
         if len(continuations) > 1 and self._share_prompt_forward:
-            first, cache = self._prompt_forward(model, prompt_ids, prompt_mask)
+            first, cache = prompt_forward(model, prompt_ids, prompt_mask)
             if cache is not None:
-                return self._continue_on_cache(model, first, cache, prompt_mask, continuations)
+                return continue_on_cache(model, first, cache, prompt_mask, continuations, pad_id)
             logger.warning_once("the model returned no usable KV cache; using the stacked forward instead")
-        k = len(continuations)
-        cont_ids, cont_mask, n = self._stack_continuations(continuations)  # [B, k, n]
-        B = prompt_ids.shape[0]
-        rows = torch.cat([prompt_ids.repeat_interleave(k, dim=0), cont_ids.reshape(B * k, n)], dim=1)  # [B*k, P+n]
-        attention = torch.cat([prompt_mask.repeat_interleave(k, dim=0), cont_mask.reshape(B * k, n)], dim=1)
-        logits = model(input_ids=rows, attention_mask=attention, logits_to_keep=n + 1).logits  # [B*k, n+1, V]
-        logits = logits.reshape(B, k, n + 1, -1)
-        return [logits[:, i, : c_ids.shape[1] + 1] for i, (c_ids, _) in enumerate(continuations)]
+        return stacked_continuation_logits(model, prompt_ids, prompt_mask, continuations, pad_id)
 
-    def _stack_continuations(self, continuations):
-        n = max(ids.shape[1] for ids, _ in continuations)
-        pad_id = self._tokenizer.pad_token_id
-        cont_ids = torch.stack([_pad_columns(ids, n, pad_id) for ids, _ in continuations], dim=1)  # [B, k, n]
-        cont_mask = torch.stack([_pad_columns(m.long(), n, 0) for _, m in continuations], dim=1)  # [B, k, n]
-        return cont_ids, cont_mask, n
-
-    def _prompt_forward(self, model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor):
-        """The prompt [B, P] once, with gradient: (logits [B, 1, V] at state s_0, KV cache), or (None, None)."""
-        out = model(input_ids=prompt_ids, attention_mask=prompt_mask, use_cache=True, logits_to_keep=1)
-        cache = out.past_key_values
-        if cache is None or cache.get_seq_length() != prompt_ids.shape[1]:
-            return None, None
-        return out.logits[:, -1:], cache
-
-    def _continue_on_cache(self, model, first, cache, prompt_mask, continuations) -> list[torch.Tensor]:
-        """All continuations in one forward on the prompt's cache (repeated in place); logits [B, n_i + 1, V]."""
-        k = len(continuations)
-        cont_ids, cont_mask, n = self._stack_continuations(continuations)  # [B, k, n]
-        B = prompt_mask.shape[0]
-        cache.batch_repeat_interleave(k)  # [B*k, ...] row b*k + i = prompt b, continuation i
-        attention = torch.cat([prompt_mask.repeat_interleave(k, dim=0), cont_mask.reshape(B * k, n)], dim=1)
-        rest = model(
-            input_ids=cont_ids.reshape(B * k, n), attention_mask=attention, past_key_values=cache, use_cache=True
-        ).logits  # [B*k, n, V] states s_1 … s_n
-        rest = rest.reshape(B, k, n, -1)
-        logits = torch.cat([first.unsqueeze(1).expand(B, k, 1, -1), rest], dim=2)  # [B, k, n+1, V]
-        return [logits[:, i, : c_ids.shape[1] + 1] for i, (c_ids, _) in enumerate(continuations)]
-
-    @torch.no_grad()
     def _sample_items(self, model, first, cache, prompt_mask, uniforms) -> torch.Tensor:
-        """Trie-constrained ancestral sampling on a (detached) prompt cache; completion ids [B, T] as GRPO returns.
-
-        `first` [B, 1, V]: logits at s_0; `cache`: the prompt's KV cache, extended in place; `uniforms` [B, T_max]:
-        the randomness of each prompt, one U(0, 1) per step, turned into a token by inverse CDF over the processed
-        (trie-masked, warped) distribution. Rows stop at an EOS id; the completion keeps its EOS and is padded after,
-        as GRPO's `generate` path returns it.
-        """
-        B = prompt_mask.shape[0]
-        eos = torch.tensor(completion_eos_ids(self), device=prompt_mask.device)
-        pad_id = self._tokenizer.pad_token_id
+        """Trie-constrained on-policy samples on a detached prompt cache (`sampling.sample_on_cache`); [B, T]."""
         trie = TrieLogitsProcessor(
             self.reward_model.tree, prompt_length=0, finished_token_id=self._finished_token_id, positive_flow_only=True
         )
-        warpers = self._sampling_warpers()
-        tokens = torch.empty(B, 0, dtype=torch.long, device=prompt_mask.device)  # [B, t] generated so far
-        done = torch.zeros(B, dtype=torch.bool, device=prompt_mask.device)
-        attention = prompt_mask
-        logits = first[:, -1].float()  # [B, V]
-        for step in range(uniforms.shape[1]):
-            scores = trie(tokens, logits)
-            for warp in warpers:
-                scores = warp(tokens, scores)
-            cdf = torch.softmax(scores, dim=-1).cumsum(dim=-1)  # [B, V]
-            u = uniforms[:, step : step + 1].to(cdf.dtype) * cdf[:, -1:]  # [B, 1]
-            nxt = torch.searchsorted(cdf, u, right=True).squeeze(1).clamp(max=cdf.shape[1] - 1)  # [B]
-            nxt = torch.where(done, pad_id, nxt)
-            tokens = torch.cat([tokens, nxt[:, None]], dim=1)
-            done = done | torch.isin(nxt, eos)
-            if bool(done.all()):
-                break
-            attention = torch.cat([attention, torch.ones_like(attention[:, :1])], dim=1)
-            logits = model(
-                input_ids=nxt[:, None], attention_mask=attention, past_key_values=cache, use_cache=True,
-                logits_to_keep=1,
-            ).logits[:, -1].float()
-        return tokens
-
-    def _sampling_warpers(self) -> list:
-        """Temperature, top-k, top-p, min-p as in GRPO's generation config (applied after the trie mask)."""
-        from transformers import MinPLogitsWarper, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
-
-        args, warpers = self.args, []
-        if args.temperature != 1.0:
-            warpers.append(TemperatureLogitsWarper(args.temperature))
-        if args.top_k:
-            warpers.append(TopKLogitsWarper(args.top_k))
-        if args.top_p is not None and args.top_p < 1.0:
-            warpers.append(TopPLogitsWarper(args.top_p))
-        if args.min_p:
-            warpers.append(MinPLogitsWarper(args.min_p))
-        return warpers
+        args = self.args
+        warpers = sampling_warpers(args.temperature, args.top_k, args.top_p, args.min_p)
+        return sample_on_cache(model, first, cache, prompt_mask, uniforms, trie, completion_eos_ids(self),
+                               self._tokenizer.pad_token_id, warpers)
 
     def _log_in_loss_samples(self, inputs: dict[str, Any], completion_ids: torch.Tensor) -> None:
         """The logs GRPO's generate path writes for a generation batch, for the samples of one loss step."""
@@ -613,24 +536,6 @@ class FlowerTrainer(GRPOTrainer):
 
 
 # ---------------------------------------------------------------------- helpers
-
-
-def _detached_cache(cache):
-    """A copy of a DynamicCache whose layers hold detached views of its keys/values (no copy of the data).
-
-    Sampling extends the copy (each layer's update concatenates into new tensors), so the gradient cache is never
-    modified and the sampler's forwards build no graph.
-    """
-    clone = copy.copy(cache)
-    clone.layers = [copy.copy(layer) for layer in cache.layers]
-    for layer in clone.layers:
-        layer.keys, layer.values = layer.keys.detach(), layer.values.detach()
-    return clone
-
-
-def _pad_columns(x: torch.Tensor, width: int, value: int) -> torch.Tensor:
-    """Right-pad [B, n] to [B, width] with `value`."""
-    return torch.nn.functional.pad(x, (0, width - x.shape[1]), value=value)
 
 
 def _resolve_reward_model(

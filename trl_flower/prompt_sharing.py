@@ -1,0 +1,82 @@
+"""Logits of several continuations of the same prompts, running each prompt once (no TRL import).
+
+Flower's step scores two continuations of every prompt: the SFT target and the sampled title. Prompts (history of
+ten titles) are much longer than titles, so running the prompt once and continuing both on its KV cache roughly
+halves the forward cost. The gradient flows back into the prompt through the cache.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+Continuation = tuple[torch.Tensor, torch.Tensor]  # ids and mask [B, n], right-padded
+
+
+def pad_columns(x: torch.Tensor, width: int, value: int) -> torch.Tensor:
+    """Right-pad [B, n] to [B, width] with `value`."""
+    return torch.nn.functional.pad(x, (0, width - x.shape[1]), value=value)
+
+
+def stack_continuations(continuations: Sequence[Continuation], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Ids and masks of k continuations stacked to [B, k, n] (n = the longest), and n."""
+    n = max(ids.shape[1] for ids, _ in continuations)
+    cont_ids = torch.stack([pad_columns(ids, n, pad_id) for ids, _ in continuations], dim=1)
+    cont_mask = torch.stack([pad_columns(m.long(), n, 0) for _, m in continuations], dim=1)
+    return cont_ids, cont_mask, n
+
+
+def prompt_forward(model: torch.nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor):
+    """The prompts [B, P] once, with gradient: (logits [B, 1, V] at the end of the prompt, KV cache).
+
+    Returns (None, None) when the model gives no usable cache (e.g. under gradient checkpointing).
+    """
+    out = model(input_ids=prompt_ids, attention_mask=prompt_mask, use_cache=True, logits_to_keep=1)
+    cache = out.past_key_values
+    if cache is None or cache.get_seq_length() != prompt_ids.shape[1]:
+        return None, None
+    return out.logits[:, -1:], cache
+
+
+def continue_on_cache(
+    model: torch.nn.Module,
+    first_logits: torch.Tensor,
+    cache,
+    prompt_mask: torch.Tensor,
+    continuations: Sequence[Continuation],
+    pad_id: int,
+) -> list[torch.Tensor]:
+    """All continuations in one forward on the prompts' cache (repeated in place); logits [B, n_i + 1, V] each.
+
+    Entry i holds the logits at the states s_0 … s_{n_i}, s_0 being the end of the prompt (`first_logits`).
+    """
+    k = len(continuations)
+    cont_ids, cont_mask, n = stack_continuations(continuations, pad_id)  # [B, k, n]
+    B = prompt_mask.shape[0]
+    cache.batch_repeat_interleave(k)  # [B*k, ...] row b*k + i = prompt b, continuation i
+    attention = torch.cat([prompt_mask.repeat_interleave(k, dim=0), cont_mask.reshape(B * k, n)], dim=1)
+    rest = model(
+        input_ids=cont_ids.reshape(B * k, n), attention_mask=attention, past_key_values=cache, use_cache=True
+    ).logits  # [B*k, n, V] states s_1 … s_n
+    rest = rest.reshape(B, k, n, -1)
+    logits = torch.cat([first_logits.unsqueeze(1).expand(B, k, 1, -1), rest], dim=2)  # [B, k, n+1, V]
+    return [logits[:, i, : c_ids.shape[1] + 1] for i, (c_ids, _) in enumerate(continuations)]
+
+
+def stacked_continuation_logits(
+    model: torch.nn.Module,
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    continuations: Sequence[Continuation],
+    pad_id: int,
+) -> list[torch.Tensor]:
+    """The same logits as `continue_on_cache`, with each row [prompt + continuation_i] run in full (no cache)."""
+    k = len(continuations)
+    cont_ids, cont_mask, n = stack_continuations(continuations, pad_id)  # [B, k, n]
+    B = prompt_ids.shape[0]
+    rows = torch.cat([prompt_ids.repeat_interleave(k, dim=0), cont_ids.reshape(B * k, n)], dim=1)  # [B*k, P+n]
+    attention = torch.cat([prompt_mask.repeat_interleave(k, dim=0), cont_mask.reshape(B * k, n)], dim=1)
+    logits = model(input_ids=rows, attention_mask=attention, logits_to_keep=n + 1).logits  # [B*k, n+1, V]
+    logits = logits.reshape(B, k, n + 1, -1)
+    return [logits[:, i, : c_ids.shape[1] + 1] for i, (c_ids, _) in enumerate(continuations)]
