@@ -166,7 +166,8 @@ def to_markdown(report: dict) -> str:
         lines += [
             "",
             f"**HR@5: {s['HR@5']['mean']:.4f} (seeds {s['HR@5']['min']:.4f}-{s['HR@5']['max']:.4f}) vs paper "
-            f"{paper:.4f}: {100 * report['relative_gap_HR@5']:+.1f} %, {verdict} the ±{100 * TOLERANCE:.0f} % target.**",
+            f"{paper:.4f}: {100 * report['relative_gap_HR@5']:+.1f} %, "
+            f"{verdict} the ±{100 * TOLERANCE:.0f} % target.**",
         ]
     lines += [
         "",

@@ -71,7 +71,9 @@ def make_parser(subparsers: argparse._SubParsersAction | None = None):
 
     dataclass_types = (ScriptArguments, FlowerConfig, ModelConfig)
     if subparsers is not None:
-        return subparsers.add_parser("flower-cds", help="Train Flower on CDs_and_Vinyl", dataclass_types=dataclass_types)
+        return subparsers.add_parser(
+            "flower-cds", help="Train Flower on CDs_and_Vinyl", dataclass_types=dataclass_types
+        )
     return TrlParser(dataclass_types)
 
 

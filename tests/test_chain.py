@@ -123,7 +123,8 @@ def test_flower_checkpoint_is_a_plain_model_dir_with_its_tree(flower_checkpoint,
     info = json.loads((flower_checkpoint / "flower_config.json").read_text())
     assert info["flow_lambda"] == 0.5 and info["tree_file"] == "prefix_tree.npz"
     assert PrefixTree.load(flower_checkpoint / info["tree_file"]).item_rewards.tolist() == COUNTS
-    flower, sft, start = (AutoModelForCausalLM.from_pretrained(d) for d in (flower_checkpoint, init_dir, tiny_model_dir))
+    dirs = (flower_checkpoint, init_dir, tiny_model_dir)
+    flower, sft, start = (AutoModelForCausalLM.from_pretrained(d) for d in dirs)
     assert not _same_weights(flower, start) and not _same_weights(flower, sft)
 
 

@@ -17,6 +17,7 @@ import trl_flower.decoding as decoding
 from trl_flower.decoding import LogProbTemperatureProcessor, TrieLogitsProcessor, generated_nodes
 from trl_flower.tree import PrefixTree
 
+
 @pytest.fixture(autouse=True, scope="module")
 def _one_torch_thread():
     """Tiny models run fastest on one thread; with other jobs on the machine, 2 threads are up to 15x slower."""

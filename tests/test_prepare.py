@@ -26,7 +26,6 @@ from trl_flower.data.prepare import (
 )
 
 
-
 def cli_main(argv: list[str]) -> int:
     """`trl-flower prepare ...` through this subcommand's own parser (other subcommands are not imported)."""
     assert argv[0] == "prepare" and SUBCOMMANDS["prepare"] == "prepare"

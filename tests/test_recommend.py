@@ -20,6 +20,7 @@ import trl_flower.evaluation.recommend as recommend_module
 from trl_flower.evaluation.recommend import Recommendations, export_official_json, recommend, sample_items
 from trl_flower.tree import PrefixTree
 
+
 @pytest.fixture(autouse=True, scope="module")
 def _one_torch_thread():
     """Tiny models run fastest on one thread; with other jobs on the machine, 2 threads are up to 15x slower."""

@@ -8,7 +8,7 @@ reproduce item frequencies proportional to R (Eq. 3).
 from __future__ import annotations
 
 import math
-from collections import Counter, defaultdict
+from collections import defaultdict
 
 import numpy as np
 import pytest

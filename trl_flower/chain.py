@@ -136,7 +136,8 @@ def set_reference_policy(trainer, ref_model: str | os.PathLike | PreTrainedModel
         )
     if trainer.ref_model is None:
         raise ValueError(
-            "the trainer has no separate reference model: with a PEFT policy TRL's reference is the base model with the "
+            "the trainer has no separate reference model: with a PEFT policy TRL's reference is the base model "
+            "with the "
             "adapter disabled. Merge the Flower adapter into a full model (merge_and_unload + save_pretrained) and "
             "start from that, or pass a full (non-PEFT) policy"
         )
@@ -380,7 +381,8 @@ def make_ppo_trainer(
     if stop_id != tree.terminator_id:
         raise ValueError(
             f"PPO stops responses at token {stop_id} but item paths end with the tree's terminator "
-            f"{tree.terminator_id}; build the tree with terminator_id={stop_id} or set stop_token_id={tree.terminator_id}"
+            f"{tree.terminator_id}; build the tree with terminator_id={stop_id} or set "
+            f"stop_token_id={tree.terminator_id}"
         )
     if tok.pad_token_id is None or tok.pad_token_id == tok.eos_token_id:
         raise ValueError(

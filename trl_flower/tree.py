@@ -331,7 +331,8 @@ class PrefixTree:
         K = int(count.max()) if count.numel() else 0
         offs = torch.arange(K, device=nodes.device)  # [K]
         mask = offs.unsqueeze(0) < count.unsqueeze(1)  # [R, K]
-        child = torch.where(mask, t.first_child[safe].unsqueeze(1) + offs, torch.full_like(mask, INVALID, dtype=torch.long))
+        invalid = torch.full_like(mask, INVALID, dtype=torch.long)
+        child = torch.where(mask, t.first_child[safe].unsqueeze(1) + offs, invalid)
         tok = torch.where(mask, t.token[child.clamp(min=0)], torch.full_like(child, INVALID))
         return tok, child, mask
 

@@ -1,4 +1,5 @@
-r"""The recommendation DPO family (DPO, S-DPO, DMPO, RosePO) and the SASRec-reward online RL baselines (PPO, RLOO, GRPO).
+r"""The recommendation DPO family (DPO, S-DPO, DMPO, RosePO) and the SASRec-reward online RL baselines
+(PPO, RLOO, GRPO).
 
 Paper definitions as implemented by the Flower authors' code (flower_reference.md §4). With the implicit reward
 r(y) = log π_θ(y|x) − log π_ref(y|x) (sequence log-probs summed over the item's token path, terminator included),
@@ -222,7 +223,9 @@ def sample_popularity_negatives(
     titles_t = torch.as_tensor(np.asarray(titles), dtype=torch.long)
     w = torch.as_tensor(np.asarray(counts, dtype=np.float64))
     if w.shape != titles_t.shape or not torch.isfinite(w).all() or (w < 0).any():
-        raise ValueError(f"counts must be finite, >= 0 and one per item ({titles_t.shape[0]}), got shape {tuple(w.shape)}")
+        raise ValueError(
+            f"counts must be finite, >= 0 and one per item ({titles_t.shape[0]}), got shape {tuple(w.shape)}"
+        )
     g = _generator(seed)
     positive_titles = torch.zeros(int(titles_t.max()) + 1, dtype=torch.bool)
     positive_titles[titles_t[w > 0]] = True

@@ -64,7 +64,8 @@ class DemoArguments:
     flow_loss: str = field(
         default="flower_subtb",
         metadata={
-            "help": "Flower's flow-balance loss: flower_subtb (the paper's modified SubTB), db, tb or full_distribution "
+            "help": "Flower's flow-balance loss: flower_subtb (the paper's modified SubTB), db, tb or "
+            "full_distribution "
             "(see docs/trainer.md)."
         },
     )

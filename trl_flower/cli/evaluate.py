@@ -29,9 +29,9 @@ import textwrap
 import time
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
+from typing import Any
 
 from trl_flower.cli._args import add_dataclass_arguments, subcommand_parser, to_dataclass
-from typing import Any
 
 TASKS = ("recommend", "distribution")
 PROMPT_MODES = ("reference", "chat")
@@ -311,7 +311,6 @@ def run_evaluation(args: EvaluateArguments) -> dict[str, Any]:
 def _load_model(args: EvaluateArguments):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
     from transformers.utils import logging as hf_logging
 
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device

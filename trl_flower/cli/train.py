@@ -3,7 +3,8 @@
 Examples::
 
     trl-flower train --method sft --model Qwen2.5-1.5B --data CDs_and_Vinyl --output-dir runs/bigrec_cds
-    trl-flower train --method flower --model runs/bigrec_cds --data CDs_and_Vinyl --flow-lambda 0.005 --output-dir runs/flower_cds
+    trl-flower train --method flower --model runs/bigrec_cds --data CDs_and_Vinyl --flow-lambda 0.005 \\
+        --output-dir runs/flower_cds
     trl-flower train --method ifair --model Qwen2.5-1.5B --data CDs_and_Vinyl --output-dir runs/ifair_cds
     trl-flower train --method sdpo --model runs/bigrec_cds --data CDs_and_Vinyl --output-dir runs/sdpo_cds
 
@@ -29,9 +30,9 @@ import sys
 import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from trl_flower.cli._args import add_dataclass_arguments, subcommand_parser, to_dataclass
-from typing import Any
 
 SFT_METHODS = ("sft", "ifair")
 PREFERENCE_METHODS = ("dpo", "sdpo", "dmpo", "rosepo")

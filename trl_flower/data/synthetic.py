@@ -60,7 +60,8 @@ GENRES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
         ("Guitars", "Highway", "Thunder", "Riot", "Engine", "Amplifier", "Garage", "Rebels", "Stones", "Fire"),
     ),
     "classical": (
-        ("Grand", "Royal", "Baroque", "Serene", "Noble", "Eternal", "Pastoral", "Solemn", "Gentle", "Majestic", "Sacred"),
+        ("Grand", "Royal", "Baroque", "Serene", "Noble", "Eternal", "Pastoral", "Solemn", "Gentle", "Majestic",
+         "Sacred"),
         ("Sonatas", "Concerto", "Symphony", "Requiem", "Nocturnes", "Quartets", "Preludes", "Overture", "Fugue",
          "Variations"),
     ),
