@@ -51,8 +51,7 @@ def main(script_args: ScriptArguments, training_args) -> str:
     from trl_flower.data.prompts import PromptBuilder
     from trl_flower.distributed import finish_distributed
     from trl_flower.rewards import PrefixTreeRewardModel
-    from trl_flower.trainer import TREE_FILE
-    from trl_flower.tree import PrefixTree
+    from trl_flower.tree import TREE_FILE, PrefixTree
 
     checkpoint = Path(script_args.flower_checkpoint or "")
     if not (checkpoint / TREE_FILE).is_file():

@@ -33,11 +33,10 @@ from trl_flower.losses import (
 from trl_flower.prompt_sharing import continue_on_cache, prompt_forward, stacked_continuation_logits
 from trl_flower.rewards import PrefixTreeRewardModel
 from trl_flower.sampling import detached_cache, sample_on_cache, sampling_warpers
-from trl_flower.tree import PrefixTree
+from trl_flower.tree import TREE_FILE, PrefixTree
 
 logger = logging.getLogger(__name__)
 
-TREE_FILE = "prefix_tree.npz"  # PrefixTree.save of the reward model's tree (structure + item rewards)
 INFO_FILE = "flower_config.json"  # what an evaluation needs besides the tree (terminator, mode, reward settings)
 ITEM_GROUPS_FILE = "item_groups.npy"  # popularity group per item id, when the trainer was given one
 COMPLETION_COLUMN = "completion"  # SFT target text in tokenization_mode="reference" (TRL's prompt-completion name)

@@ -48,8 +48,9 @@ import torch
 import torch.nn.functional as F
 from trl import DPOTrainer
 
+from trl_flower.baselines.sft import train_and_save
 from trl_flower.rewards import PrefixTreeRewardModel
-from trl_flower.tree import PrefixTree
+from trl_flower.tree import TREE_FILE, PrefixTree
 
 __all__ = [
     "METHODS",
@@ -497,9 +498,9 @@ def _load_tree(tree, titles, tokenizer, *dirs) -> PrefixTree:
     if titles is not None:
         return PrefixTree.from_titles(list(titles), tokenizer)
     for d in dirs:
-        if d is not None and (Path(d) / "prefix_tree.npz").is_file():
-            return PrefixTree.load(Path(d) / "prefix_tree.npz")
-    raise ValueError("pass tree= (a PrefixTree or .npz path) or titles=, or use a checkpoint that has prefix_tree.npz")
+        if d is not None and (Path(d) / TREE_FILE).is_file():
+            return PrefixTree.load(Path(d) / TREE_FILE)
+    raise ValueError(f"pass tree= (a PrefixTree or .npz path) or titles=, or use a checkpoint that has {TREE_FILE}")
 
 
 def train_preference(
@@ -571,11 +572,7 @@ def train_preference(
     else:
         trainer = PreferenceDPOTrainer(**common)
     if train:
-        trainer.train()
-        if save:
-            trainer.save_model(str(output_dir))
-            tokenizer.save_pretrained(str(output_dir))
-            tree.save(Path(output_dir) / "prefix_tree.npz")
+        train_and_save(trainer, output_dir if save else None, tokenizer, tree)
     return trainer
 
 

@@ -41,7 +41,7 @@ import numpy as np
 import torch
 from trl import SFTTrainer
 
-from trl_flower.tree import PrefixTree
+from trl_flower.tree import TREE_FILE, PrefixTree
 
 __all__ = [
     "METHODS",
@@ -276,9 +276,14 @@ def train_sft(
     cls = IFairSFTTrainer if method == "ifair" else SFTTrainer
     trainer = cls(model=str(model_path), args=args, train_dataset=dataset, processing_class=tokenizer)
     if train:
-        trainer.train()
-        if save:
-            trainer.save_model(str(output_dir))
-            tokenizer.save_pretrained(str(output_dir))
-            tree.save(Path(output_dir) / "prefix_tree.npz")
+        train_and_save(trainer, output_dir if save else None, tokenizer, tree)
     return trainer
+
+
+def train_and_save(trainer, output_dir: str | os.PathLike | None, tokenizer, tree: PrefixTree) -> None:
+    """Train, then (if `output_dir`) save the model, the tokenizer and the tree: a checkpoint `evaluate` can read."""
+    trainer.train()
+    if output_dir is not None:
+        trainer.save_model(str(output_dir))
+        tokenizer.save_pretrained(str(output_dir))
+        tree.save(Path(output_dir) / TREE_FILE)

@@ -30,7 +30,6 @@ from pathlib import Path
 from typing import Any
 
 DEFAULT_OUTPUT_DIR = "./trl-flower-demo"
-TREE_FILE = "prefix_tree.npz"
 CATEGORY = "musics"  # the synthetic catalogue is music-like (genres); the paper's CDs category words
 
 
