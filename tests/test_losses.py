@@ -22,6 +22,8 @@ from trl_flower.losses import (
     sft_loss,
     token_log_probs,
     trajectory_balance_loss,
+    tree_log_mass,
+    tree_normalized_flow_log_probs,
 )
 
 F64 = torch.float64
@@ -590,6 +592,64 @@ def test_tabular_policy_with_official_targets_cannot_fit_a_title_that_is_a_prefi
     assert pi[NODES.index((1,)), TERM].item() < 0.01  # target 1/6: the prefix trajectories win
     # An edge away from the conflict is still learned: π(E | D B) = 1.
     assert pi[NODES.index((4, 2)), 5].item() == pytest.approx(1.0, abs=1e-3)
+
+
+def tree_normalized_inputs(logits, title_ids, state_nodes, log_term_target):
+    """(log_pf, log_pterm) of a full-vocabulary table policy, renormalised over the tree's children (⊤ at titles)."""
+    children = (tree_targets() > 0)[state_nodes]  # [B, T+1, V]: the tree's actions at each state
+    log_pf, log_pterm = flow_log_probs(logits, title_ids, TERM)
+    log_mass = tree_log_mass(torch.log_softmax(logits, dim=-1), children)  # children given as masked full rows
+    return tree_normalized_flow_log_probs(log_pf, log_pterm, log_term_target, log_mass, children[..., TERM])
+
+
+def test_tabular_full_vocabulary_policy_on_tree_support_reaches_the_flow_ratios():
+    """With π renormalised over the tree's children, zero SubTB pins π_tree(c|s) = F(c)/F(s) (what constrained
+    decoding uses) although the full-vocabulary policy keeps mass off the tree, which the loss does not see."""
+    title_ids, state_nodes, log_reward, log_term_target, lengths = tree_batch("consistent")
+    torch.manual_seed(0)
+    table = torch.nn.Parameter(torch.randn(len(NODES), V, dtype=F64))  # [N, V], no mask
+    opt = torch.optim.Adam([table], lr=0.1)
+    for _ in range(400):
+        log_pf, log_pterm = tree_normalized_inputs(table[state_nodes], title_ids, state_nodes, log_term_target)
+        loss = flower_subtb_loss(log_pf, log_pterm, log_reward, log_term_target, lengths)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 1e-10
+    target = tree_targets()
+    actions = target > 0
+    pi_tree = torch.softmax(torch.where(actions, table.detach(), float("-inf")), dim=-1)
+    torch.testing.assert_close(pi_tree[actions], target[actions], atol=1e-4, rtol=0)
+    leak = 1 - torch.where(actions, torch.softmax(table.detach(), dim=-1), 0.0).sum(-1)
+    assert leak[actions.any(-1)].min().item() > 1e-2  # off-tree mass stays where it was: the loss ignores it
+
+
+def test_tree_support_ignores_off_tree_logits_and_non_title_termination():
+    title_ids, state_nodes, log_reward, log_term_target, lengths = tree_batch("official")
+    shape = (len(title_ids), title_ids.shape[1] + 1, V)
+    logits = torch.randn(shape, dtype=F64, generator=torch.Generator().manual_seed(3))
+    off_tree = ~(tree_targets() > 0)[state_nodes]  # [B, T+1, V]
+    shifted = logits + 5.0 * off_tree * torch.rand(logits.shape, dtype=F64, generator=torch.Generator().manual_seed(4))
+    a = flower_subtb_loss(*tree_normalized_inputs(logits, title_ids, state_nodes, log_term_target), log_reward,
+                          log_term_target, lengths)
+    b = flower_subtb_loss(*tree_normalized_inputs(shifted, title_ids, state_nodes, log_term_target), log_reward,
+                          log_term_target, lengths)
+    torch.testing.assert_close(a, b)  # moving mass among off-tree tokens (⊤ at non-titles included) changes nothing
+    plain = [flower_subtb_loss(*flow_log_probs(x, title_ids, TERM), log_reward, log_term_target, lengths)
+             for x in (logits, shifted)]
+    assert abs(plain[0].item() - plain[1].item()) > 1e-3  # the official full-vocabulary loss does see it
+    _, log_pterm = tree_normalized_inputs(logits, title_ids, state_nodes, log_term_target)
+    is_title = (tree_targets() > 0)[state_nodes][..., TERM]
+    torch.testing.assert_close(log_pterm[~is_title], log_term_target[~is_title])  # g_k = 0 where ⊤ is not a child
+
+
+def test_tree_log_mass_hand_value_and_padding_states():
+    log_probs = torch.log(torch.tensor([[[0.1, 0.2, 0.3], [0.5, 0.25, 0.25]]], dtype=F64)).requires_grad_()
+    mask = torch.tensor([[[True, False, True], [False, False, False]]])
+    mass = tree_log_mass(log_probs, mask)
+    torch.testing.assert_close(mass, torch.tensor([[math.log(0.4), 0.0]], dtype=F64))
+    mass.sum().backward()  # a state without children has a finite (zero) gradient
+    assert torch.isfinite(log_probs.grad).all()
 
 
 # --------------------------------------------------------------------------------------------------------------------

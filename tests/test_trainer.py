@@ -89,10 +89,15 @@ def max_param_diff(a, b) -> float:
 
 
 class TestFlowerTrainer:
-    @pytest.mark.parametrize("flow_loss", ["flower_subtb", "db", "tb", "full_distribution"])
-    def test_training(self, flow_loss, tiny_model_dir, tree, dataset, tmp_path):
+    @pytest.mark.parametrize(
+        ("flow_loss", "support"),
+        [("flower_subtb", "vocabulary"), ("db", "vocabulary"), ("tb", "vocabulary"),
+         ("full_distribution", "vocabulary"), ("flower_subtb", "tree"), ("full_distribution", "tree")],
+    )
+    def test_training(self, flow_loss, support, tiny_model_dir, tree, dataset, tmp_path):
         trainer = make_trainer(
-            tiny_model_dir, tree, dataset, tmp_path, trainer_kwargs={"item_groups": ITEM_GROUPS}, flow_loss=flow_loss
+            tiny_model_dir, tree, dataset, tmp_path, trainer_kwargs={"item_groups": ITEM_GROUPS}, flow_loss=flow_loss,
+            flow_policy_support=support,
         )
         before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
         trainer.train()
@@ -108,6 +113,24 @@ class TestFlowerTrainer:
         np.testing.assert_allclose(shares.sum(axis=0), 1.0)
         assert np.all(shares[7] == 0.0)  # group 7 holds only item 9, which has zero reward
         assert logged(trainer, "rewards/prefix_tree_reward/mean")  # TRL's reward logging sees the reward model
+
+    def test_tree_support_flow_loss_ignores_off_tree_tokens(self, tiny_model_dir, tree, dataset, tmp_path):
+        trainer = make_trainer(tiny_model_dir, tree, dataset, tmp_path, flow_policy_support="tree")
+        trainer.sample_in_loss_step = False  # a batch with the samples and their targets in it
+        batch = trainer._generate_and_score_completions([dataset[i] for i in range(8)])
+        assert batch["flow_child_tokens"].shape[:2] == batch["flow_log_term_target"].shape
+        with torch.no_grad():
+            continuation = [(batch["flow_title_ids"], batch["flow_title_mask"])]
+            logits = trainer._state_logits(trainer.model, batch["prompt_ids"], batch["prompt_mask"], continuation)[0]
+            off_tree = next(t for t in range(logits.shape[-1]) if t not in set(np.asarray(tree.token).tolist()))
+            bumped = logits.clone()
+            bumped[..., off_tree] += 5.0  # move probability mass onto a token that no title uses
+            on_tree = [trainer._flow_loss(x, batch) for x in (logits, bumped)]
+            trainer.args.flow_policy_support = "vocabulary"
+            official = [trainer._flow_loss(x, batch) for x in (logits, bumped)]
+        assert torch.isfinite(on_tree[0]) and on_tree[0] > 0
+        torch.testing.assert_close(on_tree[0], on_tree[1])
+        assert abs(official[0].item() - official[1].item()) > 1e-3
 
     def test_title_log_term_reaches_the_reward_model(self, tiny_model_dir, tree, dataset, tmp_path):
         trainer = make_trainer(tiny_model_dir, tree, dataset, tmp_path, title_log_term="flow")

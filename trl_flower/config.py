@@ -13,6 +13,7 @@ from trl_flower._trl_compat import grpo_post_init_with_one_generation
 FLOW_LOSSES = ("flower_subtb", "db", "tb", "full_distribution")
 REWARD_VARIANTS = ("none", "div_s", "add_logs", "exact")
 TOKENIZATION_MODES = ("default", "reference")
+POLICY_SUPPORTS = ("vocabulary", "tree")
 
 
 @dataclass
@@ -51,6 +52,11 @@ class FlowerConfig(GRPOConfig):
             Termination target at a prefix before the sampled title's end that is itself a complete title:
             `"official"` uses `nonterminal_log_term` there (as the official code; the SubTB loss then cannot reach 0
             and pushes π(⊤|title) towards 0), `"flow"` uses that title's own log R/F (consistent with the flows).
+        flow_policy_support (`str`, *optional*, defaults to `"vocabulary"`):
+            Which probabilities the flow loss matches to the flow ratios: `"vocabulary"` uses π(a|s) over the whole
+            vocabulary (the official code; mass off the tree is not penalised by SubTB), `"tree"` renormalises π over
+            the tree's children of each visited state, the distribution that trie-constrained decoding uses;
+            termination terms then only count at states where ⊤ is a child (use it with title_log_term="flow").
 
         > Parameters that control the rewards
 
@@ -145,6 +151,16 @@ class FlowerConfig(GRPOConfig):
             '`"official"` uses `nonterminal_log_term` there (as the official code; the SubTB loss then cannot reach 0 '
             'and pushes π(⊤|title) towards 0), `"flow"` uses that title\'s own log R/F (consistent with the flows).',
             "choices": ["official", "flow"],
+        },
+    )
+    flow_policy_support: str = field(
+        default="vocabulary",
+        metadata={
+            "help": 'Which probabilities the flow loss matches to the flow ratios: `"vocabulary"` uses π(a|s) over the '
+            'whole vocabulary (the official code; mass off the tree is not penalised by SubTB), `"tree"` renormalises '
+            "π over the tree's children of each visited state, the distribution that trie-constrained decoding uses; "
+            'termination terms then only count at states where ⊤ is a child (use it with title_log_term="flow").',
+            "choices": list(POLICY_SUPPORTS),
         },
     )
 
@@ -273,6 +289,10 @@ class FlowerConfig(GRPOConfig):
             )
         if self.title_log_term not in ("official", "flow"):
             raise ValueError(f"title_log_term={self.title_log_term!r} is not 'official' or 'flow'; pick one of them.")
+        if self.flow_policy_support not in POLICY_SUPPORTS:
+            raise ValueError(
+                f"flow_policy_support={self.flow_policy_support!r} is not one of {POLICY_SUPPORTS}; pick one of them."
+            )
         if self.reward_variant not in REWARD_VARIANTS:
             raise ValueError(f"reward_variant={self.reward_variant!r} is not one of {REWARD_VARIANTS}; pick one.")
         if self.reward_variant != "none" and self.preference_scores_path is None:

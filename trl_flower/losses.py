@@ -63,6 +63,8 @@ __all__ = [
     "sft_loss",
     "token_log_probs",
     "trajectory_balance_loss",
+    "tree_log_mass",
+    "tree_normalized_flow_log_probs",
 ]
 
 
@@ -453,3 +455,68 @@ def flow_log_probs(
     log_pf = both[:, :-1, 0]  # [B, T]
     log_pterm = both[:, :, 1]  # [B, T+1]
     return log_pf, log_pterm
+
+
+def tree_log_mass(child_log_probs: torch.Tensor, child_mask: torch.Tensor) -> torch.Tensor:
+    r"""log Σ_{c ∈ children(s)} π(c | s) per state: the policy's log-mass on the tree's actions; [B, S].
+
+    Args:
+        child_log_probs: [B, S, K] full-vocabulary log π(c | s) gathered at each state's children.
+        child_mask: [B, S, K] bool, True for real children.
+
+    Returns:
+        [B, S]; 0 at states without children (padding), so that subtracting it there is a no-op with finite
+        gradients.
+
+    Example:
+        >>> import math, torch
+        >>> m = tree_log_mass(torch.log(torch.tensor([[[0.2, 0.3, 0.4]]])), torch.tensor([[[True, True, False]]]))
+        >>> round(math.exp(m.item()), 4)
+        0.5
+    """
+    if child_mask.shape != child_log_probs.shape or child_mask.dtype != torch.bool:
+        raise ValueError(
+            f"`child_mask` must be a bool tensor shaped like `child_log_probs` {tuple(child_log_probs.shape)}, got "
+            f"{child_mask.dtype} {tuple(child_mask.shape)}."
+        )
+    has_children = child_mask.any(dim=-1)  # [B, S]
+    masked = torch.where(child_mask, child_log_probs, float("-inf"))
+    # A state without children would give logsumexp = −inf and a NaN gradient: give it 0 on a finite input instead.
+    masked = torch.where(has_children.unsqueeze(-1), masked, 0.0)
+    return torch.where(has_children, torch.logsumexp(masked, dim=-1), 0.0)
+
+
+def tree_normalized_flow_log_probs(
+    log_pf: torch.Tensor,
+    log_pterm: torch.Tensor,
+    log_term_target: torch.Tensor,
+    log_mass: torch.Tensor,
+    term_allowed: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""`log_pf` and `log_pterm` of the policy renormalised over the tree's children, for the path losses.
+
+    log π_tree(a | s) = log π(a | s) − log Σ_{c ∈ children(s)} π(c | s). Trie-constrained decoding samples and
+    ranks with π_tree, so matching π_tree to the flow ratios F(c)/F(s) fits what the recommender actually outputs,
+    and probability the model puts off the tree no longer enters the flow loss (the SFT loss still sees it).
+    Where ⊤ is not a child of s_k, π_tree(⊤ | s_k) = 0 and the termination term has nothing to match: `log_pterm`
+    is set to `log_term_target` there, so that state's term g_k = log π(⊤|s_k) − log ρ_k is exactly 0 (no gradient).
+
+    Args:
+        log_pf: [B, T] full-vocabulary log π(y_{k+1} | s_k) (`flow_log_probs`).
+        log_pterm: [B, T+1] full-vocabulary log π(⊤ | s_k).
+        log_term_target: [B, T+1] the termination targets log ρ_k.
+        log_mass: [B, T+1] `tree_log_mass` of each state.
+        term_allowed: [B, T+1] bool, True where ⊤ is among the children of s_k (s_k is a complete title).
+
+    Returns:
+        (log_pf, log_pterm) [B, T], [B, T+1] in the tree-normalised policy, for `flower_subtb_loss`,
+        `detailed_balance_loss` or `flower_tb_loss`.
+    """
+    if log_mass.shape != log_pterm.shape or term_allowed.shape != log_pterm.shape:
+        raise ValueError(
+            f"`log_mass` and `term_allowed` must be [B, T+1] = {tuple(log_pterm.shape)}, got "
+            f"{tuple(log_mass.shape)} and {tuple(term_allowed.shape)}."
+        )
+    tree_pf = log_pf - log_mass[:, :-1]
+    tree_pterm = torch.where(term_allowed, log_pterm - log_mass, log_term_target.to(log_pterm.dtype))
+    return tree_pf, tree_pterm

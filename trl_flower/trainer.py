@@ -29,6 +29,8 @@ from trl_flower.losses import (
     flower_tb_loss,
     full_distribution_loss,
     token_log_probs,
+    tree_log_mass,
+    tree_normalized_flow_log_probs,
 )
 from trl_flower.prompt_sharing import continue_on_cache, prompt_forward, stacked_continuation_logits
 from trl_flower.rewards import PrefixTreeRewardModel
@@ -324,6 +326,10 @@ class FlowerTrainer(GRPOTrainer):
                 flow_child_mask=child_mask,  # [B, T+1, K]
                 flow_state_mask=targets.nodes >= 0,  # [B, T+1]
             )
+        elif self.args.flow_policy_support == "tree":  # the children of each state, to renormalise π over them
+            B, S = targets.nodes.shape
+            tokens, _, child_mask = self.tree.children(targets.nodes.reshape(-1))  # [B*S, K]
+            out.update(flow_child_tokens=tokens.reshape(B, S, -1), flow_child_mask=child_mask.reshape(B, S, -1))
         self._log_sampled_items(targets.item_ids, targets.valid)
         return out
 
@@ -404,8 +410,14 @@ class FlowerTrainer(GRPOTrainer):
         keep = inputs["flow_valid"]  # [B]; incomplete or zero-reward samples carry no finite target
         if not bool(keep.any()):
             return state_logits.sum() * 0.0  # keeps the graph connected (DDP) without a signal
-        if self.args.flow_loss == "full_distribution":
+        on_tree = self.args.flow_policy_support == "tree"
+        if on_tree or self.args.flow_loss == "full_distribution":
             child_log_probs = token_log_probs(state_logits, inputs["flow_child_tokens"])  # [B, T+1, K]
+        if on_tree:  # log Σ_children π: the policy's mass on the tree's actions at each state
+            log_mass = tree_log_mass(child_log_probs, inputs["flow_child_mask"])  # [B, T+1]
+        if self.args.flow_loss == "full_distribution":
+            if on_tree:
+                child_log_probs = child_log_probs - log_mass.unsqueeze(-1)
             return full_distribution_loss(
                 child_log_probs[keep],
                 inputs["flow_child_log_rewards"][keep],
@@ -413,6 +425,12 @@ class FlowerTrainer(GRPOTrainer):
                 inputs["flow_state_mask"][keep],
             )
         log_pf, log_pterm = flow_log_probs(state_logits, inputs["flow_title_ids"], self.tree.terminator_id)
+        if on_tree:
+            is_term = inputs["flow_child_tokens"] == self.tree.terminator_id  # [B, T+1, K]
+            term_allowed = (is_term & inputs["flow_child_mask"]).any(dim=-1)  # [B, T+1]: s_k is a complete title
+            log_pf, log_pterm = tree_normalized_flow_log_probs(
+                log_pf, log_pterm, inputs["flow_log_term_target"], log_mass, term_allowed
+            )
         args = (
             log_pf[keep],  # [B', T]
             log_pterm[keep],  # [B', T+1]
@@ -527,6 +545,7 @@ class FlowerTrainer(GRPOTrainer):
             "item_id_column": self.args.item_id_column,
             "nonterminal_log_term": self.reward_model.nonterminal_log_term,
             "title_log_term": self.reward_model.title_log_term,
+            "flow_policy_support": self.args.flow_policy_support,
             "flow_loss": self.args.flow_loss,
             "flow_lambda": self.args.flow_lambda,
             "subtb_lambda": self.args.subtb_lambda,

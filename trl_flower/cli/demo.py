@@ -68,6 +68,16 @@ class DemoArguments:
             "(see docs/trainer.md)."
         },
     )
+    title_log_term: str = field(
+        default="official",
+        metadata={"help": "Termination target at a complete title passed on the way to a longer one: official (the "
+                          "e^-15 constant) or flow (that title's own R/F); see docs/trainer.md."},
+    )
+    flow_policy_support: str = field(
+        default="vocabulary",
+        metadata={"help": "Match the flow ratios with π over the whole vocabulary (official) or renormalised over the "
+                          "tree's children (tree); see docs/trainer.md."},
+    )
     learning_rate: float = field(default=2e-3, metadata={"help": "AdamW learning rate (linear decay), both models."})
     batch_size: int = field(default=32, metadata={"help": "Training rows per optimisation step."})
     warmup_steps: int = field(default=10, metadata={"help": "Linear learning-rate warm-up steps (both models)."})
@@ -333,6 +343,8 @@ def _train(name: str, flow_lambda: float, cfg: DemoArguments, init_dir: Path, to
         output_dir=str(out),
         flow_lambda=flow_lambda,
         flow_loss=cfg.flow_loss,
+        title_log_term=cfg.title_log_term,
+        flow_policy_support=cfg.flow_policy_support,
         per_device_train_batch_size=cfg.batch_size,
         num_train_epochs=cfg.epochs,
         max_steps=cfg.max_steps,

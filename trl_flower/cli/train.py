@@ -74,6 +74,14 @@ class TrainArguments:
     flow_loss: str = field(
         default="flower_subtb", metadata={"help": "flower: flow-balance loss (flower_subtb, db, tb, "
                                                   "full_distribution)."})
+    title_log_term: str = field(
+        default="official", metadata={"help": "flower: termination target at a complete title passed on the way to "
+                                               "a longer one: official (the e^-15 constant) or flow (its own R/F).",
+                                       "choices": ("official", "flow")})
+    flow_policy_support: str = field(
+        default="vocabulary", metadata={"help": "flower: match the flow ratios with π over the whole vocabulary "
+                                                "(official) or renormalised over the tree's children (tree).",
+                                        "choices": ("vocabulary", "tree")})
     reward_variant: str = field(
         default="none", metadata={"help": "flower: personalisation of the rewards by SASRec scores (none, div_s, "
                                           "add_logs, exact); all but none need --sasrec-logits."})
@@ -134,7 +142,8 @@ def check_arguments(args: TrainArguments) -> None:
         raise ValueError(f"--num-negatives is only used by {PREFERENCE_METHODS}; drop it")
     if args.method != "flower":
         for name, default in (("flow_lambda", 0.005), ("flow_loss", "flower_subtb"), ("reward_variant", "none"),
-                              ("reward_smoothing", 1.0)):
+                              ("reward_smoothing", 1.0), ("title_log_term", "official"),
+                              ("flow_policy_support", "vocabulary")):
             if getattr(args, name) != default:
                 raise ValueError(f"--{name.replace('_', '-')} is only used by --method flower; drop it")
 
@@ -207,6 +216,7 @@ def run_training(args: TrainArguments) -> Path:
         popularity = popularity_from_histories(rows["history_item_title"])
         flower_args = FlowerConfig(
             output_dir=str(out), flow_lambda=args.flow_lambda, flow_loss=args.flow_loss,
+            title_log_term=args.title_log_term, flow_policy_support=args.flow_policy_support,
             reward_variant=args.reward_variant, preference_scores_path=args.sasrec_logits,
             max_completion_length=int(tree.item_length.max()), **config,
         )
