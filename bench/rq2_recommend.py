@@ -1,0 +1,599 @@
+"""RQ2 of the Flower paper at CPU scale: next-item recommendation on an Amazon dataset (the paper's Table 4).
+
+Methods: SASRec, BIGRec (SFT), Temp, D3, IFairLRS, Flower, and one extra Flower variant (consistent flows:
+``title_log_term="flow"`` with ``flow_policy_support="tree"``). Every LLM method starts from the same small causal
+LM trained from the data (`trl_flower.tiny`: a BPE tokenizer trained on the titles and prompt text, a random Qwen2),
+trains on the same rows for the same number of epochs with the same batch, learning rate and seed, and is decoded the
+same way (trie-constrained beam search, 10 beams, through `trl-flower evaluate`'s `run_evaluation`).
+
+Steps for every seed (checkpoints and per-method reports go to ``--runs-dir/<dataset>/seed<S>/``; a finished
+training or evaluation is reused when the script is run again):
+
+1. tiny model (shared tokenizer, per-seed initial weights);
+2. training: BIGRec = `FlowerTrainer` with λ = 0 (plain SFT on the target's tree path, tested equal to TRL's
+   `SFTTrainer`, and the same batches as Flower), Flower for each λ of ``--lambdas``, the Flower variant,
+   IFairLRS (`trl_flower.baselines.sft.train_sft("ifair")`);
+3. choices on the **valid** split (seed 0 only; later seeds reuse them): Flower's λ, Temp's temperature and D3's
+   guidance scale, each the value with the best valid NDCG@5;
+4. the **test** split: every method with its chosen setting; SASRec from ``--sasrec-dir`` (``trl-flower sasrec``
+   output: model, valid/test logits) on the same test rows with the shared metric code.
+
+Writes ``bench/results/rq2_<dataset>.{json,md}`` and ``rq2_<dataset>_group_shares.png`` (popularity-group shares of
+the top-10 lists per method against the training histories, `trl_flower.evaluation.plots.plot_group_shares`).
+
+Usage::
+
+    python bench/rq2_recommend.py --dataset Movies_and_TV --sasrec-dir /tmp/rq2_runs/Movies_and_TV/sasrec
+    python bench/rq2_recommend.py --dataset Movies_and_TV --sasrec-dir DIR --train-rows 256 --test-rows 32 \\
+        --valid-rows 32 --max-steps 4 --runs-dir /tmp/rq2_smoke --results-dir /tmp/rq2_smoke  # smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # run from a checkout without installing the package
+    sys.path.insert(0, str(REPO))
+
+def _paper(values: tuple[float, ...]) -> dict[str, float]:
+    """One Table 4 cell group: NDCG@5, HR@5, DGU@10, MGU@10, H, TTR."""
+    return dict(zip(("NDCG@5", "HR@5", "DGU@10", "MGU@10", "H", "TTR"), values))
+
+
+# Flower paper, Table 4 (NDCG@5, HR@5, DGU@10, MGU@10, H, TTR); flower_reference.md appendix. The SASRec HR@5 of
+# Movies is the one quoted in docs/baselines.md; the paper's SASRec fairness/diversity use the top-1 item only.
+PAPER_TABLE4: dict[str, dict[str, dict[str, float]]] = {
+    "CDs_and_Vinyl": {
+        "BIGRec": _paper((.0573, .0715, .217, .045, 5.900, .006)),
+        "D3": _paper((.0812, .0999, .355, .072, 7.635, .013)),
+        "Flower": _paper((.0700, .0885, .075, .021, 7.919, .013)),
+    },
+    "Movies_and_TV": {
+        "SASRec": {"HR@5": .1072},
+        "BIGRec": _paper((.0930, .1134, .123, .028, 8.297, .018)),
+        "D3": _paper((.1007, .1225, .147, .033, 8.348, .020)),
+        "Flower": _paper((.0959, .1199, .076, .026, 8.808, .023)),
+    },
+}
+PAPER_COLUMNS = ("NDCG@5", "HR@5", "DGU@10", "MGU@10", "H", "TTR")
+OUR_COLUMNS = (*PAPER_COLUMNS, "HR@10", "NDCG@10", "distinct_titles")
+SELECTION_METRIC = "NDCG@5"  # every valid-split choice maximises this (the first column of Table 4)
+METHOD_ORDER = ("SASRec", "BIGRec", "Temp", "D3", "IFairLRS", "Flower", "Flower (flow variant)")
+VARIANT = {"title_log_term": "flow", "flow_policy_support": "tree"}  # the library's consistent-flow option
+
+
+# ------------------------------------------------------------------------------------------------------ arguments
+
+
+def make_parser() -> argparse.ArgumentParser:
+    """Command-line options (``--help``)."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--dataset", default="Movies_and_TV", help="Amazon category (Movies_and_TV, CDs_and_Vinyl)")
+    p.add_argument("--data-root", default=None, help="root holding amazon/<category>/ (default: ../shared/data)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0], help="training seeds; the first one tunes on valid")
+    p.add_argument("--train-rows", type=int, default=0,
+                   help="train on a random subsample of N training rows (fixed subsample seed 0); 0 = all")
+    p.add_argument("--valid-rows", type=int, default=500, help="first N valid rows for the choices; 0 = all")
+    p.add_argument("--test-rows", type=int, default=0, help="first N test rows for the report; 0 = all")
+    p.add_argument("--epochs", type=float, default=1.0, help="training epochs, every LLM method")
+    p.add_argument("--max-steps", type=int, default=-1, help="if > 0: optimiser steps, overriding --epochs (sizing)")
+    p.add_argument("--batch-size", type=int, default=32, help="training rows per optimiser step")
+    p.add_argument("--learning-rate", type=float, default=2e-3, help="AdamW, linear decay, every LLM method")
+    p.add_argument("--warmup-steps", type=int, default=10, help="linear warm-up steps")
+    p.add_argument("--hidden-size", type=int, default=128, help="width of the tiny Qwen2")
+    p.add_argument("--num-layers", type=int, default=2, help="decoder layers of the tiny Qwen2")
+    p.add_argument("--vocab-size", type=int, default=2048, help="BPE vocabulary of the tiny model")
+    p.add_argument("--lambdas", type=float, nargs="+", default=[0.005, 0.01], help="Flower λ grid (valid)")
+    p.add_argument("--temperatures", type=float, nargs="+", default=[1.2, 1.5, 2.0], help="Temp grid (valid)")
+    p.add_argument("--guidances", type=float, nargs="+", default=[1.0, 0.75, 0.5, 0.25],
+                   help="D3 guidance-scale grid (valid); 1 = the official script (length-penalty removal only)")
+    p.add_argument("--no-variant", action="store_true", help="skip the Flower variant (consistent flows)")
+    p.add_argument("--no-ifair", action="store_true", help="skip IFairLRS")
+    p.add_argument("--sasrec-dir", required=True,
+                   help="`trl-flower sasrec --output-dir` of this dataset: model/, valid_logits.npy, test_logits.npy")
+    p.add_argument("--runs-dir", default="/tmp/rq2_runs", help="checkpoints and per-method reports")
+    p.add_argument("--results-dir", default=str(REPO / "bench" / "results"), help="where rq2_<dataset>.* go")
+    p.add_argument("--eval-batch-size", type=int, default=16, help="prompts per beam-search call")
+    p.add_argument("--rewrite-markdown", action="store_true",
+                   help="only rebuild rq2_<dataset>.md from the existing rq2_<dataset>.json (plus --notes)")
+    p.add_argument("--notes", default=None, help="a markdown file appended to the report (analysis)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads (1: the 2 cores are shared with other jobs; more threads only contend)")
+    return p
+
+
+# ------------------------------------------------------------------------------------------------------ helpers
+
+
+def _log(message: str) -> None:
+    print(f"[rq2 {time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def _git_commit() -> str:
+    out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True)
+    return out.stdout.strip() or "unknown"
+
+
+def _versions() -> dict[str, str]:
+    import numpy
+    import torch
+    import transformers
+    import trl
+
+    import trl_flower
+
+    return {"trl_flower": trl_flower.__version__, "git_commit": _git_commit(), "trl": trl.__version__,
+            "transformers": transformers.__version__, "torch": torch.__version__, "numpy": numpy.__version__,
+            "python": platform.python_version()}
+
+
+def _done(path: Path) -> bool:
+    """A checkpoint is finished when its weights and tree are on disk (the trainers write them last)."""
+    return (path / "config.json").is_file() and (path / "prefix_tree.npz").is_file()
+
+
+# ------------------------------------------------------------------------------------------------------ data/model
+
+
+class Setup:
+    """Data, prompts, popularity and item rewards shared by every method and seed of one dataset."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        import numpy as np
+
+        from trl_flower.data import PromptBuilder, load_amazon
+        from trl_flower.data.popularity import history_item_counts, popularity_from_histories
+
+        self.data = load_amazon(args.dataset, data_root=args.data_root)
+        full_train = self.data.splits["train"]
+        # Popularity groups and item rewards come from the whole train split (the data's statistics, as the
+        # evaluation's DGU/MGU reference), even when training uses a subsample of its rows.
+        self.popularity = popularity_from_histories(full_train["history_item_title"])
+        self.counts = history_item_counts(full_train["history_item_id"], self.data.num_items)  # [M]
+        rows = full_train
+        if 0 < args.train_rows < rows.num_rows:
+            # a random (not the first, time-ordered) subsample, the same rows for every method and seed
+            pick = np.sort(np.random.default_rng(0).choice(rows.num_rows, args.train_rows, replace=False))
+            rows = rows.select(pick.tolist())
+        self.train_rows = rows
+        self.builder_cls = PromptBuilder
+
+    def prompts(self, tokenizer) -> list[str]:
+        """The paper's plain-text prompts of the training rows (`trl-flower evaluate`'s default mode)."""
+        builder = self.builder_cls.from_dataset(self.data.name, mode="reference", tokenizer=tokenizer)
+        return [builder(h) for h in self.train_rows["history_item_title"]]
+
+
+def build_tokenizer_dir(setup: Setup, args: argparse.Namespace, root: Path) -> Path:
+    """Train the BPE tokenizer once per dataset (titles and prompt text) and save it; seeds share it."""
+    from trl_flower.data import PromptBuilder
+    from trl_flower.tiny import build_tokenizer
+
+    out = root / "tokenizer"
+    if (out / "tokenizer.json").is_file():
+        return out
+    raw = PromptBuilder.from_dataset(setup.data.name, mode="reference")
+    text = [raw(h) for h in setup.data.splits["train"]["history_item_title"][:400]]
+    # titles three times so that their words, not the prompt boilerplate, get most merges
+    tokenizer = build_tokenizer(list(setup.data.items) * 3 + text, vocab_size=args.vocab_size)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def build_init_dir(tok_dir: Path, args: argparse.Namespace, seed: int, out: Path) -> Path:
+    """The seed's random tiny Qwen2 (shared by every LLM method of the seed), saved as a plain HF directory."""
+    from transformers import AutoTokenizer
+
+    from trl_flower.tiny import build_model
+
+    if (out / "config.json").is_file():
+        return out
+    tokenizer = AutoTokenizer.from_pretrained(tok_dir)
+    model = build_model(tokenizer, hidden_size=args.hidden_size, num_layers=args.num_layers, seed=seed)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------------ training
+
+
+def _trainer_budget(args: argparse.Namespace, seed: int) -> dict[str, Any]:
+    """TrainingArguments shared by every LLM method: the same budget, schedule and seed."""
+    return dict(per_device_train_batch_size=args.batch_size, num_train_epochs=args.epochs, max_steps=args.max_steps,
+                learning_rate=args.learning_rate, lr_scheduler_type="linear", warmup_steps=args.warmup_steps,
+                seed=seed, data_seed=seed, bf16=False, logging_steps=100, save_strategy="no", report_to="none",
+                disable_tqdm=True)
+
+
+def train_flower(setup: Setup, init_dir: Path, out: Path, args: argparse.Namespace, seed: int, flow_lambda: float,
+                 **options: Any) -> None:
+    """`FlowerTrainer` from `init_dir` (λ = 0 is BIGRec's SFT); saves the checkpoint with its prefix tree."""
+    import numpy as np
+    from transformers import AutoTokenizer
+
+    from trl_flower.config import FlowerConfig
+    from trl_flower.trainer import FlowerTrainer
+    from trl_flower.tree import PrefixTree
+
+    tokenizer = AutoTokenizer.from_pretrained(init_dir)
+    # item reward R(i) = interactions in the training histories + 1, as `trl-flower train` (every item reachable)
+    tree = PrefixTree.from_titles(setup.data.items, tokenizer).with_rewards(setup.counts.astype(np.float64) + 1.0)
+    dataset = setup.train_rows.add_column("prompt", setup.prompts(tokenizer)).select_columns(
+        ["prompt", "item_id", "row_index"])
+    config = FlowerConfig(output_dir=str(out), flow_lambda=flow_lambda,
+                          max_completion_length=int(tree.item_length.max()), **_trainer_budget(args, seed), **options)
+    trainer = FlowerTrainer(model=str(init_dir), tree=tree, args=config, train_dataset=dataset,
+                            processing_class=tokenizer, item_groups=setup.popularity.item_groups(setup.data.items))
+    trainer.train()
+    trainer.save_model(str(out))
+    tokenizer.save_pretrained(str(out))
+
+
+def train_ifair(setup: Setup, init_dir: Path, out: Path, args: argparse.Namespace, seed: int) -> None:
+    """IFairLRS with `trl_flower.baselines.sft.train_sft`, on the same rows and budget as the other methods."""
+    from transformers import AutoTokenizer
+
+    from trl_flower.baselines.sft import train_sft
+    from trl_flower.tree import PrefixTree
+
+    tokenizer = AutoTokenizer.from_pretrained(init_dir)
+    tree = PrefixTree.from_titles(setup.data.items, tokenizer)
+    rows = setup.train_rows
+    train_sft("ifair", init_dir, setup.prompts(tokenizer), rows["item_id"], out, tree=tree, tokenizer=tokenizer,
+              histories=rows["history_item_title"], target_titles=rows["item_title"], add_special_tokens=True,
+              **_trainer_budget(args, seed))
+
+
+def train_all(setup: Setup, init_dir: Path, seed_dir: Path, args: argparse.Namespace, seed: int,
+              lambdas: list[float], timing: dict[str, float], on_core_ready=None) -> dict[str, Path]:
+    """Train (or reuse) every LLM checkpoint of one seed; returns name -> directory. Order: SFT and the first λ
+    first, so ``on_core_ready`` (the RQ3 hand-off) runs as early as possible."""
+    jobs: list[tuple[str, Any]] = [("sft", lambda out: train_flower(setup, init_dir, out, args, seed, 0.0))]
+    for lam in lambdas:
+        jobs.append((_flower_name(lam, lambdas), lambda out, lam=lam: train_flower(setup, init_dir, out, args, seed,
+                                                                                    lam)))
+    if not args.no_variant:
+        jobs.append(("flower_flow", lambda out: train_flower(setup, init_dir, out, args, seed, lambdas[0],
+                                                             **VARIANT)))
+    if not args.no_ifair:
+        jobs.append(("ifair", lambda out: train_ifair(setup, init_dir, out, args, seed)))
+    dirs: dict[str, Path] = {}
+    for name, job in jobs:
+        out = seed_dir / name
+        if not _done(out):
+            _log(f"seed {seed}: training {name} -> {out}")
+            start = time.perf_counter()
+            job(out)
+            timing[f"train_{name}"] = round(time.perf_counter() - start, 1)
+            _log(f"seed {seed}: {name} trained in {timing[f'train_{name}']:.0f} s")
+        dirs[name] = out
+        if on_core_ready is not None and "sft" in dirs and _flower_name(lambdas[0], lambdas) in dirs:
+            on_core_ready(dirs)
+            on_core_ready = None
+    return dirs
+
+
+def _flower_name(lam: float, lambdas: list[float]) -> str:
+    """Checkpoint name: ``flower`` for the first λ of the grid (the paper's 0.005), ``flower_lam<λ>`` else."""
+    return "flower" if lam == lambdas[0] else f"flower_lam{lam:g}"
+
+
+# ------------------------------------------------------------------------------------------------------ evaluation
+
+
+def evaluate(model_dir: Path, label: str, split: str, rows: int, out: Path, args: argparse.Namespace,
+             **decoding: Any) -> dict[str, Any]:
+    """`trl-flower evaluate` (its `run_evaluation`) on `rows` rows of `split`; cached in ``out/result.json``."""
+    from trl_flower.cli.evaluate import EvaluateArguments, run_evaluation
+
+    cache = out / "result.json"
+    if cache.is_file():
+        return json.loads(cache.read_text())
+    start = time.perf_counter()
+    result = run_evaluation(EvaluateArguments(
+        model=str(model_dir), data=args.dataset, data_root=args.data_root, split=split, max_rows=rows,
+        batch_size=args.eval_batch_size, num_threads=args.threads, label=label, output_dir=str(out),
+        no_progress=True, **decoding))
+    record = {"metrics": result["metrics"], "group_shares": list(result["group_shares"]),
+              "command": result["metadata"].get("command"), "wall_s": round(time.perf_counter() - start, 1)}
+    cache.write_text(json.dumps(record, indent=1))
+    _log(f"{label} on {split}: NDCG@5 {record['metrics']['NDCG@5']:.4f} HR@5 {record['metrics']['HR@5']:.4f} "
+         f"DGU@10 {record['metrics']['DGU@10']:.3f} ({record['wall_s']:.0f} s)")
+    return record
+
+
+def evaluate_sasrec_rows(setup: Setup, args: argparse.Namespace, split: str, rows: int) -> dict[str, Any]:
+    """SASRec (``--sasrec-dir/model``) on the same rows, full ranking, with the shared metric code."""
+    import torch
+
+    from trl_flower.baselines.sasrec import SASRec, evaluate_sasrec
+    from trl_flower.evaluation.metrics import group_fairness_at_k
+
+    torch.set_num_threads(args.threads)
+    model = SASRec.from_pretrained(Path(args.sasrec_dir) / "model").eval()
+    data = setup.data.splits[split]
+    data = data.select(range(min(rows, data.num_rows))) if rows else data
+    start = time.perf_counter()
+    with torch.no_grad():
+        metrics = evaluate_sasrec(model, data, setup.data.items, setup.popularity)
+        logits = model.score_rows(data["history_item_id"])  # [U, M] raw logits, for the group shares of the lists
+    top = torch.sort(torch.as_tensor(logits), dim=1, descending=True, stable=True).indices[:, :10].numpy()
+    titles = [[setup.data.items[i] for i in row] for row in top]
+    shares = group_fairness_at_k(titles, setup.popularity, setup.data.items, ks=(10,))["group_shares@10"]
+    return {"metrics": metrics, "group_shares": list(shares), "wall_s": round(time.perf_counter() - start, 1)}
+
+
+def choose(records: dict[Any, dict[str, Any]]) -> Any:
+    """The key whose valid record has the best `SELECTION_METRIC` (ties: the first key)."""
+    return max(records, key=lambda k: records[k]["metrics"][SELECTION_METRIC])
+
+
+def tune_on_valid(dirs: dict[str, Path], seed_dir: Path, args: argparse.Namespace, lambdas: list[float],
+                  sasrec_valid: Path) -> dict[str, Any]:
+    """Valid-split grid: Flower's λ, Temp's temperature, D3's guidance; returns the choices and every record."""
+    ev = seed_dir / "eval_valid"
+    rows = args.valid_rows
+    grid: dict[str, dict[Any, dict[str, Any]]] = {"lambda": {}, "temperature": {}, "guidance": {}}
+    grid["base"] = {"BIGRec": evaluate(dirs["sft"], "BIGRec", "valid", rows, ev / "sft", args)}
+    for lam in lambdas:
+        name = _flower_name(lam, lambdas)
+        grid["lambda"][lam] = evaluate(dirs[name], f"Flower λ={lam:g}", "valid", rows, ev / name, args)
+    for t in args.temperatures:
+        grid["temperature"][t] = evaluate(dirs["sft"], f"Temp T={t:g}", "valid", rows, ev / f"temp{t:g}", args,
+                                          decoding="temp", temperature=t)
+    for g in args.guidances:
+        grid["guidance"][g] = evaluate(dirs["sft"], f"D3 g={g:g}", "valid", rows, ev / f"d3_g{g:g}", args,
+                                       decoding="d3", sasrec_logits=str(sasrec_valid), guidance_scale=g)
+    chosen = {name: choose(grid[name]) for name in ("lambda", "temperature", "guidance")}
+    _log(f"valid choices ({SELECTION_METRIC}): {chosen}")
+    return {"chosen": chosen, "grid": {k: {str(x): r for x, r in v.items()} for k, v in grid.items()}}
+
+
+def evaluate_test(dirs: dict[str, Path], seed_dir: Path, args: argparse.Namespace, lambdas: list[float],
+                  chosen: dict[str, Any], sasrec_test: Path) -> dict[str, dict[str, Any]]:
+    """Every LLM method with its chosen setting on the test rows."""
+    ev, rows = seed_dir / "eval_test", args.test_rows
+    flower = _flower_name(chosen["lambda"], lambdas)
+    out = {
+        "BIGRec": evaluate(dirs["sft"], "BIGRec", "test", rows, ev / "sft", args),
+        "Temp": evaluate(dirs["sft"], "Temp", "test", rows, ev / "temp", args, decoding="temp",
+                         temperature=chosen["temperature"]),
+        "D3": evaluate(dirs["sft"], "D3", "test", rows, ev / "d3", args, decoding="d3",
+                       sasrec_logits=str(sasrec_test), guidance_scale=chosen["guidance"]),
+    }
+    if "ifair" in dirs:
+        out["IFairLRS"] = evaluate(dirs["ifair"], "IFairLRS", "test", rows, ev / "ifair", args)
+    out["Flower"] = evaluate(dirs[flower], "Flower", "test", rows, ev / flower, args)
+    if "flower_flow" in dirs:
+        out["Flower (flow variant)"] = evaluate(dirs["flower_flow"], "Flower (flow variant)", "test", rows,
+                                                ev / "flower_flow", args)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------------ RQ3 hand-off
+
+
+def hand_off(dirs: dict[str, Path], seed_dir: Path) -> None:
+    """Mark the seed's SFT and Flower checkpoints as ready for the RQ3 helper (``READY`` beside them)."""
+    (seed_dir / "READY").write_text(f"sft: {seed_dir / 'sft'}\nflower: {seed_dir / 'flower'}\n"
+                                    f"written {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}\n")
+    _log(f"RQ3 hand-off: wrote {seed_dir / 'READY'}")
+
+
+# ------------------------------------------------------------------------------------------------------ report
+
+
+def summarise(per_seed: dict[int, dict[str, dict[str, Any]]]) -> dict[str, dict[str, Any]]:
+    """Mean (and min/max over seeds) of every reported metric, per method."""
+    out: dict[str, dict[str, Any]] = {}
+    methods = [m for m in METHOD_ORDER if any(m in r for r in per_seed.values())]
+    for m in methods:
+        runs = [r[m]["metrics"] for r in per_seed.values() if m in r]
+        out[m] = {"seeds": len(runs)}
+        for c in OUR_COLUMNS:
+            values = [float(r[c]) for r in runs if r.get(c) is not None]
+            if values:
+                out[m][c] = statistics.fmean(values)
+                out[m][c + "_min"], out[m][c + "_max"] = min(values), max(values)
+    return out
+
+
+def _cell(column: str, value: float | None) -> str:
+    if value is None:
+        return "–"
+    if column == "distinct_titles":
+        return f"{value:.0f}"
+    return f"{value:.3f}" if column in ("DGU@10", "MGU@10", "H", "TTR") else f"{value:.4f}"
+
+
+def to_markdown(report: dict[str, Any]) -> str:
+    """The results page: command, scale, choices, tables ours vs paper, group shares, wall times."""
+    s, v = report["settings"], report["versions"]
+    lines = [
+        f"# RQ2 on {report['dataset']}: next-item recommendation at CPU scale (the paper's Table 4)", "",
+        f"Command: `{report['command']}`  ",
+        f"Versions: trl_flower {v['trl_flower']} ({v['git_commit']}), trl {v['trl']}, transformers "
+        f"{v['transformers']}, torch {v['torch']}, Python {v['python']}; {s['threads']} torch thread on a 2-core "
+        f"CPU shared with other jobs (load average at the end {report['load_average_end']}).  ",
+        f"Seeds: {s['seeds']} (the first tunes on valid; later seeds reuse its choices).  ",
+        f"Scale: {report['scale']}  ",
+        f"Backbone: {report['backbone']}  ",
+        f"Valid choices (max {SELECTION_METRIC} on the first {s['valid_rows'] or 'all'} valid rows, seed "
+        f"{s['seeds'][0]}): {report['chosen']}",
+        "",
+        "## Test split: ours (mean over seeds; per-seed values in the JSON) beside the paper's Table 4", "",
+        "| method | " + " | ".join(OUR_COLUMNS) + " |",
+        "|---|" + "---|" * len(OUR_COLUMNS),
+    ]
+    paper = PAPER_TABLE4.get(report["dataset"], {})
+    for m, row in report["summary"].items():
+        cells = []
+        for c in OUR_COLUMNS:
+            cell = _cell(c, row.get(c))
+            if row["seeds"] > 1 and c in row:
+                cell += f" ({_cell(c, row[c + '_min'])}–{_cell(c, row[c + '_max'])})"
+            cells.append(cell)
+        lines.append(f"| {m} (ours, {row['seeds']} seed{'s' if row['seeds'] > 1 else ''}) | " + " | ".join(cells)
+                     + " |")
+        if m in paper:
+            lines.append(f"| {m} (paper) | " + " | ".join(_cell(c, paper[m].get(c)) for c in OUR_COLUMNS) + " |")
+        if m == "SASRec":
+            lines += _bench_sasrec_row(report["dataset"])
+    lines += ["", "Paper rows: Table 4 as given in flower_reference.md (Qwen2.5-1.5B backbone, full test split); "
+              "the paper's SASRec DGU/MGU/H/TTR are from the top-1 item only, ours from the top-10 lists.", ""]
+    lines += _shares_table(report)
+    lines += ["", "## Valid-split grid (seed of the choices)", "", "| setting | NDCG@5 | HR@5 | DGU@10 | MGU@10 | "
+              "distinct |", "|---|---|---|---|---|---|"]
+    for kind, records in report["valid_grid"].items():
+        for key, rec in records.items():
+            m = rec["metrics"]
+            lines.append(f"| {kind} {key} | {m['NDCG@5']:.4f} | {m['HR@5']:.4f} | {m['DGU@10']:.3f} | "
+                         f"{m['MGU@10']:.3f} | {m['distinct_titles']} |")
+    lines += ["", "## Wall time (s, per seed)", "", "```", json.dumps(report["wall_time_s"], indent=1), "```", ""]
+    return "\n".join(lines)
+
+
+def _bench_sasrec_row(dataset: str) -> list[str]:
+    """Movies: the SASRec benchmark's full-test numbers (bench/results/sasrec_movies.json), for scale."""
+    path = REPO / "bench" / "results" / "sasrec_movies.json"
+    if dataset != "Movies_and_TV" or not path.is_file():
+        return []
+    bench = json.loads(path.read_text())
+    summary, seeds = bench["summary"], "/".join(str(s) for s in bench["seeds"])
+    cells = [_cell(c, summary[c]["mean"]) if c in summary else "–" for c in OUR_COLUMNS]
+    return [f"| SASRec (`{bench['command']}`, full test, seeds {seeds}) | " + " | ".join(cells) + " |"]
+
+
+def _shares_table(report: dict[str, Any]) -> list[str]:
+    shares, ref = report["group_shares"], report["reference_shares"]
+    G = len(ref)
+    lines = [f"Popularity-group shares of the top-10 lists, seed {report['settings']['seeds'][0]} (G1 = most popular; "
+             f"plot: `{Path(report['files']['plot']).name}`):", "",
+             "| | " + " | ".join(f"G{g + 1}" for g in range(G)) + " |", "|---|" + "---|" * G,
+             "| data (train histories) | " + " | ".join(f"{x:.3f}" for x in ref) + " |"]
+    lines += [f"| {m} | " + " | ".join(f"{x:.3f}" for x in s) + " |" for m, s in shares.items()]
+    return lines
+
+
+# ------------------------------------------------------------------------------------------------------ main
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """The whole experiment; returns the report dict (also written to ``--results-dir``)."""
+    import torch
+
+    from trl_flower.evaluation.plots import plot_group_shares
+
+    torch.set_num_threads(args.threads)
+    wall_start = time.perf_counter()
+    root = Path(args.runs_dir) / args.dataset
+    sasrec_dir = Path(args.sasrec_dir)
+    lambdas = list(args.lambdas)
+    setup = Setup(args)
+    tok_dir = build_tokenizer_dir(setup, args, root)
+    per_seed: dict[int, dict[str, dict[str, Any]]] = {}
+    timing: dict[str, dict[str, float]] = {}
+    tuning: dict[str, Any] = {}
+    for i, seed in enumerate(args.seeds):
+        seed_dir = root / f"seed{seed}"
+        timing[str(seed)] = {}
+        init_dir = build_init_dir(tok_dir, args, seed, seed_dir / "init")
+        seed_lambdas = lambdas if i == 0 else [tuning["chosen"]["lambda"]]
+        dirs = train_all(setup, init_dir, seed_dir, args, seed, seed_lambdas, timing[str(seed)],
+                         on_core_ready=(lambda d, sd=seed_dir: hand_off(d, sd)) if i == 0 else None)
+        if i == 0:
+            start = time.perf_counter()
+            tuning = tune_on_valid(dirs, seed_dir, args, lambdas, sasrec_dir / "valid_logits.npy")
+            timing[str(seed)]["valid_grid"] = round(time.perf_counter() - start, 1)
+        start = time.perf_counter()
+        per_seed[seed] = {"SASRec": evaluate_sasrec_rows(setup, args, "test", args.test_rows)}
+        per_seed[seed].update(evaluate_test(dirs, seed_dir, args, seed_lambdas, tuning["chosen"],
+                                            sasrec_dir / "test_logits.npy"))
+        timing[str(seed)]["test_eval"] = round(time.perf_counter() - start, 1)
+        for m, rec in per_seed[seed].items():
+            timing[str(seed)][f"eval_{m}"] = rec.get("wall_s")
+    first = per_seed[args.seeds[0]]
+    results_dir = Path(args.results_dir)
+    results_dir.mkdir(parents=True, exist_ok=True)
+    stem = f"rq2_{args.dataset}"
+    plot = results_dir / f"{stem}_group_shares.png"
+    shares = {m: r["group_shares"] for m, r in first.items()}
+    plot_group_shares(shares, list(setup.popularity.shares), reference_label="train histories",
+                      title=f"{args.dataset}: top-10 popularity-group shares (test, seed {args.seeds[0]})", path=plot)
+    report = _report(args, setup, per_seed, tuning, timing, shares, plot, time.perf_counter() - wall_start)
+    (results_dir / f"{stem}.json").write_text(json.dumps(report, indent=1, default=float))
+    (results_dir / f"{stem}.md").write_text(to_markdown(report))
+    _log(f"wrote {results_dir / stem}.json/.md and {plot}")
+    return report
+
+
+def _report(args, setup: Setup, per_seed, tuning, timing, shares, plot: Path, wall: float) -> dict[str, Any]:
+    data = setup.data
+    n_test = min(args.test_rows, data.splits["test"].num_rows) if args.test_rows else data.splits["test"].num_rows
+    steps = (f"{args.max_steps} steps" if args.max_steps > 0 else f"{args.epochs:g} epoch(s)")
+    return {
+        "dataset": args.dataset,
+        "command": "python bench/rq2_recommend.py " + shlex.join(sys.argv[1:]),
+        "versions": _versions(),
+        "settings": {**vars(args), "variant": VARIANT, "selection_metric": SELECTION_METRIC},
+        "scale": (f"train {setup.train_rows.num_rows} of {data.splits['train'].num_rows} rows "
+                  f"({'random subsample, seed 0' if args.train_rows else 'full split'}), {steps}, batch "
+                  f"{args.batch_size}, lr {args.learning_rate:g} (linear, {args.warmup_steps} warm-up steps); test: "
+                  f"first {n_test} of {data.splits['test'].num_rows} rows; valid: first "
+                  f"{args.valid_rows or data.splits['valid'].num_rows} rows; {data.num_items} items; top-10 "
+                  "trie-constrained beam search (10 beams), length penalty 1 (D3: 0)"),
+        "backbone": (f"tiny Qwen2 trained from the data (trl_flower.tiny): byte-level BPE with {args.vocab_size} "
+                     f"tokens trained on the titles and prompt text, hidden {args.hidden_size}, {args.num_layers} "
+                     "layers, random init per seed; the same initial weights, rows, batches, steps and decoding "
+                     "for every LLM method"),
+        "chosen": tuning["chosen"],
+        "valid_grid": tuning["grid"],
+        "per_seed": {str(k): v for k, v in per_seed.items()},
+        "summary": summarise(per_seed),
+        "paper_table4": PAPER_TABLE4.get(args.dataset, {}),
+        "group_shares": shares,
+        "reference_shares": list(map(float, setup.popularity.shares)),
+        "files": {"plot": str(plot)},
+        "wall_time_s": {**timing, "total": round(wall, 1)},
+        "load_average_end": round(os.getloadavg()[0], 2),
+    }
+
+
+def main() -> None:
+    """Entry point."""
+    args = make_parser().parse_args()
+    if args.rewrite_markdown:
+        stem = Path(args.results_dir) / f"rq2_{args.dataset}"
+        report = json.loads(stem.with_suffix(".json").read_text())
+        notes = Path(args.notes).read_text() if args.notes else ""
+        stem.with_suffix(".md").write_text(to_markdown(report) + ("\n" + notes if notes else ""))
+        return
+    if not (Path(args.sasrec_dir) / "model").is_dir():
+        raise SystemExit(f"--sasrec-dir {args.sasrec_dir}: no model/ (run `trl-flower sasrec --data {args.dataset} "
+                         f"--output-dir {args.sasrec_dir}` first)")
+    import warnings
+
+    import datasets
+    import transformers
+
+    datasets.disable_progress_bars()
+    transformers.utils.logging.set_verbosity_error()
+    warnings.filterwarnings("ignore", message=".*pin_memory.*")
+    report = run(args)
+    print(to_markdown(report))
+
+
+if __name__ == "__main__":
+    main()
