@@ -518,6 +518,7 @@ def train_preference(
     negative_seed: int = 0,
     train: bool = True,
     save: bool = True,
+    peft_config: Any = None,
     **config_kwargs: Any,
 ):
     """Train a DPO-family baseline (DPO, S-DPO, DMPO or RosePO) with TRL's ``DPOTrainer``.
@@ -542,6 +543,8 @@ def train_preference(
         negative_seed: seed of the negative sampler.
         train: run ``trainer.train()``; ``False`` returns the built trainer.
         save: save the model to `output_dir` after training.
+        peft_config: e.g. ``peft.LoraConfig(...)``, passed to ``DPOTrainer`` (the reference stays the separately
+            loaded `ref_path` / `model_path` model).
         **config_kwargs: ``DPOConfig`` fields (defaults: :data:`OFFICIAL_DPO_ARGS`; e.g. ``max_steps``, ``bf16``).
 
     Returns:
@@ -566,7 +569,8 @@ def train_preference(
         kwargs.setdefault("loss_type", ["sigmoid"])
     args = DPOConfig(output_dir=str(output_dir), **kwargs)
     ref = load_reference_policy(ref_path if ref_path is not None else model_path)
-    common = dict(model=str(model_path), ref_model=ref, args=args, train_dataset=dataset, processing_class=tokenizer)
+    common = dict(model=str(model_path), ref_model=ref, args=args, train_dataset=dataset, processing_class=tokenizer,
+                  peft_config=peft_config)
     if method in MULTI_NEGATIVE_LOSSES:
         trainer = MultiNegativeDPOTrainer(loss=method, **common)
     else:
@@ -673,6 +677,7 @@ def train_online_rl(
     tokenizer=None,
     train: bool = True,
     save: bool = True,
+    peft_config: Any = None,
     **config_kwargs: Any,
 ):
     """RLOO / GRPO (trl ≥ 1.12) or PPO (trl 1.11/1.12 only) with the SASRec reward and trie-constrained rollouts.
@@ -687,6 +692,7 @@ def train_online_rl(
         preference_scores: SASRec logits [num_rows, num_items] (array, memmap or tensor).
         tree / titles / tokenizer: as in :func:`train_preference`.
         train, save: as in :func:`train_preference`.
+        peft_config: e.g. ``peft.LoraConfig(...)`` for RLOO / GRPO (passed to the trainer); not supported for PPO.
         **config_kwargs: ``RLOOConfig`` / ``GRPOConfig`` / ``PPOConfig`` fields. PPO defaults follow the official
             script where TRL has the knob (lr 1e-7, batch 4, 2 mini-batches, 1 PPO epoch, kl_coef 0.9,
             ``kl_estimator="k1"``), ``stop_token="eos"``.
@@ -711,6 +717,8 @@ def train_online_rl(
     if "row_index" not in dataset.column_names:
         raise ValueError("the dataset needs a `row_index` column (row of preference_scores for each prompt)")
     if method == "ppo":
+        if peft_config is not None:
+            raise ValueError("peft_config is not supported for method='ppo' here; pass it to make_ppo_trainer")
         trainer = _make_ppo(model_path, ref_path, dataset, output_dir, reward, tokenizer, config_kwargs)
         if train:
             trainer.train()
@@ -732,7 +740,7 @@ def train_online_rl(
         raise ValueError(f"max_completion_length must be >= the longest item path ({int(tree.item_length.max())})")
     cls = _constrained_trainer_class(method)
     trainer = cls(model=str(model_path), reward_funcs=reward, args=args, train_dataset=dataset,
-                  processing_class=tokenizer)
+                  processing_class=tokenizer, peft_config=peft_config)
     trainer.rollout_tree = tree
     if ref_path is not None and Path(ref_path).resolve() != Path(model_path).resolve():
         set_reference_policy(trainer, ref_path)

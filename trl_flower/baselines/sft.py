@@ -235,6 +235,7 @@ def train_sft(
     add_special_tokens: bool = True,
     train: bool = True,
     save: bool = True,
+    peft_config: Any = None,
     **config_kwargs: Any,
 ):
     """Train BIGRec (``method="sft"``) or IFairLRS (``method="ifair"``) with TRL's ``SFTTrainer``.
@@ -250,6 +251,7 @@ def train_sft(
             for ``"ifair"``).
         add_special_tokens: tokenizer flag for the prompts (see :func:`build_sft_dataset`).
         train, save: run training; save after it.
+        peft_config: e.g. ``peft.LoraConfig(...)``, passed to ``SFTTrainer`` (only the adapter is trained and saved).
         **config_kwargs: ``SFTConfig`` fields (defaults :data:`OFFICIAL_SFT_ARGS`, ``completion_only_loss=True``).
 
     Returns:
@@ -274,7 +276,8 @@ def train_sft(
         raise ValueError("completion_only_loss=False would train on the prompt; BIGRec's loss is on the response only")
     args = SFTConfig(output_dir=str(output_dir), **kwargs)
     cls = IFairSFTTrainer if method == "ifair" else SFTTrainer
-    trainer = cls(model=str(model_path), args=args, train_dataset=dataset, processing_class=tokenizer)
+    trainer = cls(model=str(model_path), args=args, train_dataset=dataset, processing_class=tokenizer,
+                  peft_config=peft_config)
     if train:
         train_and_save(trainer, output_dir if save else None, tokenizer, tree)
     return trainer
