@@ -50,6 +50,7 @@ def _args(tmp_path, **kw):
         dict(gfn_loss="tb"),  # paper default: curriculum + CM scores + sum + prompt log Z
         dict(gfn_loss="db", sampling_strategy="logs", reward_fusion="weighted"),
         dict(gfn_loss="tb", log_z="scalar", sampling_strategy="beam", score_source="model", num_augmented=2),
+        dict(gfn_loss="tb", detach_head_inputs=True, sampling_strategy="random"),  # heads learn on detached states
     ],
 )
 def test_train_moves_heads_and_exports_clean_model(setup, tmp_path, kw):

@@ -31,6 +31,9 @@ class GFlowGRConfig(TrainingArguments):
         `"scalar"`: one learned log Z.
     head_lr_multiplier (`float`, defaults to `10.0`): learning rate of the flow / log Z heads and of the learnable
         reward weights, as a multiple of `learning_rate` (GFlowNet practice: flows learn faster).
+    detach_head_inputs (`bool`, defaults to `False`): feed the log Z / flow heads detached hidden states, so the
+        GFlowNet loss reaches the LM only through log P_GR(τ) and not through the regression of log Z or log F
+        (ours; the paper does not say).
 
     > Parameters that control the trajectory sampler
 
@@ -59,6 +62,7 @@ class GFlowGRConfig(TrainingArguments):
     gfn_lambda: float = field(default=1.0, metadata={"help": "λ, weight of the GFlowNet loss"})
     log_z: str = field(default="prompt", metadata={"help": "prompt | scalar"})
     head_lr_multiplier: float = field(default=10.0, metadata={"help": "lr multiplier of flow/logZ heads"})
+    detach_head_inputs: bool = field(default=False, metadata={"help": "detach the hidden states fed to the heads"})
     num_augmented: int = field(default=3, metadata={"help": "N augmented trajectories per positive"})
     sampling_strategy: str = field(default="curriculum", metadata={"help": "logs | random | curriculum | beam"})
     curriculum_window: int | None = field(default=None, metadata={"help": "curriculum window W (default 2N)"})

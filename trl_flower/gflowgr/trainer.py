@@ -121,7 +121,8 @@ class GFlowGRTrainer(Trainer):
         self.cm_scores = None if cm_scores is None else torch.as_tensor(np.asarray(cm_scores), dtype=torch.float32)
         if self.cm_scores is not None and self.cm_scores.shape[1] != semantic_ids.num_items:
             raise ValueError(
-                f"`cm_scores` must have one column per item ({semantic_ids.num_items}), got {tuple(self.cm_scores.shape)}"
+                f"`cm_scores` must have one column per item ({semantic_ids.num_items}), "
+                f"got {tuple(self.cm_scores.shape)}"
             )
         self.sampler = TrajectorySampler(semantic_ids.num_items, args.num_augmented, args.sampling_strategy,
                                          seed=args.seed, curriculum_window=args.curriculum_window)
@@ -216,13 +217,16 @@ class GFlowGRTrainer(Trainer):
             log_r, parts = self.gfn_modules["reward"](items.to(device), positives.to(device), histories.to(device),
                                                       scores=scores, traj_log_probs=traj)
             heads = self.gfn_modules["heads"]
+            hidden = out.hidden_states[-1] if need_h else None
+            if hidden is not None and a.detach_head_inputs:
+                hidden = hidden.detach()  # the heads fit log Z / log F without reshaping the LM's states
             if a.gfn_loss == "tb":
-                h0 = out.hidden_states[-1][:, P - 1] if a.log_z == "prompt" else log_pf.new_zeros(B * K, 1)
+                h0 = hidden[:, P - 1] if a.log_z == "prompt" else log_pf.new_zeros(B * K, 1)
                 log_z = heads.log_z(h0)  # [B*K] (identical across a row's K copies of the prompt)
                 gfn = K * trajectory_balance_loss(traj.reshape(-1), log_r.reshape(-1), log_z)
                 self._gfn_metrics["log_z"].append(log_z.mean().item())
             else:
-                log_flow = heads.log_flow(out.hidden_states[-1][:, P - 1 : P + T - 1])  # [B*K, T]
+                log_flow = heads.log_flow(hidden[:, P - 1 : P + T - 1])  # [B*K, T]
                 gfn = K * learned_flow_db_loss(log_flow, log_pf, log_r.reshape(-1))
             loss = sft + a.gfn_lambda * gfn
             self._gfn_metrics["gfn_loss"].append(gfn.item())
@@ -250,7 +254,8 @@ class GFlowGRTrainer(Trainer):
         torch.save({k: v.detach().cpu() for k, v in self.gfn_modules.state_dict().items()}, out / HEADS_FILE)
         self.semantic_ids.save(out)
         self.tree.save(out / TREE_FILE)
-        keys = ("gfn_loss", "gfn_lambda", "log_z", "num_augmented", "sampling_strategy", "curriculum_window",
+        keys = ("gfn_loss", "gfn_lambda", "log_z", "detach_head_inputs", "num_augmented", "sampling_strategy",
+                "curriculum_window",
                 "reward_positive", "reward_logged", "reward_unobserved", "score_source", "reward_fusion",
                 "reward_epsilon")
         info = {"format": "trl-flower-gflowgr/1", "heads_file": HEADS_FILE, "tree_file": TREE_FILE,
