@@ -175,7 +175,8 @@ def gflowgr_args(out_dir: Path, args, seed: int, method: str, lam: float, sample
                              **common)
     return GFlowGRConfig(gfn_loss=method, gfn_lambda=lam, num_augmented=args.num_augmented,
                          sampling_strategy=sampler, score_source="cm", log_z=args.log_z,
-                         detach_head_inputs=args.detach_head_inputs, **common)
+                         detach_head_inputs=args.detach_head_inputs, reward_similarity=args.reward_similarity,
+                         **common)
 
 
 def train_gflowgr(bench: Bench, args, seed: int, method: str, lam: float, sampler: str, out_dir: Path,
@@ -252,7 +253,8 @@ def variants(args) -> list[tuple[str, str, float, str]]:
         if m in GFN_METHODS:
             for lam in args.lambdas:
                 for s in args.samplers:
-                    tag = ",detached" if args.detach_head_inputs else ""
+                    tag = (",detached" if args.detach_head_inputs else "") + (
+                        ",prefix-sim" if args.reward_similarity == "prefix" else "")
                     out.append((f"{m}[λ={lam:g},{s},N={args.num_augmented}{tag}]", m, lam, s))
         elif m == "sdpo":
             out += [(f"sdpo[lr={lr:g},β={args.sdpo_beta:g}]", m, lr, "uniform") for lr in args.sdpo_lrs]
@@ -380,6 +382,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--samplers", nargs="+", default=["curriculum"], help="trajectory sampler(s) (grid)")
     p.add_argument("--log-z", default="prompt", choices=("prompt", "scalar"), help="TB log Z: head or scalar")
     p.add_argument("--detach-head-inputs", action="store_true", help="log Z / flow heads on detached states")
+    p.add_argument("--reward-similarity", default="position", choices=("position", "prefix"),
+                   help="r_sim: position-wise code matches (paper) or shared-prefix length (ours)")
     p.add_argument("--num-augmented", type=int, default=3, help="N augmented trajectories per positive")
     p.add_argument("--sdpo-lrs", type=float, nargs="+", default=[1e-4], help="S-DPO learning rate(s) (grid)")
     p.add_argument("--sdpo-beta", type=float, default=0.3)

@@ -102,6 +102,17 @@ def test_reward_sum_of_parts_with_cm_scores():
     assert torch.isfinite(log_r).all()
 
 
+def test_prefix_similarity_counts_only_the_shared_prefix():
+    codes = torch.cat([CODES, torch.tensor([[5, 1, 2, 0]])])  # item 5: deep codes of item 0, other first code
+    items, pos, hist = torch.tensor([[0, 1, 2, 3, 5]]), torch.tensor([0]), pad_histories([[]])
+    _, position = GFlowGRReward(codes, score_source="none")(items, pos, hist)
+    _, prefix = GFlowGRReward(codes, score_source="none", similarity="prefix")(items, pos, hist)
+    assert position["r_sim"].tolist() == [[3.0, 2.0, 1.0, 0.0, 2.0]]
+    assert prefix["r_sim"].tolist() == [[3.0, 2.0, 1.0, 0.0, 0.0]]  # the deep match without the prefix earns 0
+    with pytest.raises(ValueError, match="similarity"):
+        GFlowGRReward(CODES, similarity="cosine")
+
+
 def test_reward_stays_positive_with_nothing():
     rm = GFlowGRReward(CODES, score_source="none", epsilon=1e-3)
     log_r, parts = rm(torch.tensor([[0, 3]]), torch.tensor([0]), pad_histories([[]]))

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
 
-from trl_flower.gflowgr.reward import FUSIONS, SCORE_SOURCES
+from trl_flower.gflowgr.reward import FUSIONS, SCORE_SOURCES, SIMILARITIES
 from trl_flower.gflowgr.sampler import STRATEGIES
 
 GFN_LOSSES = ("tb", "db", "none")
@@ -49,6 +49,8 @@ class GFlowGRConfig(TrainingArguments):
         or `"none"`.
     reward_fusion (`str`, defaults to `"sum"`): `"sum"` or `"weighted"` (learnable weights).
     reward_epsilon (`float`, defaults to `1e-3`): ε in log(R + ε).
+    reward_similarity (`str`, defaults to `"position"`): r_sim as position-wise code matches (paper) or `"prefix"`,
+        the length of the shared code prefix (ours).
 
     > Parameters that control the data
 
@@ -73,6 +75,7 @@ class GFlowGRConfig(TrainingArguments):
     score_source: str = field(default="cm", metadata={"help": "cm | model | none"})
     reward_fusion: str = field(default="sum", metadata={"help": "sum | weighted"})
     reward_epsilon: float = field(default=1e-3, metadata={"help": "ε in log(R + ε)"})
+    reward_similarity: str = field(default="position", metadata={"help": "r_sim: position | prefix"})
     prompt_column: str = field(default="prompt", metadata={"help": "prompt text column"})
     item_id_column: str = field(default="item_id", metadata={"help": "positive item id column"})
     history_column: str = field(default="history", metadata={"help": "history item ids column"})
@@ -84,7 +87,7 @@ class GFlowGRConfig(TrainingArguments):
     def __post_init__(self):
         super().__post_init__()
         choices = {"gfn_loss": GFN_LOSSES, "log_z": LOG_Z_MODES, "sampling_strategy": STRATEGIES,
-                   "score_source": SCORE_SOURCES, "reward_fusion": FUSIONS}
+                   "score_source": SCORE_SOURCES, "reward_fusion": FUSIONS, "reward_similarity": SIMILARITIES}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"`{name}` must be one of {allowed}, got {getattr(self, name)!r}")

@@ -13,7 +13,8 @@ For row b and sampled item j (column 0 = the positive v) the terminal reward is 
     r_ŷ = exp(log P(τ_j) − max_k log P(τ_k)) (detached; the "LLM reward" variant, no extra inference);
   - ``score_source="none"``: r_ŷ = 0.
 * **code overlap** r_sim = Σ_{l ≤ L} 𝟙(c_l(item) = c_l(v)), position-wise matches of the L semantic codes with the
-  positive's (r_sim(v) = L; the collision level is excluded since its value is arbitrary).
+  positive's (r_sim(v) = L; the collision level is excluded since its value is arbitrary). Option
+  ``similarity="prefix"`` (ours) counts only the matches of the shared prefix.
 
 Fusion: ``"sum"`` (paper default) R = r_a + r_ŷ + r_sim; ``"weighted"`` R = Σ_k softplus(w_k) r_k with learnable
 w (initialised so every weight is 1, i.e. starting from the sum). Every signal is ≥ 0, and
@@ -31,10 +32,11 @@ import math
 import torch
 from torch import nn
 
-__all__ = ["FUSIONS", "GFlowGRReward", "INTERACTION_LEVELS", "SCORE_SOURCES", "interaction_levels"]
+__all__ = ["FUSIONS", "GFlowGRReward", "INTERACTION_LEVELS", "SCORE_SOURCES", "SIMILARITIES", "interaction_levels"]
 
 FUSIONS = ("sum", "weighted")
 SCORE_SOURCES = ("cm", "model", "none")
+SIMILARITIES = ("position", "prefix")
 INTERACTION_LEVELS = ("positive", "logged", "unobserved")  # codes 0, 1, 2
 
 
@@ -55,6 +57,9 @@ class GFlowGRReward(nn.Module):
         score_source: ``"cm"``, ``"model"`` or ``"none"``.
         fusion: ``"sum"`` or ``"weighted"`` (learnable softplus weights over (r_a, r_ŷ, r_sim)).
         epsilon: ε > 0 added before the log.
+        similarity: ``"position"`` (the paper's Σ_l 𝟙(c_l = c'_l)) or ``"prefix"`` (ours: the length of the shared code
+            prefix, so a deep-level match without the levels above it, which is meaningless for residual codes,
+            earns nothing).
 
     Example:
         >>> codes = torch.tensor([[0, 1, 0], [0, 2, 0], [1, 2, 0]])
@@ -74,8 +79,11 @@ class GFlowGRReward(nn.Module):
         score_source: str = "cm",
         fusion: str = "sum",
         epsilon: float = 1e-3,
+        similarity: str = "position",
     ) -> None:
         super().__init__()
+        if similarity not in SIMILARITIES:
+            raise ValueError(f"`similarity` must be one of {SIMILARITIES}, got {similarity!r}")
         if score_source not in SCORE_SOURCES:
             raise ValueError(f"`score_source` must be one of {SCORE_SOURCES}, got {score_source!r}")
         if fusion not in FUSIONS:
@@ -92,6 +100,7 @@ class GFlowGRReward(nn.Module):
         self.register_buffer("codes", codes[:, :L].clone(), persistent=False)  # [M, L]
         self.register_buffer("level_rewards", torch.tensor(levels, dtype=torch.float32), persistent=False)
         self.score_source, self.fusion, self.epsilon = score_source, fusion, float(epsilon)
+        self.similarity = similarity
         # softplus(log(e − 1)) = 1: the weighted fusion starts as the plain sum
         self.raw_weights = nn.Parameter(torch.full((3,), math.log(math.e - 1))) if fusion == "weighted" else None
 
@@ -133,7 +142,10 @@ class GFlowGRReward(nn.Module):
             r_score = (lp - lp.max(dim=1, keepdim=True).values).exp()  # [B, K] ∈ (0, 1]
         else:
             r_score = torch.zeros_like(r_a)
-        r_sim = (self.codes[items] == self.codes[positives][:, None, :]).sum(-1).to(r_a.dtype)  # [B, K]
+        match = self.codes[items] == self.codes[positives][:, None, :]  # [B, K, L]
+        if self.similarity == "prefix":  # only matches inside the shared prefix count (RQ codes are nested)
+            match = match.long().cumprod(-1).bool()
+        r_sim = match.sum(-1).to(r_a.dtype)  # [B, K]
         w = self.weights()
         reward = w[0] * r_a + w[1] * r_score + w[2] * r_sim  # [B, K] ≥ 0
         parts = {"r_a": r_a, "r_score": r_score, "r_sim": r_sim, "reward": reward}

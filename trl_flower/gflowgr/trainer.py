@@ -130,6 +130,7 @@ class GFlowGRTrainer(Trainer):
             semantic_ids.codes, num_levels=semantic_ids.num_levels, reward_positive=args.reward_positive,
             reward_logged=args.reward_logged, reward_unobserved=args.reward_unobserved,
             score_source=args.score_source, fusion=args.reward_fusion, epsilon=args.reward_epsilon,
+            similarity=args.reward_similarity,
         )
         heads = GFlowGRHeads(model.config.hidden_size, args.log_z if args.gfn_loss == "tb" else None,
                              flow=args.gfn_loss == "db")
@@ -257,7 +258,7 @@ class GFlowGRTrainer(Trainer):
         keys = ("gfn_loss", "gfn_lambda", "log_z", "detach_head_inputs", "num_augmented", "sampling_strategy",
                 "curriculum_window",
                 "reward_positive", "reward_logged", "reward_unobserved", "score_source", "reward_fusion",
-                "reward_epsilon")
+                "reward_epsilon", "reward_similarity")
         info = {"format": "trl-flower-gflowgr/1", "heads_file": HEADS_FILE, "tree_file": TREE_FILE,
                 "terminator_id": self.terminator_id, **{k: getattr(self.args, k) for k in keys}}
         (out / INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
