@@ -33,7 +33,7 @@ Usage::
     # tuning grid on the valid split (1 seed):
     python bench/gflowgr_benchmark.py --split valid --seeds 0 --methods sft tb --lambdas 0.1 1 \\
         --samplers curriculum random --out bench/results/gflowgr_movies_grid
-    # final run (test split):
+    # final run (test split; defaults = the valid-grid choices λ = 0.01, random sampler):
     python bench/gflowgr_benchmark.py --split test --seeds 0 1 --methods sft tb db sdpo
 """
 
@@ -372,14 +372,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--split", default="test", choices=("valid", "test"), help="evaluation split (tune on valid)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     p.add_argument("--train-rows", type=int, default=8000, help="training rows (random subset; 0 = all)")
-    p.add_argument("--test-rows", type=int, default=1000, help="evaluation rows (random subset; 0 = all)")
+    p.add_argument("--test-rows", type=int, default=1500, help="evaluation rows (random subset; 0 = all)")
     p.add_argument("--sft-steps", type=int, default=800, help="stage 1: SFT steps from scratch (shared)")
     p.add_argument("--steps", type=int, default=300, help="stage 2: steps of every method (same budget)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--methods", nargs="+", default=list(ALL_METHODS), choices=ALL_METHODS)
-    p.add_argument("--lambdas", type=float, nargs="+", default=[1.0], help="GFlowNet weight λ (grid)")
-    p.add_argument("--samplers", nargs="+", default=["curriculum"], help="trajectory sampler(s) (grid)")
+    p.add_argument("--lambdas", type=float, nargs="+", default=[0.01],
+                   help="GFlowNet weight λ (grid; default = the valid-grid choice, the paper's is 1)")
+    p.add_argument("--samplers", nargs="+", default=["random"],
+                   help="trajectory sampler(s) (grid; default = the valid-grid choice, the paper's is curriculum)")
     p.add_argument("--log-z", default="prompt", choices=("prompt", "scalar"), help="TB log Z: head or scalar")
     p.add_argument("--detach-head-inputs", action="store_true", help="log Z / flow heads on detached states")
     p.add_argument("--reward-similarity", default="position", choices=("position", "prefix"),
