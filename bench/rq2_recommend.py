@@ -107,6 +107,9 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-batch-size", type=int, default=16, help="prompts per beam-search call")
     p.add_argument("--rewrite-markdown", action="store_true",
                    help="only rebuild rq2_<dataset>.md from the existing rq2_<dataset>.json (plus --notes)")
+    p.add_argument("--most-popular", action="store_true",
+                   help="only print the most-popular reference (10 most interacted train-history titles) on the test "
+                        "rows")
     p.add_argument("--notes", default=None, help="a markdown file appended to the report (analysis)")
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads (1: the 2 cores are shared with other jobs; more threads only contend)")
@@ -333,6 +336,22 @@ def evaluate_sasrec_rows(setup: Setup, args: argparse.Namespace, split: str, row
     titles = [[setup.data.items[i] for i in row] for row in top]
     shares = group_fairness_at_k(titles, setup.popularity, setup.data.items, ks=(10,))["group_shares@10"]
     return {"metrics": metrics, "group_shares": list(shares), "wall_s": round(time.perf_counter() - start, 1)}
+
+
+def most_popular(args: argparse.Namespace) -> dict[str, Any]:
+    """The 10 most interacted training-history titles for every test row: the scale of a non-personal list."""
+    from trl_flower.data import load_amazon, popularity_from_histories
+    from trl_flower.data.popularity import history_title_counts
+    from trl_flower.evaluation.metrics import recommendation_metrics
+
+    data = load_amazon(args.dataset, data_root=args.data_root)
+    histories = data.splits["train"]["history_item_title"]
+    counts = history_title_counts(histories)
+    top = sorted(counts, key=lambda t: -counts[t])[:10]  # stable: ties keep first-appearance order
+    test = data.splits["test"]
+    test = test.select(range(min(args.test_rows, test.num_rows))) if args.test_rows else test
+    return recommendation_metrics([top] * test.num_rows, test["item_title"], popularity_from_histories(histories),
+                                  data.items, ks=(5, 10), fairness_ks=(10,))
 
 
 def choose(records: dict[Any, dict[str, Any]]) -> Any:
@@ -574,15 +593,18 @@ def _report(args, setup: Setup, per_seed, tuning, timing, shares, plot: Path, wa
 def main() -> None:
     """Entry point."""
     args = make_parser().parse_args()
+    if args.most_popular:
+        print(json.dumps({k: v for k, v in most_popular(args).items() if not isinstance(v, list)}, default=float))
+        return
     if args.rewrite_markdown:
         stem = Path(args.results_dir) / f"rq2_{args.dataset}"
         report = json.loads(stem.with_suffix(".json").read_text())
         notes = Path(args.notes).read_text() if args.notes else ""
         stem.with_suffix(".md").write_text(to_markdown(report) + ("\n" + notes if notes else ""))
         return
-    if not (Path(args.sasrec_dir) / "model").is_dir():
-        raise SystemExit(f"--sasrec-dir {args.sasrec_dir}: no model/ (run `trl-flower sasrec --data {args.dataset} "
-                         f"--output-dir {args.sasrec_dir}` first)")
+    if not (Path(args.sasrec_dir) / "model").is_dir():  # needed only after training (D3 grid, SASRec row)
+        _log(f"warning: --sasrec-dir {args.sasrec_dir} has no model/ yet; run `trl-flower sasrec --data "
+             f"{args.dataset} --output-dir {args.sasrec_dir}` before the training ends")
     import warnings
 
     import datasets
