@@ -49,10 +49,12 @@ def dataset_dir(tmp_path_factory, tiny_titles) -> Path:
     return out
 
 
-@pytest.mark.parametrize("method", ["sft", "ifair", "flower", "sdpo"])
+@pytest.mark.parametrize("method", ["sft", "ifair", "flower", "flower-offline", "sdpo"])
 def test_train_end_to_end(method, tiny_model_dir, dataset_dir, tmp_path, tiny_titles):
     out = tmp_path / method
-    extra = ["--flow-lambda", "0.5"] if method == "flower" else []
+    extra = ["--flow-lambda", "0.5"] if method.startswith("flower") else []
+    if method == "flower-offline":
+        method, extra = "flower", [*extra, "--offline-trajectory-prob", "1", "--offline-trajectory-prob-final", "0.5"]
     argv = ["--method", method, "--model", str(tiny_model_dir), "--data", str(dataset_dir), "--output-dir", str(out),
             *FAST, *extra]
     stdout = io.StringIO()
@@ -72,6 +74,7 @@ def test_errors_are_one_line_exit_2(tiny_model_dir, dataset_dir, tmp_path, capsy
     cases = [
         (["--method", "rloo", *base], "needs --sasrec-logits"),
         (["--method", "sft", "--flow-lambda", "0.1", *base], "only used by --method flower"),
+        (["--method", "sft", "--offline-trajectory-prob", "0.5", *base], "only used by --method flower"),
         (["--method", "sft", "--model", str(tmp_path), "--data", str(dataset_dir), "--output-dir", str(tmp_path)],
          "no config.json"),
         (["--method", "flower", "--reward-variant", "div_s", *base], "needs --sasrec-logits"),

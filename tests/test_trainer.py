@@ -272,6 +272,33 @@ class TestFlowerTrainer:
         assert logged(runs[True], "completions/clipped_ratio") == [0.0, 0.0]
         assert runs[True].state.num_input_tokens_seen > 0
 
+    def test_offline_batches_train_the_flow_loss_on_the_target_paths(self, tiny_model_dir, tree, dataset, tmp_path):
+        trainer = make_trainer(tiny_model_dir, tree, dataset, tmp_path, offline_trajectory_prob=1.0)
+        rows = [dataset[i] for i in range(8)]
+        batch = trainer._generate_and_score_completions(rows)
+        assert "flow_uniforms" not in batch and "completion_ids" not in batch  # nothing was sampled
+        items = torch.tensor([r["item_id"] for r in rows])
+        paths, lengths = tree.item_paths(items, pad_id=trainer._tokenizer.pad_token_id)
+        expected = trainer.reward_model.token_targets(paths)
+        torch.testing.assert_close(batch["flow_lengths"], lengths - 1)  # title tokens, terminator excluded
+        torch.testing.assert_close(batch["flow_log_reward"], expected.log_reward)
+        torch.testing.assert_close(batch["flow_valid"], torch.tensor([COUNTS[i] > 0 for i in items.tolist()]))
+        title = torch.where(batch["flow_title_mask"], batch["flow_title_ids"], -1)
+        torch.testing.assert_close(title, torch.where(batch["flow_title_mask"], paths[:, :-1], -1))
+
+        trainer.train()
+        assert logged(trainer, "flow/offline_batch") == [1.0, 1.0]
+        assert all(np.isfinite(logged(trainer, "flow_loss")))
+        assert not logged(trainer, "sampled/valid_share")  # offline paths are not logged as the policy's samples
+
+    def test_offline_probability_schedule(self, tiny_model_dir, tree, dataset, tmp_path):
+        trainer = make_trainer(tiny_model_dir, tree, dataset, tmp_path, max_steps=3, offline_trajectory_prob=1.0,
+                               offline_trajectory_prob_final=0.0)
+        trainer.train()
+        assert logged(trainer, "flow/offline_prob") == [1.0, 0.5, 0.0]
+        assert logged(trainer, "flow/offline_batch")[0] == 1.0 and logged(trainer, "flow/offline_batch")[2] == 0.0
+        assert len(logged(trainer, "sampled/valid_share")) >= 1  # the last step sampled on-policy
+
     def test_gradient_accumulation(self, tiny_model_dir, tree, dataset, tmp_path):
         """GA=2 with half the batch == GA=1 with the full batch (same generation batch, hence the same samples).
 

@@ -57,6 +57,13 @@ class FlowerConfig(GRPOConfig):
             vocabulary (the official code; mass off the tree is not penalised by SubTB), `"tree"` renormalises π over
             the tree's children of each visited state, the distribution that trie-constrained decoding uses;
             termination terms then only count at states where ⊤ is a child (use it with title_log_term="flow").
+        offline_trajectory_prob (`float`, *optional*, defaults to `0.0`):
+            Probability that a generation batch trains the flow loss on the dataset's target items, teacher-forced,
+            instead of on-policy samples (flow losses are valid off-policy; the official RQ1 GFlowNet starts at 1
+            and lowers it). 0: always on-policy, as in the paper's recommendation runs.
+        offline_trajectory_prob_final (`float`, *optional*):
+            If set, the offline probability moves linearly from `offline_trajectory_prob` to this value over
+            training. None: constant.
 
         > Parameters that control the rewards
 
@@ -161,6 +168,24 @@ class FlowerConfig(GRPOConfig):
             "π over the tree's children of each visited state, the distribution that trie-constrained decoding uses; "
             'termination terms then only count at states where ⊤ is a child (use it with title_log_term="flow").',
             "choices": list(POLICY_SUPPORTS),
+        },
+    )
+
+    offline_trajectory_prob: float = field(
+        default=0.0,
+        metadata={
+            "help": "Probability that a generation batch trains the flow loss on the dataset's target items, "
+            "teacher-forced, instead of on-policy samples. Flow-balance losses are valid off-policy, and offline "
+            "paths reach titles a peaked policy would not sample yet; the official RQ1 GFlowNet starts at 1 and "
+            "lowers it during training. 0 (default): always on-policy, as in the paper's recommendation runs. Needs "
+            'tokenization_mode="default".'
+        },
+    )
+    offline_trajectory_prob_final: float | None = field(
+        default=None,
+        metadata={
+            "help": "If set, the offline probability moves linearly from `offline_trajectory_prob` at the first step "
+            "to this value at the last one (`max_steps`, or the planned steps of the epochs). None: constant."
         },
     )
 
@@ -292,6 +317,17 @@ class FlowerConfig(GRPOConfig):
         if self.flow_policy_support not in POLICY_SUPPORTS:
             raise ValueError(
                 f"flow_policy_support={self.flow_policy_support!r} is not one of {POLICY_SUPPORTS}; pick one of them."
+            )
+        for name in ("offline_trajectory_prob", "offline_trajectory_prob_final"):
+            value = getattr(self, name)
+            if value is not None and not 0.0 <= value <= 1.0:  # also rejects NaN
+                raise ValueError(f"{name}={value} is a probability; use a value in [0, 1].")
+        if (self.offline_trajectory_prob > 0 or self.offline_trajectory_prob_final) and (
+            self.tokenization_mode != "default"
+        ):
+            raise ValueError(
+                "offline trajectories teacher-force the target item's tree path, which only exists with "
+                'tokenization_mode="default"; set offline_trajectory_prob=0 or use the default tokenisation.'
             )
         if self.reward_variant not in REWARD_VARIANTS:
             raise ValueError(f"reward_variant={self.reward_variant!r} is not one of {REWARD_VARIANTS}; pick one.")

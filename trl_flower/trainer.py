@@ -235,6 +235,13 @@ class FlowerTrainer(GRPOTrainer):
     def _generate_and_score_completions(self, inputs: list[dict[str, Any]]) -> dict[str, Any]:
         if self.args.flow_lambda == 0.0:
             batch = self._tokenize_prompt_batch(inputs)  # plain SFT: nothing to sample
+        elif self._offline_batch():
+            # Offline batch: the flow loss runs on the targets' own tree paths, teacher-forced; nothing is sampled.
+            batch = self._tokenize_prompt_batch(inputs)
+            device = batch["prompt_ids"].device
+            items = torch.tensor([int(x[self.args.item_id_column]) for x in inputs], device=device)  # [B]
+            paths, _ = self.tree.item_paths(items, pad_id=self._tokenizer.pad_token_id)  # [B, L]
+            batch.update(self._flow_targets(self._rows(inputs, device), paths, log_samples=False))
         elif self._samples_in_loss_step():
             # Sampling happens in `_compute_loss` on the prompt's KV cache; only its randomness is drawn here, one
             # uniform per prompt and decoding step, so that it travels with the prompt through GRPO's split/shuffle.
@@ -249,6 +256,25 @@ class FlowerTrainer(GRPOTrainer):
             batch.update(self._flow_targets(self._rows(inputs, completion_ids.device), completion_ids))
         batch.update(self._sft_targets(inputs))
         return batch
+
+    def offline_trajectory_probability(self) -> float:
+        """The probability that the current generation batch is offline (see `offline_trajectory_prob`)."""
+        start, final = self.args.offline_trajectory_prob, self.args.offline_trajectory_prob_final
+        if final is None or self.state.max_steps <= 1:
+            return start
+        progress = min(self.state.global_step / (self.state.max_steps - 1), 1.0)
+        return start + (final - start) * progress
+
+    def _offline_batch(self) -> bool:
+        """Draw whether this generation batch uses offline (teacher-forced target) trajectories; logs the draw."""
+        if self.args.offline_trajectory_prob == 0.0 and self.args.offline_trajectory_prob_final is None:
+            return False  # feature off: no draw, so a default run consumes exactly the random numbers it did before
+        p = self.offline_trajectory_probability()
+        offline = bool(torch.rand(()) < p)  # same seed on every process, so ranks agree
+        mode = "train" if self.model.training else "eval"
+        self._metrics[mode]["flow/offline_prob"].append(p)
+        self._metrics[mode]["flow/offline_batch"].append(float(offline))
+        return offline
 
     def _samples_in_loss_step(self) -> bool:
         """Whether items are sampled inside the loss step (see `sample_in_loss_step`)."""
@@ -301,8 +327,11 @@ class FlowerTrainer(GRPOTrainer):
         num_tokens = self.accelerator.gather(mask.sum().unsqueeze(0)).sum()
         return {"sft_ids": ids, "sft_mask": mask, "sft_num_tokens": num_tokens}
 
-    def _flow_targets(self, rows: torch.Tensor | None, completion_ids: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Token-level flow targets of the sampled items (no gradient); `rows` [B] for personalised rewards."""
+    def _flow_targets(
+        self, rows: torch.Tensor | None, completion_ids: torch.Tensor, log_samples: bool = True
+    ) -> dict[str, torch.Tensor]:
+        """Token-level flow targets of the sampled items (no gradient); `rows` [B] for personalised rewards.
+        `log_samples=False` for offline paths, which are not samples of the policy."""
         if self.reward_model.variant == "none":
             rows = None
         targets = self.reward_model.token_targets(completion_ids, rows)
@@ -330,7 +359,8 @@ class FlowerTrainer(GRPOTrainer):
             B, S = targets.nodes.shape
             tokens, _, child_mask = self.tree.children(targets.nodes.reshape(-1))  # [B*S, K]
             out.update(flow_child_tokens=tokens.reshape(B, S, -1), flow_child_mask=child_mask.reshape(B, S, -1))
-        self._log_sampled_items(targets.item_ids, targets.valid)
+        if log_samples:
+            self._log_sampled_items(targets.item_ids, targets.valid)
         return out
 
     def _log_sampled_items(self, item_ids: torch.Tensor, valid: torch.Tensor) -> None:

@@ -82,6 +82,12 @@ class TrainArguments:
         default="vocabulary", metadata={"help": "flower: match the flow ratios with π over the whole vocabulary "
                                                 "(official) or renormalised over the tree's children (tree).",
                                         "choices": ("vocabulary", "tree")})
+    offline_trajectory_prob: float = field(
+        default=0.0, metadata={"help": "flower: probability that a batch trains the flow loss on its target items "
+                                       "(teacher-forced) instead of on-policy samples; 0 = always on-policy."})
+    offline_trajectory_prob_final: float | None = field(
+        default=None, metadata={"help": "flower: if set, the offline probability moves linearly to this value over "
+                                        "training.", "type": float})
     reward_variant: str = field(
         default="none", metadata={"help": "flower: personalisation of the rewards by SASRec scores (none, div_s, "
                                           "add_logs, exact); all but none need --sasrec-logits."})
@@ -143,7 +149,8 @@ def check_arguments(args: TrainArguments) -> None:
     if args.method != "flower":
         for name, default in (("flow_lambda", 0.005), ("flow_loss", "flower_subtb"), ("reward_variant", "none"),
                               ("reward_smoothing", 1.0), ("title_log_term", "official"),
-                              ("flow_policy_support", "vocabulary")):
+                              ("flow_policy_support", "vocabulary"), ("offline_trajectory_prob", 0.0),
+                              ("offline_trajectory_prob_final", None)):
             if getattr(args, name) != default:
                 raise ValueError(f"--{name.replace('_', '-')} is only used by --method flower; drop it")
 
@@ -217,7 +224,8 @@ def run_training(args: TrainArguments) -> Path:
         flower_args = FlowerConfig(
             output_dir=str(out), flow_lambda=args.flow_lambda, flow_loss=args.flow_loss,
             title_log_term=args.title_log_term, flow_policy_support=args.flow_policy_support,
-            reward_variant=args.reward_variant, preference_scores_path=args.sasrec_logits,
+            offline_trajectory_prob=args.offline_trajectory_prob,
+            offline_trajectory_prob_final=args.offline_trajectory_prob_final, reward_variant=args.reward_variant, preference_scores_path=args.sasrec_logits,
             max_completion_length=int(tree.item_length.max()), **config,
         )
         trainer = FlowerTrainer(model=args.model, tree=train_tree, args=flower_args,
