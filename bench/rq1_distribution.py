@@ -71,6 +71,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dpo-pairs", type=int, default=None,
                    help="DPO pairs per step; default batch-size / 2, so every method back-propagates through\n"
                         "batch-size sequences per step (a pair is two)")
+    p.add_argument("--flower-offline", type=float, nargs="+", default=[1.0, 0.15], metavar="P",
+                   help="Flower's offline-trajectory probability: START [FINAL], linear from START to FINAL over the\n"
+                        "steps (FlowerConfig.offline_trajectory_prob[_final]). Default 1.0 0.15: the official RQ1\n"
+                        "GFlowNet starts fully offline and lowers it to 0.15; 0 = purely on-policy")
+    p.add_argument("--flower-offline-items", choices=("length", "uniform", "counts"), default="length",
+                   help="how offline titles are drawn: ∝ token length (the official code), uniformly, or ∝ count")
+    p.add_argument("--flower-lambda", type=float, default=1.0, help="Flower's λ (1 = pure SubTB, the paper's RQ1)")
     p.add_argument("--targets", default="movies_100.json",
                    help="target JSON {title: count}: a path, or a file name in ../shared/data/movies_popularity")
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS, help="methods to run")
@@ -100,7 +107,7 @@ def lora_config(rank: int) -> Any:
 
 
 def draw_targets(counts: np.ndarray, n: int, seed: int) -> np.ndarray:
-    """`n` item ids drawn ∝ counts (the SFT/Flower targets: the paper's ``random.choices`` by count)."""
+    """`n` item ids drawn ∝ `counts` (SFT targets: the paper's ``random.choices`` by count; Flower's offline titles)."""
     rng = np.random.default_rng(seed)
     return rng.choice(counts.size, size=n, p=counts / counts.sum())
 
@@ -168,9 +175,14 @@ def train_method(method: str, ctx: dict[str, Any], args: argparse.Namespace, see
     elif method == "flower":
         from trl_flower import FlowerConfig, FlowerTrainer
 
-        data = Dataset.from_dict({"prompt": [prompt] * n, "item_id": draw_targets(counts, n, seed).tolist()})
-        config = FlowerConfig(output_dir=str(out), flow_lambda=1.0, max_completion_length=int(tree.item_length.max()),
-                              **cfg)
+        # With λ = 1 the item column only feeds the offline trajectories (the SFT term has weight 0).
+        weights = {"length": tree.item_length.astype(np.float64), "uniform": np.ones_like(counts), "counts": counts}
+        items = draw_targets(weights[args.flower_offline_items], n, seed)
+        data = Dataset.from_dict({"prompt": [prompt] * n, "item_id": items.tolist()})
+        start, final = (args.flower_offline + [None])[:2]
+        config = FlowerConfig(output_dir=str(out), flow_lambda=args.flower_lambda,
+                              max_completion_length=int(tree.item_length.max()), offline_trajectory_prob=start,
+                              offline_trajectory_prob_final=final, **cfg)
         trainer = FlowerTrainer(str(model_path), tree, args=config, train_dataset=data, processing_class=tok,
                                 peft_config=lora)
         trainer.train()

@@ -225,7 +225,8 @@ def run_training(args: TrainArguments) -> Path:
             output_dir=str(out), flow_lambda=args.flow_lambda, flow_loss=args.flow_loss,
             title_log_term=args.title_log_term, flow_policy_support=args.flow_policy_support,
             offline_trajectory_prob=args.offline_trajectory_prob,
-            offline_trajectory_prob_final=args.offline_trajectory_prob_final, reward_variant=args.reward_variant, preference_scores_path=args.sasrec_logits,
+            offline_trajectory_prob_final=args.offline_trajectory_prob_final, reward_variant=args.reward_variant,
+            preference_scores_path=args.sasrec_logits,
             max_completion_length=int(tree.item_length.max()), **config,
         )
         trainer = FlowerTrainer(model=args.model, tree=train_tree, args=flower_args,
