@@ -86,6 +86,10 @@ def make_parser() -> argparse.ArgumentParser:
                    help="train on a random subsample of N training rows (fixed subsample seed 0); 0 = all")
     p.add_argument("--valid-rows", type=int, default=500, help="first N valid rows for the choices; 0 = all")
     p.add_argument("--test-rows", type=int, default=0, help="first N test rows for the report; 0 = all")
+    p.add_argument("--row-sample-seed", type=int, default=None,
+                   help="with --valid-rows/--test-rows: a random sample of N rows (this seed) instead of the first N;\n"
+                        "the splits are sorted by time, so the first rows are easier (SASRec HR@5 0.150 vs 0.100)")
+    p.add_argument("--tag", default=None, help="file name stem of the results (default: rq2_<dataset>)")
     p.add_argument("--epochs", type=float, default=1.0, help="training epochs, every LLM method")
     p.add_argument("--max-steps", type=int, default=-1, help="if > 0: optimiser steps, overriding --epochs (sizing)")
     p.add_argument("--batch-size", type=int, default=32, help="training rows per optimiser step")
@@ -302,15 +306,20 @@ def evaluate(model_dir: Path, label: str, split: str, rows: int, out: Path, args
     from trl_flower.cli.evaluate import EvaluateArguments, run_evaluation
 
     cache = out / "result.json"
+    rows_key = {"split": split, "rows": rows, "row_sample_seed": args.row_sample_seed}
     if cache.is_file():
-        return json.loads(cache.read_text())
+        record = json.loads(cache.read_text())
+        if record.get("rows_key") == rows_key:  # reuse only an evaluation of the same rows
+            return record
+        _log(f"{cache} was computed on other rows ({record.get('rows_key')}); evaluating again")
     start = time.perf_counter()
     result = run_evaluation(EvaluateArguments(
         model=str(model_dir), data=args.dataset, data_root=args.data_root, split=split, max_rows=rows,
-        batch_size=args.eval_batch_size, num_threads=args.threads, label=label, output_dir=str(out),
-        no_progress=True, **decoding))
+        row_sample_seed=args.row_sample_seed, batch_size=args.eval_batch_size, num_threads=args.threads, label=label,
+        output_dir=str(out), no_progress=True, **decoding))
     record = {"metrics": result["metrics"], "group_shares": list(result["group_shares"]),
-              "command": result["metadata"].get("command"), "wall_s": round(time.perf_counter() - start, 1)}
+              "command": result["metadata"].get("command"), "wall_s": round(time.perf_counter() - start, 1),
+              "rows_key": rows_key}
     cache.write_text(json.dumps(record, indent=1))
     _log(f"{label} on {split}: NDCG@5 {record['metrics']['NDCG@5']:.4f} HR@5 {record['metrics']['HR@5']:.4f} "
          f"DGU@10 {record['metrics']['DGU@10']:.3f} ({record['wall_s']:.0f} s)")
@@ -322,12 +331,12 @@ def evaluate_sasrec_rows(setup: Setup, args: argparse.Namespace, split: str, row
     import torch
 
     from trl_flower.baselines.sasrec import SASRec, evaluate_sasrec
+    from trl_flower.data import select_rows
     from trl_flower.evaluation.metrics import group_fairness_at_k
 
     torch.set_num_threads(args.threads)
     model = SASRec.from_pretrained(Path(args.sasrec_dir) / "model").eval()
-    data = setup.data.splits[split]
-    data = data.select(range(min(rows, data.num_rows))) if rows else data
+    data = select_rows(setup.data.splits[split], rows, args.row_sample_seed)
     start = time.perf_counter()
     with torch.no_grad():
         metrics = evaluate_sasrec(model, data, setup.data.items, setup.popularity)
@@ -340,7 +349,7 @@ def evaluate_sasrec_rows(setup: Setup, args: argparse.Namespace, split: str, row
 
 def most_popular(args: argparse.Namespace) -> dict[str, Any]:
     """The 10 most interacted training-history titles for every test row: the scale of a non-personal list."""
-    from trl_flower.data import load_amazon, popularity_from_histories
+    from trl_flower.data import load_amazon, popularity_from_histories, select_rows
     from trl_flower.data.popularity import history_title_counts
     from trl_flower.evaluation.metrics import recommendation_metrics
 
@@ -348,8 +357,7 @@ def most_popular(args: argparse.Namespace) -> dict[str, Any]:
     histories = data.splits["train"]["history_item_title"]
     counts = history_title_counts(histories)
     top = sorted(counts, key=lambda t: -counts[t])[:10]  # stable: ties keep first-appearance order
-    test = data.splits["test"]
-    test = test.select(range(min(args.test_rows, test.num_rows))) if args.test_rows else test
+    test = select_rows(data.splits["test"], args.test_rows, args.row_sample_seed)
     return recommendation_metrics([top] * test.num_rows, test["item_title"], popularity_from_histories(histories),
                                   data.items, ks=(5, 10), fairness_ks=(10,))
 
@@ -449,7 +457,7 @@ def to_markdown(report: dict[str, Any]) -> str:
         f"Seeds: {s['seeds']} (the first tunes on valid; later seeds reuse its choices).  ",
         f"Scale: {report['scale']}  ",
         f"Backbone: {report['backbone']}  ",
-        f"Valid choices (max {SELECTION_METRIC} on the first {s['valid_rows'] or 'all'} valid rows, seed "
+        f"Valid choices (max {SELECTION_METRIC} on {s['valid_rows'] or 'all'} valid rows (see Scale), seed "
         f"{s['seeds'][0]}): {report['chosen']}",
         "",
         "## Test split: ours (mean over seeds; per-seed values in the JSON) beside the paper's Table 4", "",
@@ -546,7 +554,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     first = per_seed[args.seeds[0]]
     results_dir = Path(args.results_dir)
     results_dir.mkdir(parents=True, exist_ok=True)
-    stem = f"rq2_{args.dataset}"
+    stem = args.tag or f"rq2_{args.dataset}"
     plot = results_dir / f"{stem}_group_shares.png"
     shares = {m: r["group_shares"] for m, r in first.items()}
     plot_group_shares(shares, list(setup.popularity.shares), reference_label="train histories",
@@ -562,6 +570,7 @@ def _report(args, setup: Setup, per_seed, tuning, timing, shares, plot: Path, wa
     data = setup.data
     n_test = min(args.test_rows, data.splits["test"].num_rows) if args.test_rows else data.splits["test"].num_rows
     steps = (f"{args.max_steps} steps" if args.max_steps > 0 else f"{args.epochs:g} epoch(s)")
+    rows_kind = "first" if args.row_sample_seed is None else f"random sample (seed {args.row_sample_seed}) of"
     return {
         "dataset": args.dataset,
         "command": "python bench/rq2_recommend.py " + shlex.join(sys.argv[1:]),
@@ -570,7 +579,7 @@ def _report(args, setup: Setup, per_seed, tuning, timing, shares, plot: Path, wa
         "scale": (f"train {setup.train_rows.num_rows} of {data.splits['train'].num_rows} rows "
                   f"({'random subsample, seed 0' if args.train_rows else 'full split'}), {steps}, batch "
                   f"{args.batch_size}, lr {args.learning_rate:g} (linear, {args.warmup_steps} warm-up steps); test: "
-                  f"first {n_test} of {data.splits['test'].num_rows} rows; valid: first "
+                  f"{rows_kind} {n_test} of {data.splits['test'].num_rows} rows; valid: {rows_kind} "
                   f"{args.valid_rows or data.splits['valid'].num_rows} rows; {data.num_items} items; top-10 "
                   "trie-constrained beam search (10 beams), length penalty 1 (D3: 0)"),
         "backbone": (f"tiny Qwen2 trained from the data (trl_flower.tiny): byte-level BPE with {args.vocab_size} "
@@ -597,7 +606,7 @@ def main() -> None:
         print(json.dumps({k: v for k, v in most_popular(args).items() if not isinstance(v, list)}, default=float))
         return
     if args.rewrite_markdown:
-        stem = Path(args.results_dir) / f"rq2_{args.dataset}"
+        stem = Path(args.results_dir) / (args.tag or f"rq2_{args.dataset}")
         report = json.loads(stem.with_suffix(".json").read_text())
         notes = Path(args.notes).read_text() if args.notes else ""
         stem.with_suffix(".md").write_text(to_markdown(report) + ("\n" + notes if notes else ""))

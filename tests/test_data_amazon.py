@@ -8,7 +8,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from trl_flower.data.amazon import DATA_ENV, default_data_root, load_amazon, read_items, resolve_dataset_dir
+from trl_flower.data.amazon import (
+    DATA_ENV,
+    default_data_root,
+    load_amazon,
+    read_items,
+    resolve_dataset_dir,
+    select_rows,
+)
 from trl_flower.data.popularity import (
     group_sizes,
     history_item_counts,
@@ -224,3 +231,17 @@ def test_docs_data_examples_run_and_print_what_they_say(data_dir, monkeypatch):
             assert want.split() == buffer.getvalue().split()[: len(want.split())]
             checked += 1
     assert checked == 2
+
+
+def test_select_rows_first_or_random_sample():
+    from datasets import Dataset
+
+    split = Dataset.from_dict({"row_index": list(range(20))})
+    assert select_rows(split, 0) is split and select_rows(split, 50) is split
+    assert select_rows(split, 4)["row_index"] == [0, 1, 2, 3]
+    sample = select_rows(split, 6, sample_seed=1)["row_index"]
+    assert sample == sorted(sample) and len(set(sample)) == 6 and sample != list(range(6))
+    assert select_rows(split, 6, sample_seed=1)["row_index"] == sample  # deterministic
+    assert select_rows(split, 6, sample_seed=2)["row_index"] != sample
+    with pytest.raises(ValueError, match="max_rows must be >= 0"):
+        select_rows(split, -1)

@@ -291,3 +291,16 @@ def test_chat_mode_and_the_tokenisation_check_is_applied(tiny_model_dir, dataset
     assert cli(argv) == 2
     assert capsys.readouterr().err == ("trl-flower evaluate: error: prompt and title tokenise differently together "
                                        "than apart for 3 of 18 pairs\n")
+
+
+def test_row_sample_seed_evaluates_a_random_sample(tiny_model_dir, dataset_dir, tmp_path):
+    out = tmp_path / "sample"
+    argv = ["evaluate", "--model", str(tiny_model_dir), "--data", str(dataset_dir), "--category", "items",
+            "--max-rows", "5", "--row-sample-seed", "3", "--output-dir", str(out), "--export-official-json", *FAST]
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert cli(argv) == 0
+    test_rows = list(csv.DictReader((dataset_dir / "test.csv").open()))
+    chosen = np.sort(np.random.default_rng(3).choice(len(test_rows), size=5, replace=False))
+    assert chosen.tolist() != list(range(5))  # the sample is not the prefix
+    predictions = json.loads((out / "predictions.json").read_text())
+    assert [p["output"] for p in predictions] == [test_rows[i]["item_title"] for i in chosen]

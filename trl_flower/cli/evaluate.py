@@ -66,7 +66,12 @@ class EvaluateArguments:
                           "else ../shared/data)."},
     )
     split: str = field(default="test", metadata={"help": "Split whose rows are evaluated.", "choices": EVAL_SPLITS})
-    max_rows: int = field(default=0, metadata={"help": "Evaluate only the first N rows of the split; 0 = all."})
+    max_rows: int = field(default=0, metadata={"help": "Evaluate only N rows of the split (the first N, or a random "
+                                                       "sample with --row-sample-seed); 0 = all."})
+    row_sample_seed: int | None = field(
+        default=None, metadata={"help": "With --max-rows: evaluate a random sample of N rows drawn with this seed "
+                                        "instead of the first N (the splits are sorted by time, so the first rows are "
+                                        "not a fair sample).", "type": int})
     top_k: int = field(default=10, metadata={"help": "K: recommendations per row (num_return_sequences)."})
     num_beams: int | None = field(
         default=None, metadata={"help": "Beams per row, >= K (default: K, as the paper).", "type": int}
@@ -388,7 +393,13 @@ def _check_sample(prompts: list[str]) -> list[str]:
 def _run_recommend(args: EvaluateArguments, stages: _Stages) -> dict[str, Any]:
     import numpy as np
 
-    from trl_flower.data import PromptBuilder, check_prompt_tokenization, load_amazon, popularity_from_histories
+    from trl_flower.data import (
+        PromptBuilder,
+        check_prompt_tokenization,
+        load_amazon,
+        popularity_from_histories,
+        select_rows,
+    )
     from trl_flower.evaluation.metrics import TOPKS, group_fairness_at_k, recommendation_metrics
     from trl_flower.evaluation.recommend import export_official_json, recommend
     from trl_flower.evaluation.report import markdown_table, write_report
@@ -396,8 +407,7 @@ def _run_recommend(args: EvaluateArguments, stages: _Stages) -> dict[str, Any]:
     splits = ("train",) if args.split == "train" else ("train", args.split)
     data = stages.run("load data", load_amazon, args.data, data_root=args.data_root, splits=splits)
     rows = data.splits[args.split]
-    if args.max_rows:
-        rows = rows.select(range(min(args.max_rows, rows.num_rows)))
+    rows = select_rows(rows, args.max_rows, args.row_sample_seed)
     if rows.num_rows == 0:
         raise ValueError(f"the {args.split} split of {data.path} has no rows")
     model, tokenizer, device = stages.run("load model", _load_model, args)

@@ -10,6 +10,7 @@ _LAZY = {
     "load_amazon": "trl_flower.data.amazon",
     "default_data_root": "trl_flower.data.amazon",
     "resolve_dataset_dir": "trl_flower.data.amazon",
+    "select_rows": "trl_flower.data.amazon",
     "PopularityGroups": "trl_flower.data.popularity",
     "popularity_groups": "trl_flower.data.popularity",
     "popularity_from_histories": "trl_flower.data.popularity",

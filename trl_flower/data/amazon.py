@@ -30,6 +30,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import numpy as np
+
 if TYPE_CHECKING:
     from datasets import Dataset
 
@@ -130,6 +132,23 @@ class AmazonData:
         for item_id, title in enumerate(self.items):
             out.setdefault(title, []).append(item_id)
         return out
+
+
+def select_rows(split: Dataset, max_rows: int = 0, sample_seed: int | None = None) -> Dataset:
+    """At most `max_rows` rows of a split (0 = all): the first ones, or with `sample_seed` a random sample of them.
+
+    The splits are sorted by target time, so the first rows are the oldest and are not a fair sample (on Movies_and_TV
+    SASRec's HR@5 is 0.150 on the first 600 test rows and 0.100 on all of them). The sample keeps file order and its
+    ``row_index`` column, so auxiliary-model scores still line up.
+    """
+    if max_rows < 0:
+        raise ValueError(f"max_rows must be >= 0 (0 = all rows), got {max_rows}")
+    if not max_rows or max_rows >= split.num_rows:
+        return split
+    if sample_seed is None:
+        return split.select(range(max_rows))
+    rows = np.random.default_rng(sample_seed).choice(split.num_rows, size=max_rows, replace=False)
+    return split.select(np.sort(rows).tolist())
 
 
 def read_items(path: str | os.PathLike) -> list[str]:
