@@ -10,7 +10,13 @@ number of optimiser steps and the same number of prompts per step, by
   count;
 * ``rloo``: TRL ``RLOOTrainer`` (``train_online_rl``), reward = min-max-normalised count of the sampled title (the
   paper's RQ1 PPO reward; PPO itself only exists on trl 1.12);
-* ``flower``: ``FlowerTrainer`` with item rewards = counts and λ = 1 (pure modified SubTB, the paper's RQ1 setup);
+* ``flower_official``: ``FlowerTrainer`` with item rewards = counts and λ = 1 (pure modified SubTB, the paper's RQ1
+  setup) and the official code's loss: π over the whole vocabulary, the e^-15 termination target at every prefix
+  before the sampled title's end; trajectories as the official RQ1 GFlowNet: offline titles drawn ∝ token length
+  with a probability lowered linearly from 1 to 0.15, otherwise on-policy trie-constrained samples;
+* ``flower``: the same with the library's consistent-flow options (``--flower-support tree``,
+  ``--flower-title-log-term flow``): π renormalised over each prefix's children, which is the distribution the
+  trie-constrained sampler draws from, and the flow's own termination target at a title passed on the way;
 
 and ``base`` (no training). Every model then draws ``--num-samples`` titles by trie-constrained ancestral sampling at
 temperature 1 (the paper's RQ1 evaluation, §3.3), batched on one shared prompt cache, and the divergences to the
@@ -20,7 +26,7 @@ itself: the finite-sample floor of every divergence.
 
 Usage::
 
-    python bench/rq1_distribution.py --seeds 0 --num-samples 800 --steps 16
+    python bench/rq1_distribution.py --seeds 0 1
 """
 
 from __future__ import annotations
@@ -42,7 +48,7 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-METHODS = ("base", "sft", "dpo", "rloo", "flower")
+METHODS = ("base", "sft", "dpo", "rloo", "flower", "flower_official")
 TARGET_ROW = "target"
 DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "movies_popularity"
 PAPER_TABLE3 = {  # flower_reference.md appendix: 1,500 items, Qwen2.5-3B
@@ -63,7 +69,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--num-samples", type=int, default=800, help="constrained samples per method (default: 800)")
     p.add_argument("--free-samples", type=int, default=50,
                    help="unconstrained samples per method to count valid titles; 0 = skip (default: 50)")
-    p.add_argument("--steps", type=int, default=16, help="optimiser steps per trained method (default: 16)")
+    p.add_argument("--steps", type=int, default=64, help="optimiser steps per trained method (default: 64)")
     p.add_argument("--batch-size", type=int, default=8, help="prompts (rows) per optimiser step (default: 8)")
     p.add_argument("--learning-rate", type=float, default=5e-4, help="LoRA learning rate, all methods (5e-4)")
     p.add_argument("--lora-r", type=int, default=16, help="LoRA rank on all attention and MLP projections (16)")
@@ -78,6 +84,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--flower-offline-items", choices=("length", "uniform", "counts"), default="length",
                    help="how offline titles are drawn: ∝ token length (the official code), uniformly, or ∝ count")
     p.add_argument("--flower-lambda", type=float, default=1.0, help="Flower's λ (1 = pure SubTB, the paper's RQ1)")
+    p.add_argument("--flower-support", choices=("vocabulary", "tree"), default="tree",
+                   help="method flower: FlowerConfig.flow_policy_support, π over the tree's children (default; what\n"
+                        "the constrained sampler draws from) or over the vocabulary (official)")
+    p.add_argument("--flower-title-log-term", choices=("official", "flow"), default="flow",
+                   help="method flower: FlowerConfig.title_log_term (default flow; official = the e^-15 constant)")
     p.add_argument("--targets", default="movies_100.json",
                    help="target JSON {title: count}: a path, or a file name in ../shared/data/movies_popularity")
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS, help="methods to run")
@@ -135,6 +146,14 @@ def common_config(args: argparse.Namespace, seed: int, out: Path) -> dict[str, A
                 use_cpu=True, bf16=False, dataloader_num_workers=0, disable_tqdm=True)
 
 
+def flower_loss_options(method: str, args: argparse.Namespace) -> dict[str, str]:
+    """``flower``: the loss options of the command line; ``flower_official``: the official code's (π over the whole
+    vocabulary, the e^-15 termination target at every complete title passed on the way)."""
+    if method == "flower_official":
+        return {"flow_policy_support": "vocabulary", "title_log_term": "official"}
+    return {"flow_policy_support": args.flower_support, "title_log_term": args.flower_title_log_term}
+
+
 def train_method(method: str, ctx: dict[str, Any], args: argparse.Namespace, seed: int) -> tuple[Any, list[dict]]:
     """Train one method from the base model; returns the trained (LoRA-merged) model and the trainer's log history."""
     from datasets import Dataset
@@ -172,7 +191,7 @@ def train_method(method: str, ctx: dict[str, Any], args: argparse.Namespace, see
         trainer = train_online_rl("rloo", model_path, None, data, out, preference_scores=scores, tree=tree,
                                   save=False, peft_config=lora, num_generations=args.batch_size, beta=0.0,
                                   temperature=1.0, **cfg)
-    elif method == "flower":
+    elif method in ("flower", "flower_official"):
         from trl_flower import FlowerConfig, FlowerTrainer
 
         # With λ = 1 the item column only feeds the offline trajectories (the SFT term has weight 0).
@@ -182,7 +201,7 @@ def train_method(method: str, ctx: dict[str, Any], args: argparse.Namespace, see
         start, final = (args.flower_offline + [None])[:2]
         config = FlowerConfig(output_dir=str(out), flow_lambda=args.flower_lambda,
                               max_completion_length=int(tree.item_length.max()), offline_trajectory_prob=start,
-                              offline_trajectory_prob_final=final, **cfg)
+                              offline_trajectory_prob_final=final, **flower_loss_options(method, args), **cfg)
         trainer = FlowerTrainer(str(model_path), tree, args=config, train_dataset=data, processing_class=tok,
                                 peft_config=lora)
         trainer.train()

@@ -102,6 +102,9 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperatures", type=float, nargs="+", default=[1.2, 1.5, 2.0], help="Temp grid (valid)")
     p.add_argument("--guidances", type=float, nargs="+", default=[1.0, 0.75, 0.5, 0.25],
                    help="D3 guidance-scale grid (valid); 1 = the official script (length-penalty removal only)")
+    p.add_argument("--flower-reward-variant", default="none", choices=("none", "div_s", "add_logs", "exact"),
+                   help="Flower's reward personalisation by SASRec train logits (--sasrec-dir/train_logits.npy);\n"
+                        "div_s is the paper's main run (logp_div_s); none = popularity flows only")
     p.add_argument("--no-variant", action="store_true", help="skip the Flower variant (consistent flows)")
     p.add_argument("--no-ifair", action="store_true", help="skip IFairLRS")
     p.add_argument("--sasrec-dir", required=True,
@@ -239,6 +242,9 @@ def train_flower(setup: Setup, init_dir: Path, out: Path, args: argparse.Namespa
     tree = PrefixTree.from_titles(setup.data.items, tokenizer).with_rewards(setup.counts.astype(np.float64) + 1.0)
     dataset = setup.train_rows.add_column("prompt", setup.prompts(tokenizer)).select_columns(
         ["prompt", "item_id", "row_index"])
+    if flow_lambda > 0 and args.flower_reward_variant != "none":  # personalised rewards from SASRec's train logits
+        options = {"reward_variant": args.flower_reward_variant,
+                   "preference_scores_path": str(Path(args.sasrec_dir) / "train_logits.npy"), **options}
     config = FlowerConfig(output_dir=str(out), flow_lambda=flow_lambda,
                           max_completion_length=int(tree.item_length.max()), **_trainer_budget(args, seed), **options)
     trainer = FlowerTrainer(model=str(init_dir), tree=tree, args=config, train_dataset=dataset,
