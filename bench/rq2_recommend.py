@@ -105,6 +105,8 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--flower-reward-variant", default="none", choices=("none", "div_s", "add_logs", "exact"),
                    help="Flower's reward personalisation by SASRec train logits (--sasrec-dir/train_logits.npy);\n"
                         "div_s is the paper's main run (logp_div_s); none = popularity flows only")
+    p.add_argument("--variant-lambda", type=float, default=None,
+                   help="λ of the Flower variant (default: the first --lambdas value)")
     p.add_argument("--no-variant", action="store_true", help="skip the Flower variant (consistent flows)")
     p.add_argument("--no-ifair", action="store_true", help="skip IFairLRS")
     p.add_argument("--sasrec-dir", required=True,
@@ -278,13 +280,16 @@ def train_all(setup: Setup, init_dir: Path, seed_dir: Path, args: argparse.Names
         jobs.append((_flower_name(lam, lambdas), lambda out, lam=lam: train_flower(setup, init_dir, out, args, seed,
                                                                                     lam)))
     if not args.no_variant:
-        jobs.append(("flower_flow", lambda out: train_flower(setup, init_dir, out, args, seed, lambdas[0],
+        # the variant's loss is ~1000x smaller than the official one, so it may need its own (larger) λ
+        variant_lambda = lambdas[0] if args.variant_lambda is None else args.variant_lambda
+        jobs.append(("flower_flow", lambda out: train_flower(setup, init_dir, out, args, seed, variant_lambda,
                                                              **VARIANT)))
     if not args.no_ifair:
         jobs.append(("ifair", lambda out: train_ifair(setup, init_dir, out, args, seed)))
     dirs: dict[str, Path] = {}
     for name, job in jobs:
-        out = seed_dir / name
+        out = seed_dir / (name if name != "flower_flow" or args.variant_lambda is None
+                          else f"flower_flow_lam{args.variant_lambda:g}")
         if not _done(out):
             _log(f"seed {seed}: training {name} -> {out}")
             start = time.perf_counter()
@@ -411,7 +416,7 @@ def evaluate_test(dirs: dict[str, Path], seed_dir: Path, args: argparse.Namespac
     out["Flower"] = evaluate(dirs[flower], "Flower", "test", rows, ev / flower, args)
     if "flower_flow" in dirs:
         out["Flower (flow variant)"] = evaluate(dirs["flower_flow"], "Flower (flow variant)", "test", rows,
-                                                ev / "flower_flow", args)
+                                                ev / dirs["flower_flow"].name, args)
     return out
 
 

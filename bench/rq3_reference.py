@@ -73,6 +73,8 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--train-rows", type=int, default=2000,
                    help="random subsample of N training rows (subsample seed 0, the same for every run); 0 = all")
     p.add_argument("--test-rows", type=int, default=500, help="first N rows of --split are evaluated; 0 = all")
+    p.add_argument("--row-sample-seed", type=int, default=None,
+                   help="with --test-rows: a random sample of N rows (this seed) instead of the first N")
     p.add_argument("--split", default="test", choices=("test", "valid"), help="evaluation split (valid for choices)")
     p.add_argument("--steps", type=int, default=100, help="optimiser steps of every method (the shared budget)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1],
@@ -242,8 +244,8 @@ def evaluate(model_dir: str | Path, label: str, out: Path, args: argparse.Namesp
     begin, cpu = time.perf_counter(), time.process_time()
     result = run_evaluation(EvaluateArguments(
         model=str(model_dir), data=args.dataset, data_root=args.data_root, split=args.split, max_rows=args.test_rows,
-        batch_size=args.eval_batch_size, num_threads=args.threads, label=label, output_dir=str(out),
-        no_progress=True))
+        row_sample_seed=args.row_sample_seed, batch_size=args.eval_batch_size, num_threads=args.threads, label=label,
+        output_dir=str(out), no_progress=True))
     record = {"metrics": result["metrics"], "group_shares": list(result["group_shares"]),
               "wall_s": round(time.perf_counter() - begin, 1), "cpu_s": round(time.process_time() - cpu, 1)}
     cache.write_text(json.dumps(record, indent=1))
@@ -271,7 +273,8 @@ def _short_hash(text: str) -> str:
 def run_experiment(args: argparse.Namespace) -> dict[str, Any]:
     """Train and evaluate every (seed, method, start); returns the raw records."""
     root = Path(args.runs_dir) / run_tag(args)
-    runs = root / f"eval_{args.split}{args.test_rows}"
+    sample = "" if args.row_sample_seed is None else f"_sample{args.row_sample_seed}"
+    runs = root / f"eval_{args.split}{args.test_rows}{sample}"  # cached evaluations are per row set
     inits = {"sft": args.sft_checkpoint, "flower": args.flower_checkpoint}
     records: dict[str, Any] = {"starts": {}, "runs": []}
     _log(f"runs in {root}")
@@ -403,10 +406,12 @@ def write_results(args: argparse.Namespace, records: dict[str, Any], wall_s: flo
     import torch
 
     table = aggregate(records, args.methods)
+    rows = (f"first {args.test_rows or 'all'}" if args.row_sample_seed is None
+            else f"a random sample (seed {args.row_sample_seed}) of {args.test_rows}")
     scale = (f"{args.train_rows or 'all'} training rows (random subsample, seed 0), {args.steps} optimiser steps "
              f"per run, batch {args.batch_size} (DPO family: rows; RLOO: completions, {args.num_generations} per "
              f"prompt), lr {args.learning_rate:g} (AdamW, linear decay, no warm-up), DPO-family β {args.beta:g}, "
-             f"RLOO β {args.rloo_beta:g}; seeds {args.seeds}; evaluation: first {args.test_rows or 'all'} rows of "
+             f"RLOO β {args.rloo_beta:g}; seeds {args.seeds}; evaluation: {rows} rows of "
              f"the {args.split} split, trie-constrained beam search with 10 beams (top-10), length penalty 1")
     payload = {
         "command": "python " + " ".join(shlex.quote(a) for a in sys.argv),
