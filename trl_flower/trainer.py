@@ -181,6 +181,7 @@ class FlowerTrainer(GRPOTrainer):
         # Run the prompt once and continue the SFT target and the sample on its KV cache (see `_state_logits`);
         # gradient checkpointing drops KV caches inside the layers, so it needs the stacked forward.
         self._share_prompt_forward = not self.args.gradient_checkpointing
+        self._offline_rng: torch.Generator | None = None  # created on the first offline draw (`_offline_batch`)
 
     # ------------------------------------------------------------------ construction checks
 
@@ -270,7 +271,11 @@ class FlowerTrainer(GRPOTrainer):
         if self.args.offline_trajectory_prob == 0.0 and self.args.offline_trajectory_prob_final is None:
             return False  # feature off: no draw, so a default run consumes exactly the random numbers it did before
         p = self.offline_trajectory_probability()
-        offline = bool(torch.rand(()) < p)  # same seed on every process, so ranks agree
+        if self._offline_rng is None:
+            # Its own generator, seeded alike on every process: the ranks draw the same sequence (they call this
+            # equally often), and the draws leave the global stream that sampling and dropout use untouched.
+            self._offline_rng = torch.Generator().manual_seed(self.args.seed)
+        offline = bool(torch.rand((), generator=self._offline_rng) < p)
         mode = "train" if self.model.training else "eval"
         self._metrics[mode]["flow/offline_prob"].append(p)
         self._metrics[mode]["flow/offline_batch"].append(float(offline))
