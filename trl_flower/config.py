@@ -59,11 +59,12 @@ class FlowerConfig(GRPOConfig):
             termination terms then only count at states where ⊤ is a child (use it with title_log_term="flow").
         offline_trajectory_prob (`float`, *optional*, defaults to `0.0`):
             Probability that a generation batch trains the flow loss on the dataset's target items, teacher-forced,
-            instead of on-policy samples (flow losses are valid off-policy; the official RQ1 GFlowNet starts at 1
-            and lowers it). 0: always on-policy, as in the paper's recommendation runs.
+            instead of on-policy samples. Flow-balance losses are valid off-policy, and offline paths reach titles a
+            peaked policy would not sample yet; the official RQ1 GFlowNet starts at 1 and lowers it during training.
+            0 (default): always on-policy, as in the paper's recommendation runs. Needs tokenization_mode="default".
         offline_trajectory_prob_final (`float`, *optional*):
-            If set, the offline probability moves linearly from `offline_trajectory_prob` to this value over
-            training. None: constant.
+            If set, the offline probability moves linearly from `offline_trajectory_prob` at the first step to this
+            value at the last one (`max_steps`, or the planned steps of the epochs). None: constant.
 
         > Parameters that control the rewards
 
