@@ -83,7 +83,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "GFlowNet starts fully offline and lowers it to 0.15; 0 = purely on-policy")
     p.add_argument("--flower-offline-items", choices=("length", "uniform", "counts"), default="length",
                    help="how offline titles are drawn: ∝ token length (the official code), uniformly, or ∝ count")
-    p.add_argument("--flower-lambda", type=float, default=1.0, help="Flower's λ (1 = pure SubTB, the paper's RQ1)")
+    p.add_argument("--flower-lambda", type=float, default=1.0,
+                   help="Flower's λ (1 = pure SubTB, the paper's RQ1; below 1 the SFT term trains on the offline\n"
+                        "titles, drawn as --flower-offline-items says)")
     p.add_argument("--flower-support", choices=("vocabulary", "tree"), default="tree",
                    help="method flower: FlowerConfig.flow_policy_support, π over the tree's children (default; what\n"
                         "the constrained sampler draws from) or over the vocabulary (official)")
@@ -97,7 +99,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--output-dir", default="bench/results", help="where the JSON/MD/PNG go (default: bench/results)")
     p.add_argument("--tag", default="rq1_distribution", help="file name stem of the outputs")
     p.add_argument("--work-dir", default="/tmp/rq1_distribution", help="scratch directory for trainer outputs")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if len(args.flower_offline) > 2:
+        p.error(f"--flower-offline takes START [FINAL], got {len(args.flower_offline)} values")
+    return args
 
 
 def load_target(spec: str) -> dict[str, float]:
