@@ -234,15 +234,15 @@ class FlowerTrainer(GRPOTrainer):
             return super()._generate_single_turn(prompt_ids, *args, **kwargs)
 
     def _generate_and_score_completions(self, inputs: list[dict[str, Any]]) -> dict[str, Any]:
+        sft = self._sft_targets(inputs)
         if self.args.flow_lambda == 0.0:
             batch = self._tokenize_prompt_batch(inputs)  # plain SFT: nothing to sample
         elif self._offline_batch():
-            # Offline batch: the flow loss runs on the targets' own tree paths, teacher-forced; nothing is sampled.
+            # Offline batch: the flow loss runs on the SFT targets, which in the default tokenisation (required for
+            # offline batches) are exactly the items' tree paths, teacher-forced; nothing is sampled.
             batch = self._tokenize_prompt_batch(inputs)
-            device = batch["prompt_ids"].device
-            items = torch.tensor([int(x[self.args.item_id_column]) for x in inputs], device=device)  # [B]
-            paths, _ = self.tree.item_paths(items, pad_id=self._tokenizer.pad_token_id)  # [B, L]
-            batch.update(self._flow_targets(self._rows(inputs, device), paths, log_samples=False))
+            rows = self._rows(inputs, batch["prompt_ids"].device)
+            batch.update(self._flow_targets(rows, sft["sft_ids"], log_samples=False))
         elif self._samples_in_loss_step():
             # Sampling happens in `_compute_loss` on the prompt's KV cache; only its randomness is drawn here, one
             # uniform per prompt and decoding step, so that it travels with the prompt through GRPO's split/shuffle.
@@ -255,7 +255,7 @@ class FlowerTrainer(GRPOTrainer):
             batch = super()._generate_and_score_completions(inputs)
             completion_ids = batch["completion_ids"]
             batch.update(self._flow_targets(self._rows(inputs, completion_ids.device), completion_ids))
-        batch.update(self._sft_targets(inputs))
+        batch.update(sft)
         return batch
 
     def offline_trajectory_probability(self) -> float:
