@@ -347,8 +347,7 @@ def evaluate_sasrec_rows(setup: Setup, args: argparse.Namespace, split: str, row
 
     torch.set_num_threads(args.threads)
     model = SASRec.from_pretrained(Path(args.sasrec_dir) / "model").eval()
-    # row_index ties a row to its training logits; evaluation does not use it, and a random sample is not 0..R-1
-    data = select_rows(setup.data.splits[split], rows, args.row_sample_seed).remove_columns("row_index")
+    data = select_rows(setup.data.splits[split], rows, args.row_sample_seed)
     start = time.perf_counter()
     with torch.no_grad():
         metrics = evaluate_sasrec(model, data, setup.data.items, setup.popularity)

@@ -306,6 +306,17 @@ def test_export_split_logits_and_evaluate(synthetic, tmp_path):
     with pytest.raises(ValueError, match="need at least 50 items"):
         evaluate_sasrec(model, synthetic.splits["test"], synthetic.items, pop, ks=(5, 50))
 
+    # a random sample of rows (row_index no longer 0..R-1) can be evaluated: the same rows score the same
+    from trl_flower.data import select_rows
+
+    sample = select_rows(synthetic.splits["test"], 7, sample_seed=3)
+    assert list(sample["row_index"]) != list(range(7))
+    renumbered = sample.remove_columns("row_index")
+    assert evaluate_sasrec(model, sample, synthetic.items, pop) == evaluate_sasrec(model, renumbered, synthetic.items,
+                                                                                    pop)
+    with pytest.raises(ValueError, match="row_index is not 0..R-1"):  # training/export still demand row order
+        SequenceSplit.from_dataset(sample, synthetic.num_items, 10)
+
 
 # ----------------------------------------------------------------------------------------------------------- CLI
 

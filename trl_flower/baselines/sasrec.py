@@ -157,13 +157,19 @@ class SequenceSplit:
     targets: torch.Tensor
 
     @classmethod
-    def from_dataset(cls, dataset: Dataset, num_items: int, max_len: int) -> SequenceSplit:
+    def from_dataset(
+        cls, dataset: Dataset, num_items: int, max_len: int, require_row_order: bool = True
+    ) -> SequenceSplit:
         """From a split of `load_amazon` (columns ``history_item_id``, ``item_id``, ``row_index``), in row order.
 
+        Args:
+            require_row_order: check that ``row_index`` is ``0..R-1`` (training and logit export, where row i must
+                stay CSV row i). Evaluation passes False: it scores any subset of rows, e.g. a random sample.
+
         Raises:
-            ValueError: ``row_index`` is not ``0..R-1`` in order (row i must stay CSV row i).
+            ValueError: ``require_row_order`` and ``row_index`` is not ``0..R-1`` in order.
         """
-        if "row_index" in dataset.column_names:
+        if require_row_order and "row_index" in dataset.column_names:
             row_index = np.asarray(dataset["row_index"])
             if not np.array_equal(row_index, np.arange(len(row_index))):
                 raise ValueError("the split's row_index is not 0..R-1 in order; do not shuffle or filter the split")
@@ -594,7 +600,9 @@ def evaluate_sasrec(
             f"cut-offs up to {top_k} need at least {top_k} items, the model has {model.config.num_items}; "
             "lower ks / list_k"
         )
-    split = SequenceSplit.from_dataset(dataset, model.config.num_items, model.config.max_len)
+    # any subset of rows can be evaluated (row_index only ties rows to exported logits)
+    split = SequenceSplit.from_dataset(dataset, model.config.num_items, model.config.max_len,
+                                       require_row_order=False)
     tops, ranks = [], []
     for i in range(0, len(split), batch_size):
         logits = model._score(split.seq[i : i + batch_size], split.lengths[i : i + batch_size], batch_size)  # [b, N]
