@@ -348,6 +348,17 @@ class TestFlowerTrainer:
         np.testing.assert_allclose(logged(resumed, "loss")[-2:], logged(straight, "loss")[-2:], rtol=1e-6)
         assert max_param_diff(straight.model, resumed.model) < 1e-6
 
+    def test_resume_continues_the_offline_draws(self, tiny_model_dir, tree, dataset, tmp_path):
+        """The offline/on-policy draws come from their own generator; a resumed run continues its sequence."""
+        save = dict(max_steps=8, save_strategy="steps", save_steps=4, offline_trajectory_prob=0.5)
+        straight = make_trainer(tiny_model_dir, tree, dataset, tmp_path / "a", **save)
+        straight.train()
+        draws = logged(straight, "flow/offline_batch")
+        assert len(draws) == 8 and draws[:4] != draws[4:]  # a restarted generator would repeat the first half
+        resumed = make_trainer(tiny_model_dir, tree, dataset, tmp_path / "b", **save)
+        resumed.train(resume_from_checkpoint=str(tmp_path / "a" / "out" / "checkpoint-4"))
+        assert logged(resumed, "flow/offline_batch")[-4:] == draws[4:]  # log_history holds steps 1-4 too
+
     def test_saved_model_is_a_plain_hf_directory(self, tiny_model_dir, tree, dataset, tmp_path):
         from transformers import AutoModelForCausalLM, AutoProcessor, AutoTokenizer, GenerationConfig
 

@@ -41,6 +41,7 @@ logger = logging.getLogger(__name__)
 
 INFO_FILE = "flower_config.json"  # what an evaluation needs besides the tree (terminator, mode, reward settings)
 ITEM_GROUPS_FILE = "item_groups.npy"  # popularity group per item id, when the trainer was given one
+OFFLINE_RNG_FILE = "offline_rng_state.pth"  # checkpoints only: the offline/on-policy draw generator
 COMPLETION_COLUMN = "completion"  # SFT target text in tokenization_mode="reference" (TRL's prompt-completion name)
 
 _PATH_LOSSES = {"flower_subtb": flower_subtb_loss, "db": detailed_balance_loss, "tb": flower_tb_loss}
@@ -555,6 +556,21 @@ class FlowerTrainer(GRPOTrainer):
             metrics["frac_reward_zero_std"].append(1.0)  # a group of one has zero spread (GRPO logs 1.0)
 
     # ------------------------------------------------------------------ saving
+
+    def _save_rng_state(self, output_dir: str) -> None:
+        # The Trainer saves the global RNG states with each checkpoint; the offline draws have their own generator
+        # (`_offline_batch`), saved beside them so that a resumed run continues the same draw sequence. Every rank
+        # holds the same state, so one file written by the main process serves all.
+        super()._save_rng_state(output_dir)
+        if self._offline_rng is not None and self.args.should_save:
+            torch.save(self._offline_rng.get_state(), Path(output_dir) / OFFLINE_RNG_FILE)
+
+    def _load_rng_state(self, checkpoint: str | None) -> None:
+        super()._load_rng_state(checkpoint)
+        path = Path(checkpoint) / OFFLINE_RNG_FILE if checkpoint is not None else None
+        if path is not None and path.is_file():
+            self._offline_rng = torch.Generator()
+            self._offline_rng.set_state(torch.load(path, weights_only=True))
 
     def _save(self, output_dir: str | None = None, state_dict=None):
         # A plain Hugging Face model directory (weights, config, generation config, tokenizer, chat template) from
