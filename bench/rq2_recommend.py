@@ -277,11 +277,11 @@ def train_all(setup: Setup, init_dir: Path, seed_dir: Path, args: argparse.Names
     first, so ``on_core_ready`` (the RQ3 hand-off) runs as early as possible."""
     jobs: list[tuple[str, Any]] = [("sft", lambda out: train_flower(setup, init_dir, out, args, seed, 0.0))]
     for lam in lambdas:
-        jobs.append((_flower_name(lam, lambdas), lambda out, lam=lam: train_flower(setup, init_dir, out, args, seed,
+        jobs.append((_flower_name(lam, args), lambda out, lam=lam: train_flower(setup, init_dir, out, args, seed,
                                                                                     lam)))
     if not args.no_variant:
         # the variant's loss is ~1000x smaller than the official one, so it may need its own (larger) λ
-        variant_lambda = lambdas[0] if args.variant_lambda is None else args.variant_lambda
+        variant_lambda = args.lambdas[0] if args.variant_lambda is None else args.variant_lambda
         jobs.append(("flower_flow", lambda out: train_flower(setup, init_dir, out, args, seed, variant_lambda,
                                                              **VARIANT)))
     if not args.no_ifair:
@@ -297,15 +297,18 @@ def train_all(setup: Setup, init_dir: Path, seed_dir: Path, args: argparse.Names
             timing[f"train_{name}"] = round(time.perf_counter() - start, 1)
             _log(f"seed {seed}: {name} trained in {timing[f'train_{name}']:.0f} s")
         dirs[name] = out
-        if on_core_ready is not None and "sft" in dirs and _flower_name(lambdas[0], lambdas) in dirs:
+        if on_core_ready is not None and "sft" in dirs and _flower_name(lambdas[0], args) in dirs:
             on_core_ready(dirs)
             on_core_ready = None
     return dirs
 
 
-def _flower_name(lam: float, lambdas: list[float]) -> str:
-    """Checkpoint name: ``flower`` for the first λ of the grid (the paper's 0.005), ``flower_lam<λ>`` else."""
-    return "flower" if lam == lambdas[0] else f"flower_lam{lam:g}"
+def _flower_name(lam: float, args: argparse.Namespace) -> str:
+    """Checkpoint name: ``flower`` for the first λ of ``--lambdas`` (the paper's 0.005), ``flower_lam<λ>`` else.
+
+    Named from the whole grid, not from the λ list a seed trains: later seeds train only the chosen λ, and its
+    checkpoint must not be mistaken for another λ's."""
+    return "flower" if lam == args.lambdas[0] else f"flower_lam{lam:g}"
 
 
 # ------------------------------------------------------------------------------------------------------ evaluation
@@ -386,7 +389,7 @@ def tune_on_valid(dirs: dict[str, Path], seed_dir: Path, args: argparse.Namespac
     grid: dict[str, dict[Any, dict[str, Any]]] = {"lambda": {}, "temperature": {}, "guidance": {}}
     grid["base"] = {"BIGRec": evaluate(dirs["sft"], "BIGRec", "valid", rows, ev / "sft", args)}
     for lam in lambdas:
-        name = _flower_name(lam, lambdas)
+        name = _flower_name(lam, args)
         grid["lambda"][lam] = evaluate(dirs[name], f"Flower λ={lam:g}", "valid", rows, ev / name, args)
     for t in args.temperatures:
         grid["temperature"][t] = evaluate(dirs["sft"], f"Temp T={t:g}", "valid", rows, ev / f"temp{t:g}", args,
@@ -399,11 +402,11 @@ def tune_on_valid(dirs: dict[str, Path], seed_dir: Path, args: argparse.Namespac
     return {"chosen": chosen, "grid": {k: {str(x): r for x, r in v.items()} for k, v in grid.items()}}
 
 
-def evaluate_test(dirs: dict[str, Path], seed_dir: Path, args: argparse.Namespace, lambdas: list[float],
-                  chosen: dict[str, Any], sasrec_test: Path) -> dict[str, dict[str, Any]]:
+def evaluate_test(dirs: dict[str, Path], seed_dir: Path, args: argparse.Namespace, chosen: dict[str, Any],
+                  sasrec_test: Path) -> dict[str, dict[str, Any]]:
     """Every LLM method with its chosen setting on the test rows."""
     ev, rows = seed_dir / "eval_test", args.test_rows
-    flower = _flower_name(chosen["lambda"], lambdas)
+    flower = _flower_name(chosen["lambda"], args)
     out = {
         "BIGRec": evaluate(dirs["sft"], "BIGRec", "test", rows, ev / "sft", args),
         "Temp": evaluate(dirs["sft"], "Temp", "test", rows, ev / "temp", args, decoding="temp",
@@ -557,7 +560,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             timing[str(seed)]["valid_grid"] = round(time.perf_counter() - start, 1)
         start = time.perf_counter()
         per_seed[seed] = {"SASRec": evaluate_sasrec_rows(setup, args, "test", args.test_rows)}
-        per_seed[seed].update(evaluate_test(dirs, seed_dir, args, seed_lambdas, tuning["chosen"],
+        per_seed[seed].update(evaluate_test(dirs, seed_dir, args, tuning["chosen"],
                                             sasrec_dir / "test_logits.npy"))
         timing[str(seed)]["test_eval"] = round(time.perf_counter() - start, 1)
         for m, rec in per_seed[seed].items():
