@@ -316,21 +316,25 @@ def _flower_name(lam: float, args: argparse.Namespace) -> str:
 
 def evaluate(model_dir: Path, label: str, split: str, rows: int, out: Path, args: argparse.Namespace,
              **decoding: Any) -> dict[str, Any]:
-    """`trl-flower evaluate` (its `run_evaluation`) on `rows` rows of `split`; cached in ``out/result.json``."""
-    from trl_flower.cli.evaluate import EvaluateArguments, run_evaluation
+    """`trl-flower evaluate` (its `run_evaluation`) on `rows` rows of `split`; cached in ``out/result.json``.
+
+    The cache is reused only for the same `trl-flower evaluate` command (model, rows, decoding and its settings):
+    e.g. a seed run on its own may have chosen another temperature than the merged run does."""
+    from trl_flower.cli.evaluate import EvaluateArguments, command_line, run_evaluation
 
     cache = out / "result.json"
     rows_key = {"split": split, "rows": rows, "row_sample_seed": args.row_sample_seed}
-    if cache.is_file():
-        record = json.loads(cache.read_text())
-        if record.get("rows_key") == rows_key:  # reuse only an evaluation of the same rows
-            return record
-        _log(f"{cache} was computed on other rows ({record.get('rows_key')}); evaluating again")
-    start = time.perf_counter()
-    result = run_evaluation(EvaluateArguments(
+    eval_args = EvaluateArguments(
         model=str(model_dir), data=args.dataset, data_root=args.data_root, split=split, max_rows=rows,
         row_sample_seed=args.row_sample_seed, batch_size=args.eval_batch_size, num_threads=args.threads, label=label,
-        output_dir=str(out), no_progress=True, **decoding))
+        output_dir=str(out), no_progress=True, **decoding)
+    if cache.is_file():
+        record = json.loads(cache.read_text())
+        if record.get("command") == command_line(eval_args):
+            return record
+        _log(f"{cache} came from another command ({record.get('command')}); evaluating again")
+    start = time.perf_counter()
+    result = run_evaluation(eval_args)
     record = {"metrics": result["metrics"], "group_shares": list(result["group_shares"]),
               "command": result["metadata"].get("command"), "wall_s": round(time.perf_counter() - start, 1),
               "rows_key": rows_key}
