@@ -323,7 +323,6 @@ def evaluate(model_dir: Path, label: str, split: str, rows: int, out: Path, args
     from trl_flower.cli.evaluate import EvaluateArguments, command_line, run_evaluation
 
     cache = out / "result.json"
-    rows_key = {"split": split, "rows": rows, "row_sample_seed": args.row_sample_seed}
     eval_args = EvaluateArguments(
         model=str(model_dir), data=args.dataset, data_root=args.data_root, split=split, max_rows=rows,
         row_sample_seed=args.row_sample_seed, batch_size=args.eval_batch_size, num_threads=args.threads, label=label,
@@ -336,8 +335,7 @@ def evaluate(model_dir: Path, label: str, split: str, rows: int, out: Path, args
     start = time.perf_counter()
     result = run_evaluation(eval_args)
     record = {"metrics": result["metrics"], "group_shares": list(result["group_shares"]),
-              "command": result["metadata"].get("command"), "wall_s": round(time.perf_counter() - start, 1),
-              "rows_key": rows_key}
+              "command": result["metadata"].get("command"), "wall_s": round(time.perf_counter() - start, 1)}
     cache.write_text(json.dumps(record, indent=1))
     _log(f"{label} on {split}: NDCG@5 {record['metrics']['NDCG@5']:.4f} HR@5 {record['metrics']['HR@5']:.4f} "
          f"DGU@10 {record['metrics']['DGU@10']:.3f} ({record['wall_s']:.0f} s)")
