@@ -567,8 +567,10 @@ class FlowerTrainer(GRPOTrainer):
 
     def _load_rng_state(self, checkpoint: str | None) -> None:
         super()._load_rng_state(checkpoint)
-        path = Path(checkpoint) / OFFLINE_RNG_FILE if checkpoint is not None else None
-        if path is not None and path.is_file():
+        if checkpoint is None:
+            return
+        path = Path(checkpoint) / OFFLINE_RNG_FILE
+        if path.is_file():
             self._offline_rng = torch.Generator()
             self._offline_rng.set_state(torch.load(path, weights_only=True))
 
