@@ -623,9 +623,9 @@ def main() -> None:
         return
     if args.rewrite_markdown:
         stem = Path(args.results_dir) / (args.tag or f"rq2_{args.dataset}")
-        report = json.loads(stem.with_suffix(".json").read_text())
+        report = json.loads(Path(f"{stem}.json").read_text())  # appended: a tag may contain dots
         notes = Path(args.notes).read_text() if args.notes else ""
-        stem.with_suffix(".md").write_text(to_markdown(report) + ("\n" + notes if notes else ""))
+        Path(f"{stem}.md").write_text(to_markdown(report) + ("\n" + notes if notes else ""))
         return
     if not (Path(args.sasrec_dir) / "model").is_dir():  # needed only after training (D3 grid, SASRec row)
         _log(f"warning: --sasrec-dir {args.sasrec_dir} has no model/ yet; run `trl-flower sasrec --data "

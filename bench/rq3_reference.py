@@ -422,10 +422,11 @@ def write_results(args: argparse.Namespace, records: dict[str, Any], wall_s: flo
         "starts": records["starts"], "table": table, "flower_wins": flower_wins(table), "runs": records["runs"],
         "paper_movies_table4": PAPER_MOVIES, "paper_note": PAPER_NOTE,
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(payload, indent=1, default=str))
-    out.with_suffix(".md").write_text(markdown(payload))
+    # appended, not with_suffix: a prefix may contain dots (e.g. "..._lam0.001")
+    out_json, out_md = Path(f"{args.out}.json"), Path(f"{args.out}.md")
+    out_json.parent.mkdir(parents=True, exist_ok=True)
+    out_json.write_text(json.dumps(payload, indent=1, default=str))
+    out_md.write_text(markdown(payload))
     return payload
 
 
@@ -467,7 +468,7 @@ def main(argv: list[str] | None = None) -> int:
     begin, cpu = time.perf_counter(), time.process_time()
     records = run_experiment(args)
     payload = write_results(args, records, time.perf_counter() - begin, time.process_time() - cpu)
-    _log(f"wrote {Path(args.out).with_suffix('.md')} ({payload['wall_s']:.0f} s)")
+    _log(f"wrote {args.out}.md ({payload['wall_s']:.0f} s)")
     return 0
 
 
