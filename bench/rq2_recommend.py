@@ -230,8 +230,11 @@ def _trainer_budget(args: argparse.Namespace, seed: int) -> dict[str, Any]:
 
 
 def train_flower(setup: Setup, init_dir: Path, out: Path, args: argparse.Namespace, seed: int, flow_lambda: float,
-                 **options: Any) -> None:
-    """`FlowerTrainer` from `init_dir` (λ = 0 is BIGRec's SFT); saves the checkpoint with its prefix tree."""
+                 item_rewards: Any = None, **options: Any) -> None:
+    """`FlowerTrainer` from `init_dir` (λ = 0 is BIGRec's SFT); saves the checkpoint with its prefix tree.
+
+    ``item_rewards``: [M] reward of every item (default: training-history interactions + 1); ``options`` go to
+    `FlowerConfig`."""
     import numpy as np
     from transformers import AutoTokenizer
 
@@ -241,7 +244,9 @@ def train_flower(setup: Setup, init_dir: Path, out: Path, args: argparse.Namespa
 
     tokenizer = AutoTokenizer.from_pretrained(init_dir)
     # item reward R(i) = interactions in the training histories + 1, as `trl-flower train` (every item reachable)
-    tree = PrefixTree.from_titles(setup.data.items, tokenizer).with_rewards(setup.counts.astype(np.float64) + 1.0)
+    if item_rewards is None:
+        item_rewards = setup.counts.astype(np.float64) + 1.0
+    tree = PrefixTree.from_titles(setup.data.items, tokenizer).with_rewards(item_rewards)
     dataset = setup.train_rows.add_column("prompt", setup.prompts(tokenizer)).select_columns(
         ["prompt", "item_id", "row_index"])
     if flow_lambda > 0 and args.flower_reward_variant != "none":  # personalised rewards from SASRec's train logits
