@@ -168,7 +168,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "load_average_end": round(os.getloadavg()[0], 2),
     }
     (results_dir / f"{stem}.json").write_text(json.dumps(report, indent=1, default=float))
-    (results_dir / f"{stem}.md").write_text(to_markdown(report))
+    notes = Path(args.notes).read_text() if args.notes else ""  # RQ2's --notes: analysis, how processes were split
+    (results_dir / f"{stem}.md").write_text(to_markdown(report) + ("\n" + notes if notes else ""))
     rq2._log(f"wrote {results_dir / stem}.json/.md and {plot}")
     return report
 
