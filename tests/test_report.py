@@ -196,6 +196,16 @@ def test_group_shares_plot_bars_are_the_shares(tmp_path):
         plot_group_shares({})
 
 
+def test_group_shares_plot_keeps_more_methods_than_colours_apart():
+    from trl_flower.evaluation.plots import METHOD_COLORS
+
+    n = len(METHOD_COLORS) + 2  # the palette wraps around
+    fig = plot_group_shares({f"m{i}": [0.5, 0.5] for i in range(n)})
+    styles = [(tuple(b.get_facecolor()), b.get_hatch() or "") for b in _bars(fig)[::2]]  # first bar of each series
+    assert len(set(styles)) == n
+    assert styles[0][0] == styles[len(METHOD_COLORS)][0]  # same colour, told apart by the hatch
+
+
 def test_item_frequency_plot_one_bar_per_target_item(tmp_path):
     target = {"b": 10, "a": 30, "c": 20, "d": 20, "e": 5}  # sorted by count: a, c, d (tie kept in file order), b, e
     flower = {"a": 6, "c": 2, "b": 1, "zz": 1}

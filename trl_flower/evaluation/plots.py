@@ -28,6 +28,8 @@ from matplotlib.ticker import FuncFormatter
 REFERENCE_COLOR = "0.6"
 # Colour-blind-safe palette (Okabe-Ito) for the methods, in order.
 METHOD_COLORS = ("#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#F0E442", "#000000")
+# Bar hatches of the 1st, 2nd, ... round of the palette, so that more than 8 methods stay distinguishable.
+METHOD_HATCHES = ("", "//", "..", "xx")
 MAX_LABELLED_ITEMS = 40  # above this many items the x axis shows ranks instead of titles
 
 
@@ -68,15 +70,17 @@ def plot_group_shares(
     Raises:
         ValueError: no series, or series of different lengths.
     """
-    series: list[tuple[str, np.ndarray, str]] = []
+    series: list[tuple[str, np.ndarray, str, str]] = []
     if reference is not None:
-        series.append((reference_label, np.asarray(reference, dtype=np.float64), REFERENCE_COLOR))
+        series.append((reference_label, np.asarray(reference, dtype=np.float64), REFERENCE_COLOR, ""))
+    n_colors = len(METHOD_COLORS)
     for i, (name, values) in enumerate(shares.items()):
-        series.append((str(name), np.asarray(values, dtype=np.float64), METHOD_COLORS[i % len(METHOD_COLORS)]))
+        series.append((str(name), np.asarray(values, dtype=np.float64), METHOD_COLORS[i % n_colors],
+                       METHOD_HATCHES[(i // n_colors) % len(METHOD_HATCHES)]))
     if not series:
         raise ValueError("nothing to plot: pass at least one method's group shares or the reference shares")
     G = series[0][1].size
-    bad = [name for name, values, _ in series if values.shape != (G,)]
+    bad = [name for name, values, _, _ in series if values.shape != (G,)]
     if G == 0 or bad:
         raise ValueError(f"every series needs the same number of groups ({G}); these differ: {bad}")
 
@@ -84,13 +88,13 @@ def plot_group_shares(
     ax = fig.add_subplot()
     x = np.arange(G)  # [G]
     width = 0.8 / len(series)
-    for s, (name, values, color) in enumerate(series):
+    for s, (name, values, color, hatch) in enumerate(series):
         offset = (s - (len(series) - 1) / 2) * width
-        ax.bar(x + offset, values, width, label=name, color=color, edgecolor="white", linewidth=0.5)
+        ax.bar(x + offset, values, width, label=name, color=color, hatch=hatch, edgecolor="white", linewidth=0.5)
     ax.set_xticks(x, [str(g + 1) for g in range(G)])
     ax.set_xlabel("popularity group (1 = most popular)")
     ax.set_ylabel("share")
-    top = max((float(np.nanmax(v)) for _, v, _ in series if np.isfinite(v).any()), default=0.0)
+    top = max((float(np.nanmax(v)) for _, v, _, _ in series if np.isfinite(v).any()), default=0.0)
     ax.set_ylim(0, top * 1.15 if top > 0 else 1.0)  # NaN shares (no valid recommendation) draw no bar
     ax.grid(axis="y", alpha=0.3)
     ax.set_axisbelow(True)
