@@ -7,8 +7,9 @@ the seed's tiny-model initial weights and tokenizer, the training rows, batches,
 (trie-constrained beam search, 10 beams). Every knob and the RQ2 references (BIGRec = SFT, Flower at λ 0.005 and
 at λ 0.001 when present) are evaluated on the same valid and test rows as RQ2.
 
-Run `bench/rq2_recommend.py` first with the same ``--runs-dir`` and training arguments (``--epochs``,
-``--train-rows``, ``--batch-size``, ...): this script reuses its tokenizer, initial weights and checkpoints from
+Run `bench/rq2_recommend.py` first and pass this script the same ``--runs-dir`` and training arguments
+(``--epochs``, ``--train-rows``, ``--batch-size``, ...; ``--lambdas`` and ``--flower-reward-variant`` name and describe
+its Flower checkpoints): this script reuses its tokenizer, initial weights and checkpoints from
 ``--runs-dir/<dataset>/seed<S>/`` and writes its own checkpoints there as ``knob_<name>/``. Finished trainings and
 evaluations are reused, so knobs can run as parallel processes (``--knobs a b`` in one, ``--knobs c d`` in another)
 and be merged with ``--report-only``.
@@ -17,7 +18,7 @@ Usage::
 
     python bench/rq2_knobs.py --dataset Movies_and_TV --sasrec-dir /tmp/rq2full/sasrec_movies --seeds 0 \\
         --train-rows 0 --epochs 3 --valid-rows 300 --test-rows 1000 --row-sample-seed 0 --runs-dir /tmp/rq2e3/runs \\
-        --knobs reward_none reward_exact
+        --lambdas 0.005 0.001 --flower-reward-variant div_s --knobs reward_none reward_exact
 
 Writes ``bench/results/<--tag>.{json,md}`` (default ``rq2_knobs_<dataset>``) and ``<tag>_group_shares.png``.
 """
@@ -64,10 +65,6 @@ KNOBS: dict[str, Knob] = {
     "tree_lam0.01": Knob(0.01, "div_s", rq2.VARIANT, "tree-normalised loss (RQ1's winner), λ 0.01"),
     "tree_lam0.05": Knob(0.05, "div_s", rq2.VARIANT, "tree-normalised loss (RQ1's winner), λ 0.05"),
 }
-# RQ2's own checkpoints (bench/rq2_recommend.py names), evaluated beside the knobs when present
-REFERENCES = {"BIGRec (SFT)": ("sft", "RQ2's SFT"),
-              "Flower λ 0.005 (RQ2)": ("flower", "RQ2's Flower: div_s, λ 0.005, official loss, T = 1"),
-              "Flower λ 0.001 (RQ2)": ("flower_lam0.001", "RQ2's Flower at the λ chosen on valid")}
 COLUMNS = ("NDCG@5", "HR@5", "DGU@10", "MGU@10", "H", "TTR", "distinct_titles")
 
 
@@ -84,6 +81,17 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-references", action="store_true",
                    help="do not evaluate RQ2's own checkpoints (e.g. in all but one of several parallel processes)")
     return p
+
+
+def references(args: argparse.Namespace) -> dict[str, tuple[str, str]]:
+    """RQ2's own checkpoints, evaluated beside the knobs when present: label -> (directory name, description).
+
+    BIGRec, and Flower at every λ of ``--lambdas`` (pass RQ2's ``--lambdas`` and ``--flower-reward-variant``)."""
+    out = {"BIGRec (SFT)": ("sft", "RQ2's SFT")}
+    for lam in args.lambdas:
+        out[f"Flower λ {lam:g} (RQ2)"] = (rq2._flower_name(lam, args), f"RQ2's Flower: {args.flower_reward_variant}, "
+                                          f"λ {lam:g}, official loss, T = 1")
+    return out
 
 
 def train_knob(setup: rq2.Setup, init_dir: Path, out: Path, args: argparse.Namespace, seed: int, knob: Knob) -> float:
@@ -129,7 +137,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         seed_dir = root / f"seed{seed}"
         init_dir = rq2.build_init_dir(tok_dir, args, seed, seed_dir / "init")
         rows: dict[str, Any] = {}
-        for label, (name, what) in REFERENCES.items():
+        for label, (name, what) in references(args).items():
             if not args.no_references and rq2._done(seed_dir / name):
                 rows[label] = {"what": what, "checkpoint": name,
                                **evaluate_both(seed_dir / name, label, seed_dir, name, args)}
