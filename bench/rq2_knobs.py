@@ -31,7 +31,7 @@ import os
 import shlex
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -105,14 +105,8 @@ def train_knob(setup: rq2.Setup, init_dir: Path, out: Path, args: argparse.Names
     start = time.perf_counter()
     rq2.train_flower(setup, init_dir, out, knob_args, seed, knob.flow_lambda, item_rewards=rewards, **knob.options)
     wall = round(time.perf_counter() - start, 1)
-    (out / "knob_train.json").write_text(json.dumps({"wall_s": wall, "knob": vars_of(knob)}, indent=1))
+    (out / "knob_train.json").write_text(json.dumps({"wall_s": wall, "knob": asdict(knob)}, indent=1))
     return wall
-
-
-def vars_of(knob: Knob) -> dict[str, Any]:
-    """A knob as plain JSON."""
-    return {"flow_lambda": knob.flow_lambda, "reward_variant": knob.reward_variant, "item_reward": knob.item_reward,
-            "options": dict(knob.options), "what": knob.what}
 
 
 def evaluate_both(model_dir: Path, label: str, seed_dir: Path, name: str, args: argparse.Namespace) -> dict[str, Any]:
@@ -150,7 +144,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 rq2._log(f"seed {seed}: training knob {name} ({knob.what}) -> {out}")
                 train_knob(setup, init_dir, out, args, seed, knob)
             train = json.loads((out / "knob_train.json").read_text())
-            rows[name] = {"what": knob.what, "checkpoint": out.name, "knob": vars_of(knob),
+            rows[name] = {"what": knob.what, "checkpoint": out.name, "knob": asdict(knob),
                           "train_wall_s": train["wall_s"], **evaluate_both(out, name, seed_dir, out.name, args)}
         per_seed[str(seed)] = rows
     results_dir = Path(args.results_dir)
@@ -176,8 +170,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "load_average_end": round(os.getloadavg()[0], 2),
     }
     (results_dir / f"{stem}.json").write_text(json.dumps(report, indent=1, default=float))
-    notes = Path(args.notes).read_text() if args.notes else ""  # RQ2's --notes: analysis, how processes were split
-    (results_dir / f"{stem}.md").write_text(to_markdown(report) + ("\n" + notes if notes else ""))
+    # RQ2's --notes: the analysis and how the runs were split into processes
+    (results_dir / f"{stem}.md").write_text(rq2.with_notes(to_markdown(report), args.notes))
     rq2._log(f"wrote {results_dir / stem}.json/.md and {plot}")
     return report
 

@@ -620,6 +620,11 @@ def _report(args, setup: Setup, per_seed, tuning, timing, shares, plot: Path, wa
     }
 
 
+def with_notes(markdown: str, notes_path: str | None) -> str:
+    """A results page with the ``--notes`` markdown file (analysis written after the run) appended, if given."""
+    return markdown + ("\n" + Path(notes_path).read_text() if notes_path else "")
+
+
 def main() -> None:
     """Entry point."""
     args = make_parser().parse_args()
@@ -629,8 +634,7 @@ def main() -> None:
     if args.rewrite_markdown:
         stem = Path(args.results_dir) / (args.tag or f"rq2_{args.dataset}")
         report = json.loads(Path(f"{stem}.json").read_text())  # appended: a tag may contain dots
-        notes = Path(args.notes).read_text() if args.notes else ""
-        Path(f"{stem}.md").write_text(to_markdown(report) + ("\n" + notes if notes else ""))
+        Path(f"{stem}.md").write_text(with_notes(to_markdown(report), args.notes))
         return
     if not (Path(args.sasrec_dir) / "model").is_dir():  # needed only after training (D3 grid, SASRec row)
         _log(f"warning: --sasrec-dir {args.sasrec_dir} has no model/ yet; run `trl-flower sasrec --data "
