@@ -122,6 +122,10 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--notes", default=None, help="a markdown file appended to the report (analysis)")
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads (1: the 2 cores are shared with other jobs; more threads only contend)")
+    p.add_argument("--train-only", nargs="+", default=None, metavar="CHECKPOINT",
+                   help="only train these checkpoints of every seed (names as in the runs dir: sft, flower, "
+                        "flower_lam<λ>, flower_flow, ifair), then stop without evaluating: splits one seed's "
+                        "trainings across processes; a later run without it reuses them")
     return p
 
 
@@ -291,6 +295,12 @@ def train_all(setup: Setup, init_dir: Path, seed_dir: Path, args: argparse.Names
                                                              **VARIANT)))
     if not args.no_ifair:
         jobs.append(("ifair", lambda out: train_ifair(setup, init_dir, out, args, seed)))
+    if args.train_only is not None:
+        unknown = sorted(set(args.train_only) - {name for name, _ in jobs})
+        if unknown:
+            raise SystemExit(f"--train-only {' '.join(unknown)}: seed {seed} trains only "
+                             f"{', '.join(name for name, _ in jobs)} with these options")
+        jobs = [(name, job) for name, job in jobs if name in args.train_only]
     dirs: dict[str, Path] = {}
     for name, job in jobs:
         out = seed_dir / (name if name != "flower_flow" or args.variant_lambda is None
@@ -538,8 +548,9 @@ def _shares_table(report: dict[str, Any]) -> list[str]:
 # ------------------------------------------------------------------------------------------------------ main
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
-    """The whole experiment; returns the report dict (also written to ``--results-dir``)."""
+def run(args: argparse.Namespace) -> dict[str, Any] | None:
+    """The whole experiment; returns the report dict (also written to ``--results-dir``), or None with
+    ``--train-only`` (training only)."""
     import torch
 
     from trl_flower.evaluation.plots import plot_group_shares
@@ -561,6 +572,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         seed_lambdas = lambdas if i == 0 else [tuning["chosen"]["lambda"]]
         dirs = train_all(setup, init_dir, seed_dir, args, seed, seed_lambdas, timing[str(seed)],
                          on_core_ready=(lambda d, sd=seed_dir: hand_off(d, sd)) if i == 0 else None)
+        if args.train_only is not None:
+            _log(f"seed {seed}: trained {', '.join(dirs)} (--train-only; wall times {timing[str(seed)]})")
+            continue
         if i == 0:
             start = time.perf_counter()
             tuning = tune_on_valid(dirs, seed_dir, args, lambdas, sasrec_dir / "valid_logits.npy")
@@ -572,6 +586,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         timing[str(seed)]["test_eval"] = round(time.perf_counter() - start, 1)
         for m, rec in per_seed[seed].items():
             timing[str(seed)][f"eval_{m}"] = rec.get("wall_s")
+    if args.train_only is not None:
+        return None
     first = per_seed[args.seeds[0]]
     results_dir = Path(args.results_dir)
     results_dir.mkdir(parents=True, exist_ok=True)
@@ -648,7 +664,8 @@ def main() -> None:
     transformers.utils.logging.set_verbosity_error()
     warnings.filterwarnings("ignore", message=".*pin_memory.*")
     report = run(args)
-    print(to_markdown(report))
+    if report is not None:
+        print(to_markdown(report))
 
 
 if __name__ == "__main__":

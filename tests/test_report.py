@@ -206,6 +206,16 @@ def test_group_shares_plot_keeps_more_methods_than_colours_apart():
     assert styles[0][0] == styles[len(METHOD_COLORS)][0]  # same colour, told apart by the hatch
 
 
+def test_item_frequency_plot_keeps_more_methods_than_colours_apart():
+    from trl_flower.evaluation.plots import METHOD_COLORS
+
+    n = len(METHOD_COLORS) + 2  # the palette wraps around
+    fig = plot_item_frequencies({"a": 2, "b": 1}, {f"m{i}": {"a": 1} for i in range(n)})
+    styles = [(line.get_color(), line.get_linestyle()) for line in fig.axes[0].get_lines()]
+    assert len(set(styles)) == n
+    assert styles[0][0] == styles[len(METHOD_COLORS)][0]  # same colour, told apart by the line style
+
+
 def test_item_frequency_plot_one_bar_per_target_item(tmp_path):
     target = {"b": 10, "a": 30, "c": 20, "d": 20, "e": 5}  # sorted by count: a, c, d (tie kept in file order), b, e
     flower = {"a": 6, "c": 2, "b": 1, "zz": 1}

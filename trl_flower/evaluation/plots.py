@@ -30,6 +30,8 @@ REFERENCE_COLOR = "0.6"
 METHOD_COLORS = ("#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#F0E442", "#000000")
 # Bar hatches of the 1st, 2nd, ... round of the palette, so that more than 8 methods stay distinguishable.
 METHOD_HATCHES = ("", "//", "..", "xx")
+# Line styles of the 1st, 2nd, ... round of the palette, for the same reason in line plots.
+METHOD_LINESTYLES = ("-", "--", ":", "-.")
 MAX_LABELLED_ITEMS = 40  # above this many items the x axis shows ranks instead of titles
 
 
@@ -158,7 +160,9 @@ def plot_item_frequencies(
         _, _, r, out_of_set = item_frequency_table(target_counts, counts)
         label = f"{name} (outside target: {out_of_set:.1%})" if out_of_set > 0 else str(name)
         dense = X > 200  # markers would merge into a band
-        ax.plot(x, r, color=METHOD_COLORS[i % len(METHOD_COLORS)], marker=None if dense else "o",
+        n_colors = len(METHOD_COLORS)
+        ax.plot(x, r, color=METHOD_COLORS[i % n_colors], marker=None if dense else "o",
+                linestyle=METHOD_LINESTYLES[(i // n_colors) % len(METHOD_LINESTYLES)],
                 markersize=2.5 if X > 50 else 3.5, linewidth=0.6 if dense else 1.0, alpha=0.85 if dense else 1.0,
                 label=label)
     if X <= MAX_LABELLED_ITEMS:
