@@ -26,6 +26,9 @@ Usage::
     python bench/rq2_recommend.py --dataset Movies_and_TV --sasrec-dir /tmp/rq2_runs/Movies_and_TV/sasrec
     python bench/rq2_recommend.py --dataset Movies_and_TV --sasrec-dir DIR --train-rows 256 --test-rows 32 \\
         --valid-rows 32 --max-steps 4 --runs-dir /tmp/rq2_smoke --results-dir /tmp/rq2_smoke  # smoke run
+
+To spread one seed's trainings over the cores, run the same command with ``--train-only`` in parallel processes
+(e.g. ``--train-only sft flower`` beside ``--train-only flower_lam0.001 ifair``), then once without it.
 """
 
 from __future__ import annotations
