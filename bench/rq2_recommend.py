@@ -572,7 +572,8 @@ def run(args: argparse.Namespace) -> dict[str, Any] | None:
         seed_dir = root / f"seed{seed}"
         timing[str(seed)] = {}
         init_dir = build_init_dir(tok_dir, args, seed, seed_dir / "init")
-        seed_lambdas = lambdas if i == 0 else [tuning["chosen"]["lambda"]]
+        # later seeds train only the λ chosen on valid; with --train-only nothing is chosen, the names decide
+        seed_lambdas = lambdas if i == 0 or args.train_only is not None else [tuning["chosen"]["lambda"]]
         dirs = train_all(setup, init_dir, seed_dir, args, seed, seed_lambdas, timing[str(seed)],
                          on_core_ready=(lambda d, sd=seed_dir: hand_off(d, sd)) if i == 0 else None)
         if args.train_only is not None:
