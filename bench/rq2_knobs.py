@@ -176,10 +176,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return report
 
 
-def _budget(settings: dict[str, Any]) -> str:
-    return f"{settings['max_steps']} steps" if settings["max_steps"] > 0 else f"{settings['epochs']:g} epoch(s)"
-
-
 def _cells(metrics: dict[str, Any]) -> str:
     return " | ".join(rq2._cell(c, metrics.get(c)) for c in COLUMNS)
 
@@ -192,7 +188,8 @@ def to_markdown(report: dict[str, Any]) -> str:
              f"Versions: trl_flower {v['trl_flower']} ({v['git_commit']}), trl {v['trl']}, transformers "
              f"{v['transformers']}, torch {v['torch']}, Python {v['python']}; {s['threads']} torch thread(s) on a "
              f"2-core CPU shared with other jobs (load average at the end {report['load_average_end']}).  ",
-             f"Training as RQ2: {_budget(s)}, batch {s['batch_size']}, lr {s['learning_rate']:g}, "
+             f"Training as RQ2: {rq2.budget_text(s['max_steps'], s['epochs'])}, batch {s['batch_size']}, "
+             f"lr {s['learning_rate']:g}, "
              f"train rows {s['train_rows'] or 'all'}; rows: valid {s['valid_rows']}, test {s['test_rows']} (sample "
              f"seed {s['row_sample_seed']}); every knob changes one thing of the RQ2 Flower run "
              f"{report['baseline_knob']}.  ",

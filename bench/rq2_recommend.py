@@ -610,7 +610,7 @@ def run(args: argparse.Namespace) -> dict[str, Any] | None:
 def _report(args, setup: Setup, per_seed, tuning, timing, shares, plot: Path, wall: float) -> dict[str, Any]:
     data = setup.data
     n_test = min(args.test_rows, data.splits["test"].num_rows) if args.test_rows else data.splits["test"].num_rows
-    steps = (f"{args.max_steps} steps" if args.max_steps > 0 else f"{args.epochs:g} epoch(s)")
+    steps = budget_text(args.max_steps, args.epochs)
     rows_kind = "first" if args.row_sample_seed is None else f"random sample (seed {args.row_sample_seed}) of"
     return {
         "dataset": args.dataset,
@@ -638,6 +638,11 @@ def _report(args, setup: Setup, per_seed, tuning, timing, shares, plot: Path, wa
         "wall_time_s": {**timing, "total": round(wall, 1)},
         "load_average_end": round(os.getloadavg()[0], 2),
     }
+
+
+def budget_text(max_steps: int, epochs: float) -> str:
+    """The training budget as the results pages write it: ``--max-steps`` if set, else ``--epochs``."""
+    return f"{max_steps} steps" if max_steps > 0 else f"{epochs:g} epoch(s)"
 
 
 def with_notes(markdown: str, notes_path: str | None) -> str:

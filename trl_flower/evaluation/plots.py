@@ -35,6 +35,12 @@ METHOD_LINESTYLES = ("-", "--", ":", "-.")
 MAX_LABELLED_ITEMS = 40  # above this many items the x axis shows ranks instead of titles
 
 
+def _method_style(i: int, round_styles: tuple[str, ...]) -> tuple[str, str]:
+    """Colour of the i-th method and the style (hatch, line style) of its round of the palette."""
+    n_colors = len(METHOD_COLORS)
+    return METHOD_COLORS[i % n_colors], round_styles[(i // n_colors) % len(round_styles)]
+
+
 def _new_figure(width: float, height: float) -> Figure:
     fig = Figure(figsize=(width, height), dpi=120, layout="constrained")
     FigureCanvasAgg(fig)
@@ -75,10 +81,8 @@ def plot_group_shares(
     series: list[tuple[str, np.ndarray, str, str]] = []
     if reference is not None:
         series.append((reference_label, np.asarray(reference, dtype=np.float64), REFERENCE_COLOR, ""))
-    n_colors = len(METHOD_COLORS)
     for i, (name, values) in enumerate(shares.items()):
-        series.append((str(name), np.asarray(values, dtype=np.float64), METHOD_COLORS[i % n_colors],
-                       METHOD_HATCHES[(i // n_colors) % len(METHOD_HATCHES)]))
+        series.append((str(name), np.asarray(values, dtype=np.float64), *_method_style(i, METHOD_HATCHES)))
     if not series:
         raise ValueError("nothing to plot: pass at least one method's group shares or the reference shares")
     G = series[0][1].size
@@ -160,9 +164,8 @@ def plot_item_frequencies(
         _, _, r, out_of_set = item_frequency_table(target_counts, counts)
         label = f"{name} (outside target: {out_of_set:.1%})" if out_of_set > 0 else str(name)
         dense = X > 200  # markers would merge into a band
-        n_colors = len(METHOD_COLORS)
-        ax.plot(x, r, color=METHOD_COLORS[i % n_colors], marker=None if dense else "o",
-                linestyle=METHOD_LINESTYLES[(i // n_colors) % len(METHOD_LINESTYLES)],
+        color, linestyle = _method_style(i, METHOD_LINESTYLES)
+        ax.plot(x, r, color=color, marker=None if dense else "o", linestyle=linestyle,
                 markersize=2.5 if X > 50 else 3.5, linewidth=0.6 if dense else 1.0, alpha=0.85 if dense else 1.0,
                 label=label)
     if X <= MAX_LABELLED_ITEMS:
