@@ -600,14 +600,27 @@ def run(args: argparse.Namespace) -> dict[str, Any] | None:
     shares = {m: r["group_shares"] for m, r in first.items()}
     plot_group_shares(shares, list(setup.popularity.shares), reference_label="train histories",
                       title=f"{args.dataset}: top-10 popularity-group shares (test, seed {args.seeds[0]})", path=plot)
-    report = _report(args, setup, per_seed, tuning, timing, shares, plot, time.perf_counter() - wall_start)
+    report = _report(args, setup, per_seed, tuning, timing, shares, plot, time.perf_counter() - wall_start,
+                     tokenizer_stats(tok_dir, setup.data.items))
     (results_dir / f"{stem}.json").write_text(json.dumps(report, indent=1, default=float))
     (results_dir / f"{stem}.md").write_text(to_markdown(report))
     _log(f"wrote {results_dir / stem}.json/.md and {plot}")
     return report
 
 
-def _report(args, setup: Setup, per_seed, tuning, timing, shares, plot: Path, wall: float) -> dict[str, Any]:
+def tokenizer_stats(tok_dir: Path, titles: list[str]) -> dict[str, float]:
+    """Size of the trained BPE vocabulary (below ``--vocab-size`` when the corpus runs out of merges) and the mean
+    number of tokens per item title (the depth of the prefix tree Flower's flows are spread over)."""
+    import numpy as np
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tok_dir)
+    lengths = [len(ids) for ids in tokenizer(list(titles), add_special_tokens=False)["input_ids"]]
+    return {"vocab_size": len(tokenizer), "mean_title_tokens": round(float(np.mean(lengths)), 2)}
+
+
+def _report(args, setup: Setup, per_seed, tuning, timing, shares, plot: Path, wall: float,
+            tokenizer: dict[str, float]) -> dict[str, Any]:
     data = setup.data
     n_test = min(args.test_rows, data.splits["test"].num_rows) if args.test_rows else data.splits["test"].num_rows
     steps = budget_text(args.max_steps, args.epochs)
@@ -623,10 +636,13 @@ def _report(args, setup: Setup, per_seed, tuning, timing, shares, plot: Path, wa
                   f"{rows_kind} {n_test} of {data.splits['test'].num_rows} rows; valid: {rows_kind} "
                   f"{args.valid_rows or data.splits['valid'].num_rows} rows; {data.num_items} items; top-10 "
                   "trie-constrained beam search (10 beams), length penalty 1 (D3: 0)"),
-        "backbone": (f"tiny Qwen2 trained from the data (trl_flower.tiny): byte-level BPE with {args.vocab_size} "
-                     f"tokens trained on the titles and prompt text, hidden {args.hidden_size}, {args.num_layers} "
+        "backbone": (f"tiny Qwen2 trained from the data (trl_flower.tiny): byte-level BPE with "
+                     f"{tokenizer['vocab_size']} tokens (--vocab-size {args.vocab_size}; "
+                     f"{tokenizer['mean_title_tokens']:g} tokens per title on average) trained on the titles and "
+                     f"prompt text, hidden {args.hidden_size}, {args.num_layers} "
                      "layers, random init per seed; the same initial weights, rows, batches, steps and decoding "
                      "for every LLM method"),
+        "tokenizer": tokenizer,
         "chosen": tuning["chosen"],
         "valid_grid": tuning["grid"],
         "per_seed": {str(k): v for k, v in per_seed.items()},
