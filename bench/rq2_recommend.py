@@ -100,7 +100,10 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup-steps", type=int, default=10, help="linear warm-up steps")
     p.add_argument("--hidden-size", type=int, default=128, help="width of the tiny Qwen2")
     p.add_argument("--num-layers", type=int, default=2, help="decoder layers of the tiny Qwen2")
-    p.add_argument("--vocab-size", type=int, default=2048, help="BPE vocabulary of the tiny model")
+    p.add_argument("--vocab-size", type=int, default=2048,
+                   help="BPE vocabulary of the tiny model (the results give the size reached: BPE stops early when\n"
+                        "the corpus runs out of merges); the tokenizer is kept per --runs-dir, so another size\n"
+                        "needs another --runs-dir")
     p.add_argument("--lambdas", type=float, nargs="+", default=[0.005, 0.01], help="Flower λ grid (valid)")
     p.add_argument("--temperatures", type=float, nargs="+", default=[1.2, 1.5, 2.0], help="Temp grid (valid)")
     p.add_argument("--guidances", type=float, nargs="+", default=[1.0, 0.75, 0.5, 0.25],
@@ -200,13 +203,18 @@ def build_tokenizer_dir(setup: Setup, args: argparse.Namespace, root: Path) -> P
     from trl_flower.tiny import build_tokenizer
 
     out = root / "tokenizer"
+    requested = out / "requested_vocab_size.json"  # the size asked for: BPE may stop below it
     if (out / "tokenizer.json").is_file():
+        if requested.is_file() and json.loads(requested.read_text()) != args.vocab_size:
+            raise SystemExit(f"{out} was trained with --vocab-size {json.loads(requested.read_text())}, not "
+                             f"{args.vocab_size}: pass that size, or another --runs-dir for another tokenizer")
         return out
     raw = PromptBuilder.from_dataset(setup.data.name, mode="reference")
     text = [raw(h) for h in setup.data.splits["train"]["history_item_title"][:400]]
     # titles three times so that their words, not the prompt boilerplate, get most merges
     tokenizer = build_tokenizer(list(setup.data.items) * 3 + text, vocab_size=args.vocab_size)
     tokenizer.save_pretrained(out)
+    requested.write_text(json.dumps(args.vocab_size))
     return out
 
 
