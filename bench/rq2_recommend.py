@@ -205,9 +205,11 @@ def build_tokenizer_dir(setup: Setup, args: argparse.Namespace, root: Path) -> P
     out = root / "tokenizer"
     requested = out / "requested_vocab_size.json"  # the size asked for: BPE may stop below it
     if (out / "tokenizer.json").is_file():
-        if requested.is_file() and json.loads(requested.read_text()) != args.vocab_size:
-            raise SystemExit(f"{out} was trained with --vocab-size {json.loads(requested.read_text())}, not "
-                             f"{args.vocab_size}: pass that size, or another --runs-dir for another tokenizer")
+        # tokenizer dirs made before this record existed cannot be checked
+        trained_with = json.loads(requested.read_text()) if requested.is_file() else args.vocab_size
+        if trained_with != args.vocab_size:
+            raise SystemExit(f"{out} was trained with --vocab-size {trained_with}, not {args.vocab_size}: pass that "
+                             "size, or another --runs-dir for another tokenizer")
         return out
     raw = PromptBuilder.from_dataset(setup.data.name, mode="reference")
     text = [raw(h) for h in setup.data.splits["train"]["history_item_title"][:400]]
