@@ -1,10 +1,11 @@
 """Do Flower's flow targets themselves favour popular items? A model-free look at one RQ2 prefix tree.
 
-The RQ2 knob `item_uniform` (R(i) = 1 for every item) came out *more* head-heavy than the interaction-count reward.
-One possible cause is the tree's shape: with uniform rewards the target probability of a prefix is the share of
-catalogue titles below it, so if popular titles sat under large prefixes (a common first word, say) the targets
-would push the head without any popularity in the reward. This script measures that on the tree and popularity
-groups an RQ2 checkpoint was trained with, for the count reward stored in the tree and for uniform rewards:
+The RQ2 knob `item_uniform` (R(i) = 1 for every item) came out *more* head-heavy than the interaction-count reward on
+seed 0 (on seed 1 it did not, and the two-seed means are equal). One possible cause is the tree's shape: with uniform
+rewards the target probability of a prefix is the share of catalogue titles below it, so if popular titles sat under
+large prefixes (a common first word, say) the targets would push the head without any popularity in the reward. This
+script measures that on the tree and popularity groups an RQ2 checkpoint was trained with, for the count reward stored
+in the tree and for uniform rewards:
 
 the mean target share F(prefix)/F(root) of each item's depth-d prefix, per popularity group (group 0 = most popular,
 as in DGU/MGU). (A beam search over the uniform flows alone says nothing more: every item path then has the same
