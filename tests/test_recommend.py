@@ -74,6 +74,35 @@ class TestRecommend:
             # only float32 rounding differs (padding changes attention reduction shapes): ~5e-7 here
             np.testing.assert_allclose(other.scores, runs[0].scores, atol=1e-5, rtol=0)
 
+    @pytest.mark.parametrize("batch_size, temperature, length_penalty", [(1, 1.0, 1.0), (16, 1.0, 1.0), (16, 1.5, 0.0)])
+    def test_shared_prompt_cache_gives_the_lists_of_plain_generate(
+        self, model, tiny_tokenizer, tree, prompts, batch_size, temperature, length_penalty
+    ):
+        kwargs = dict(top_k=5, num_beams=6, batch_size=batch_size, temperature=temperature, show_progress=False)
+        kwargs["length_penalty"] = length_penalty
+        shared = recommend(model, tiny_tokenizer, prompts, tree, share_prompt_cache=True, **kwargs)
+        plain = recommend(model, tiny_tokenizer, prompts, tree, share_prompt_cache=False, **kwargs)
+        np.testing.assert_array_equal(shared.item_ids, plain.item_ids)
+        np.testing.assert_allclose(shared.scores, plain.scores, atol=1e-5, rtol=0)
+
+    def test_shared_prompt_cache_is_what_generate_gets(self, model, tiny_tokenizer, tree, prompts, monkeypatch):
+        # control for the test above: the cache must really reach generate (else both runs are plain generate)
+        seen = []
+        original = model.generate
+
+        def spy(*args, **kwargs):
+            cache = kwargs.get("past_key_values")  # its length now: generate grows it while decoding
+            seen.append(None if cache is None else (cache.get_seq_length(), kwargs["input_ids"].shape))
+            return original(*args, **kwargs)
+
+        monkeypatch.setattr(model, "generate", spy)
+        recommend(model, tiny_tokenizer, prompts[:3], tree, top_k=5, batch_size=3, show_progress=False)
+        recommend(model, tiny_tokenizer, prompts[:3], tree, top_k=5, batch_size=3, show_progress=False,
+                  share_prompt_cache=False)
+        longest = max(len(tiny_tokenizer(p)["input_ids"]) for p in prompts[:3])
+        assert seen[0] == (longest - 1, (3, longest))  # every prompt token but the last is cached
+        assert seen[1] is None
+
     def test_lists_are_valid_distinct_and_sorted(self, model, tiny_tokenizer, tree, prompts, tiny_titles):
         recs = recommend(model, tiny_tokenizer, prompts, tree, top_k=9, titles=tiny_titles, show_progress=False)
         assert isinstance(recs, Recommendations)
