@@ -328,9 +328,9 @@ def markdown(r: dict) -> str:
         "",
         f"Where the time goes: batch {large.split('_')[1]} does "
         f"{t[large]['row_steps'] / t[small]['row_steps']:.2f}× the row-steps of batch {small.split('_')[1]} (a "
-        "batched call runs until its slowest prompt's beams finish, and this random model's beams often wander to "
+        "batched call runs until its slowest prompt's beams finish, and a random model's beams often wander to "
         f"long titles) at {t[large]['row_steps_per_s'] / t[small]['row_steps_per_s']:.2f}× the row-step rate "
-        "(per-step Python overhead amortised over the batch). On this CPU the tiny model's compute grows with the "
+        "(per-step Python overhead amortised over the batch). On this CPU the model's compute grows with the "
         "rows; on a GPU, where a step's cost barely grows with them, the rate gain should be larger (not measured).",
         "",
         "## Shared prompt cache (`recommend(..., share_prompt_cache=True)`, the default)",

@@ -85,6 +85,24 @@ class TestRecommend:
         np.testing.assert_array_equal(shared.item_ids, plain.item_ids)
         np.testing.assert_allclose(shared.scores, plain.scores, atol=1e-5, rtol=0)
 
+    def test_shared_prompt_cache_with_a_peft_model(self, tiny_model_dir, tiny_tokenizer, tree, prompts):
+        from peft import LoraConfig, get_peft_model
+
+        base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+        lora = LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False, task_type="CAUSAL_LM")
+        peft_model = get_peft_model(base, lora).eval()  # random non-zero adapters: the adapter changes the logits
+        tokens_embedded = []  # token positions run through the model: fewer when the prompts are shared
+        hook = base.get_input_embeddings().register_forward_hook(lambda m, i, o: tokens_embedded.append(i[0].numel()))
+        kwargs = dict(top_k=5, batch_size=16, show_progress=False)
+        shared = recommend(peft_model, tiny_tokenizer, prompts, tree, share_prompt_cache=True, **kwargs)
+        shared_tokens = sum(tokens_embedded)
+        tokens_embedded.clear()
+        plain = recommend(peft_model, tiny_tokenizer, prompts, tree, share_prompt_cache=False, **kwargs)
+        hook.remove()
+        np.testing.assert_array_equal(shared.item_ids, plain.item_ids)
+        np.testing.assert_allclose(shared.scores, plain.scores, atol=1e-5, rtol=0)
+        assert shared_tokens < sum(tokens_embedded) / 2  # the cache reached generate through the PEFT wrapper
+
     def test_shared_prompt_cache_is_what_generate_gets(self, model, tiny_tokenizer, tree, prompts, monkeypatch):
         # control for the test above: the cache must really reach generate (else both runs are plain generate)
         seen = []
