@@ -112,6 +112,19 @@ def test_recommend_d3_pure_guidance_follows_each_rows_sasrec(tiny_model, tiny_to
     np.testing.assert_allclose(same.scores, plain.scores, atol=1e-5)
 
 
+def test_recommend_d3_same_lists_with_and_without_the_shared_prompt_cache(tiny_model, tiny_tokenizer, tiny_titles):
+    """The guided wrapper runs `recommend`'s prompt prefill through the model; mixed guidance, mixed lengths."""
+    tree = PrefixTree.from_titles(tiny_titles, tiny_tokenizer)
+    prompts = ["The user has enjoyed Blue Train. Recommend the next item.",
+               "The user has enjoyed the following items before: Kind of Blue, Rumours. Recommend the next item.",
+               "Recommend the next item."]
+    logits = np.random.default_rng(0).normal(size=(3, len(tiny_titles)))
+    runs = [recommend_d3(tiny_model, tiny_tokenizer, prompts, tree, logits, guidance_scale=0.5, top_k=3,
+                         share_prompt_cache=shared) for shared in (True, False)]
+    np.testing.assert_array_equal(runs[0].item_ids, runs[1].item_ids)
+    np.testing.assert_allclose(runs[0].scores, runs[1].scores, atol=1e-5)
+
+
 def test_temperature_beam_scores(tiny_model, tiny_tokenizer, tiny_titles):
     """Temp: a returned beam's score = Σ_t log_softmax(log p_t / T)[a_t] / n (length penalty 1), by teacher forcing."""
     tree = PrefixTree.from_titles(tiny_titles, tiny_tokenizer)

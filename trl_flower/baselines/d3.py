@@ -145,6 +145,9 @@ class _GuidedModel:
     def __getattr__(self, name):
         return getattr(self._model, name)
 
+    def __call__(self, *args, **kwargs):  # the forward (special methods bypass __getattr__); `recommend` runs the
+        return self._model(*args, **kwargs)  # prompt prefill of its shared cache through it
+
     def generate(self, input_ids, attention_mask, logits_processor: LogitsProcessorList, **kwargs):
         taken: dict[tuple[int, ...], int] = {}
         order = []
