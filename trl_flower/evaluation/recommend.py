@@ -174,7 +174,8 @@ def _beam_prompt_cache(model, input_ids: torch.Tensor, attention_mask: torch.Ten
 
     Returns:
         a transformers ``Cache`` over [B * num_beams] rows (prompt b's copies next to each other, as ``generate``
-        orders beams).
+        orders beams), or None for a model that returns no copyable cache (``generate`` then encodes the prompts
+        itself: the same lists, only slower).
     """
     position_ids = (attention_mask.cumsum(-1) - 1).masked_fill(attention_mask == 0, 1)  # [B, P]
     out = model(
@@ -183,7 +184,9 @@ def _beam_prompt_cache(model, input_ids: torch.Tensor, attention_mask: torch.Ten
         position_ids=position_ids[:, :-1],
         use_cache=True,
     )
-    cache = out.past_key_values
+    cache = getattr(out, "past_key_values", None)
+    if not hasattr(cache, "batch_repeat_interleave"):
+        return None
     cache.batch_repeat_interleave(num_beams)
     return cache
 
