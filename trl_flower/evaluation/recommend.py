@@ -261,7 +261,7 @@ def recommend(
         show_progress: show a tqdm bar over batches.
         share_prompt_cache: encode each prompt once and copy its KV cache to its beams (see
             :func:`_beam_prompt_cache`) instead of letting ``generate`` encode it ``num_beams`` times; same lists,
-            less time. False runs plain ``generate`` (e.g. for a model whose cache cannot be copied).
+            less time. A model that returns no copyable cache gets plain ``generate``; False forces it (to compare).
 
     Returns:
         :class:`Recommendations` with [U, K] item ids, nodes and scores.
