@@ -179,9 +179,9 @@ def _done(path: Path) -> bool:
 def prompt_mode(args: argparse.Namespace) -> str:
     """The paper's plain-text prompt for the tiny LM; SmolLM2's chat template for SmolLM2.
 
-    SmolLM2's BPE merges the reference prompt's final " \n" with a following title's first characters, so a title
-    would not start at a token boundary after it (the evaluation refuses such prompts); the chat template ends with
-    "<|im_start|>assistant\n", a boundary. The tokenizer adds no special tokens to chat-mode prompts."""
+    SmolLM2's BPE tokenises the reference prompt's final " \n" one way alone and another way with a title after it,
+    so the title's tree path is not what the model sees (the evaluation refuses such prompts); the chat template
+    ends with "<|im_start|>assistant\n", a boundary. The tokenizer adds no special tokens to chat-mode prompts."""
     return "chat" if args.backbone == "smollm2" else "reference"
 
 
@@ -323,8 +323,6 @@ def train_ifair(setup: Setup, init_dir: Path, out: Path, args: argparse.Namespac
     from trl_flower.baselines.sft import train_sft
     from trl_flower.tree import PrefixTree
 
-    if args.backbone != "tiny":
-        raise SystemExit("IFairLRS is wired for the tiny backbone only: pass --no-ifair with --backbone smollm2")
     tokenizer = AutoTokenizer.from_pretrained(init_dir)
     tree = PrefixTree.from_titles(setup.data.items, tokenizer)
     rows = setup.train_rows
@@ -608,6 +606,8 @@ def run(args: argparse.Namespace) -> dict[str, Any] | None:
 
     from trl_flower.evaluation.plots import plot_group_shares
 
+    if args.backbone != "tiny" and not args.no_ifair:  # before any training, not after hours of it
+        raise SystemExit("IFairLRS is wired for the tiny backbone only: pass --no-ifair with --backbone smollm2")
     torch.set_num_threads(args.threads)
     wall_start = time.perf_counter()
     root = Path(args.runs_dir) / args.dataset
