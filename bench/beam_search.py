@@ -88,8 +88,6 @@ def build(args):
     test = data.splits["test"].select(range(min(args.rows, len(data.splits["test"]))))
     category = category_words(data.name)
     prompts = [reference_prompt(h, category) for h in test["history_item_title"]]
-    # the tokenizer (hence the model) must not depend on --rows: train it on the titles + the first 50 prompts
-    corpus = list(data.items) + [reference_prompt(h, category) for h in data.splits["test"][:50]["history_item_title"]]
     if args.model == "smollm2":
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -98,6 +96,9 @@ def build(args):
         tokenizer = AutoTokenizer.from_pretrained(smollm2_path())
         model = AutoModelForCausalLM.from_pretrained(smollm2_path()).eval()
     else:
+        # the tokenizer (hence the model) must not depend on --rows: train it on the titles + the first 50 prompts
+        first = data.splits["test"][:50]["history_item_title"]
+        corpus = list(data.items) + [reference_prompt(h, category) for h in first]
         tokenizer = build_tokenizer(corpus, vocab_size=args.vocab)
         model = build_model(tokenizer, hidden_size=args.hidden, num_layers=args.layers, seed=args.seed).eval()
     tree = PrefixTree.from_titles(data.items, tokenizer)

@@ -114,14 +114,6 @@ def load_target(spec: str) -> dict[str, float]:
         return {str(k): float(v) for k, v in json.load(f).items()}
 
 
-def lora_config(rank: int) -> Any:
-    """LoRA on every projection of the Llama blocks (attention and MLP), alpha = 2 × rank, no dropout."""
-    from peft import LoraConfig
-
-    return LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, task_type="CAUSAL_LM",
-                      target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
-
-
 def draw_targets(counts: np.ndarray, n: int, seed: int) -> np.ndarray:
     """`n` item ids drawn ∝ `counts` (SFT targets: the paper's ``random.choices`` by count; Flower's offline titles)."""
     rng = np.random.default_rng(seed)
@@ -168,7 +160,9 @@ def train_method(method: str, ctx: dict[str, Any], args: argparse.Namespace, see
     n = args.steps * args.batch_size
     out = Path(args.work_dir) / f"{method}_seed{seed}"
     cfg = common_config(args, seed, out)
-    lora = lora_config(args.lora_r)
+    from trl_flower.models import smollm2_lora_config
+
+    lora = smollm2_lora_config(args.lora_r)
     cfg.pop("output_dir")
     if method == "sft":
         from trl_flower.baselines.sft import train_sft

@@ -263,13 +263,12 @@ def build_init_dir(tok_dir: Path, args: argparse.Namespace, seed: int, out: Path
 
 
 def lora_config(args: argparse.Namespace) -> Any:
-    """With ``--backbone smollm2``: LoRA on every attention and MLP projection, alpha = 2 × rank (RQ1's adapter)."""
+    """With ``--backbone smollm2``: RQ1's adapter (`smollm2_lora_config`) of rank ``--lora-r``; else None."""
     if args.backbone != "smollm2":
         return None
-    from peft import LoraConfig
+    from trl_flower.models import smollm2_lora_config
 
-    return LoraConfig(r=args.lora_r, lora_alpha=2 * args.lora_r, lora_dropout=0.0, task_type="CAUSAL_LM",
-                      target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    return smollm2_lora_config(args.lora_r)
 
 
 def _trainer_budget(args: argparse.Namespace, seed: int) -> dict[str, Any]:

@@ -64,3 +64,9 @@ def test_converted_model_loads_and_predicts():
     with torch.no_grad():
         logits = model(**ids).logits[0, -1]
     assert tok.decode(logits.argmax()).strip() == "Paris"
+
+
+def test_lora_config_covers_every_projection_with_alpha_twice_the_rank():
+    config = smollm2.smollm2_lora_config(8)
+    assert (config.r, config.lora_alpha, config.lora_dropout) == (8, 16, 0.0)
+    assert set(config.target_modules) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}

