@@ -379,12 +379,23 @@ def _flower_name(lam: float, args: argparse.Namespace) -> str:
 # ------------------------------------------------------------------------------------------------------ evaluation
 
 
+def _without_threads(command: str) -> list[str]:
+    """An evaluate command as the cache compares it: without ``--num-threads``, which sets the speed of the run, not
+    what it evaluates (a run may reuse another thread count's evaluations)."""
+    parts = shlex.split(command)
+    if "--num-threads" in parts:
+        at = parts.index("--num-threads")
+        del parts[at:at + 2]
+    return parts
+
+
 def evaluate(model_dir: Path, label: str, split: str, rows: int, out: Path, args: argparse.Namespace,
              **decoding: Any) -> dict[str, Any]:
     """`trl-flower evaluate` (its `run_evaluation`) on `rows` rows of `split`; cached in ``out/result.json``.
 
-    The cache is reused only for the same `trl-flower evaluate` command (model, rows, decoding and its settings):
-    e.g. a seed run on its own may have chosen another temperature than the merged run does."""
+    The cache is reused only for the same `trl-flower evaluate` command (model, rows, decoding and its settings;
+    the thread count aside): e.g. a seed run on its own may have chosen another temperature than the merged run
+    does. The cached record keeps the command that made it."""
     from trl_flower.cli.evaluate import EvaluateArguments, command_line, run_evaluation
 
     cache = out / "result.json"
@@ -394,7 +405,7 @@ def evaluate(model_dir: Path, label: str, split: str, rows: int, out: Path, args
         output_dir=str(out), no_progress=True, prompt_mode=prompt_mode(args), **decoding)
     if cache.is_file():
         record = json.loads(cache.read_text())
-        if record.get("command") == command_line(eval_args):
+        if _without_threads(record.get("command") or "") == _without_threads(command_line(eval_args)):
             return record
         _log(f"{cache} came from another command ({record.get('command')}); evaluating again")
     start = time.perf_counter()
