@@ -258,6 +258,36 @@ class TestSampleItems:
         assert not np.array_equal(a, c)
         assert 4 not in a  # duplicate titles are reported by their representative id
 
+    @pytest.mark.parametrize("prompt_count, num_samples, batch_size", [(3, 40, 32), (1, 50, 16)])
+    def test_shared_prompt_cache_gives_the_draws_of_plain_generate(
+        self, model, tiny_tokenizer, tree, prompts, prompt_count, num_samples, batch_size
+    ):
+        # (3, 40, 32): batches span prompt boundaries with uneven counts; (1, 50, 16): RQ1's one history-free prompt
+        kwargs = dict(num_samples=num_samples, batch_size=batch_size, temperature=1.5, seed=3, show_progress=False)
+        shared = sample_items(model, tiny_tokenizer, prompts[:prompt_count], tree, share_prompt_cache=True, **kwargs)
+        plain = sample_items(model, tiny_tokenizer, prompts[:prompt_count], tree, share_prompt_cache=False, **kwargs)
+        np.testing.assert_array_equal(shared, plain)
+
+    def test_shared_prompt_cache_reaches_generate_only_when_prompts_repeat(
+        self, model, tiny_tokenizer, tree, prompts, monkeypatch
+    ):
+        # control for the test above: else both runs could be plain generate
+        seen = []
+        original = model.generate
+
+        def spy(*args, **kwargs):
+            cache = kwargs.get("past_key_values")  # its length now: generate grows it while decoding
+            seen.append(None if cache is None else (cache.get_seq_length(), kwargs["input_ids"].shape[0]))
+            return original(*args, **kwargs)
+
+        monkeypatch.setattr(model, "generate", spy)
+        sample_items(model, tiny_tokenizer, prompts[:2], tree, num_samples=3, batch_size=6, show_progress=False)
+        sample_items(model, tiny_tokenizer, prompts[:2], tree, num_samples=1, batch_size=6, show_progress=False)
+        sample_items(model, tiny_tokenizer, prompts[:2], tree, num_samples=3, batch_size=6, show_progress=False,
+                     share_prompt_cache=False)
+        longest = max(len(tiny_tokenizer(p)["input_ids"]) for p in prompts[:2])
+        assert seen == [(longest - 1, 6), None, None]  # 2 prompts encoded for 6 rows; no repeat; switched off
+
     def test_positive_flow_only_never_samples_zero_reward_items(self, model, tiny_tokenizer, tree):
         rewards = np.ones(tree.num_items)
         rewards[[0, 5, 8]] = 0.0

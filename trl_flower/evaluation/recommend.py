@@ -177,6 +177,15 @@ def _beam_prompt_cache(model, input_ids: torch.Tensor, attention_mask: torch.Ten
         orders beams), or None for a model that returns no copyable cache (``generate`` then encodes the prompts
         itself: the same lists, only slower).
     """
+    cache = _prompt_cache(model, input_ids, attention_mask)
+    if cache is not None:
+        cache.batch_repeat_interleave(num_beams)
+    return cache
+
+
+def _prompt_cache(model, input_ids: torch.Tensor, attention_mask: torch.Tensor):
+    """The KV cache of [B, P] left-padded prompts without their last token (positions from the attention mask,
+    as ``generate`` computes them), or None for a model that returns no cache that can be copied across rows."""
     position_ids = (attention_mask.cumsum(-1) - 1).masked_fill(attention_mask == 0, 1)  # [B, P]
     out = model(
         input_ids=input_ids[:, :-1],
@@ -185,9 +194,22 @@ def _beam_prompt_cache(model, input_ids: torch.Tensor, attention_mask: torch.Ten
         use_cache=True,
     )
     cache = getattr(out, "past_key_values", None)
-    if not hasattr(cache, "batch_repeat_interleave"):
+    if not (hasattr(cache, "batch_repeat_interleave") and hasattr(cache, "batch_select_indices")):
         return None
-    cache.batch_repeat_interleave(num_beams)
+    return cache
+
+
+def _sampling_prompt_cache(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, rows: np.ndarray):
+    """The prompt cache of a sampling batch whose rows repeat prompts: each distinct prompt is encoded once and its
+    cache copied to the rows that draw from it (`rows`: [B] prompt index of each row). None when no prompt repeats
+    (nothing to save) or the model returns no copyable cache; ``generate`` then encodes the rows itself."""
+    _, first, row_to_distinct = np.unique(rows, return_index=True, return_inverse=True)
+    if first.size == rows.size:
+        return None
+    first = torch.as_tensor(first, device=input_ids.device)
+    cache = _prompt_cache(model, input_ids[first], attention_mask[first])  # same P: the same prompts, padded alike
+    if cache is not None:
+        cache.batch_select_indices(torch.as_tensor(row_to_distinct, device=input_ids.device))
     return cache
 
 
@@ -339,6 +361,7 @@ def sample_items(
     positive_flow_only: bool = False,
     add_special_tokens: bool = True,
     show_progress: bool = True,
+    share_prompt_cache: bool = True,
 ) -> np.ndarray:
     """Draw items by trie-constrained ancestral sampling (distribution fitting, flower_reference.md §3.3).
 
@@ -355,6 +378,9 @@ def sample_items(
             reproducible for a fixed seed and `batch_size`.
         max_new_tokens: default the longest item path.
         positive_flow_only: forbid items with zero flow (reward 0) in the tree.
+        share_prompt_cache: encode each distinct prompt of a batch once and copy its KV cache to the rows that
+            sample from it, instead of letting ``generate`` encode every row (with one prompt and many samples the
+            prompt is most of the work). The draws are the same for a seed, up to float32 rounding of the logits.
 
     Returns:
         int64 [U, S] representative item ids (``tree.terminal_item``; -1 only if `max_new_tokens` cut a title).
@@ -379,11 +405,15 @@ def sample_items(
             input_ids, attention_mask = _left_pad([token_ids[i] for i in rows], pad_id, device)
             P = input_ids.shape[1]
             processor = TrieLogitsProcessor(tree, prompt_length=P, positive_flow_only=positive_flow_only)
+            shared = None  # None: generate encodes the rows itself
+            if share_prompt_cache and P > 1:
+                shared = _sampling_prompt_cache(model, input_ids, attention_mask, rows)
             out = model.generate(
                 input_ids=input_ids,
                 attention_mask=attention_mask,
                 generation_config=config,
                 logits_processor=LogitsProcessorList([processor]),
+                past_key_values=shared,
             )
             nodes, _ = generated_nodes(tree, out.sequences[:, P:])
             items[start : start + rows.size] = tree.terminal_item(nodes).cpu().numpy()
