@@ -89,12 +89,10 @@ def build(args):
     category = category_words(data.name)
     prompts = [reference_prompt(h, category) for h in test["history_item_title"]]
     if args.model == "smollm2":
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from trl_flower.models import load_smollm2
 
-        from trl_flower.models import smollm2_path
-
-        tokenizer = AutoTokenizer.from_pretrained(smollm2_path())
-        model = AutoModelForCausalLM.from_pretrained(smollm2_path()).eval()
+        model, tokenizer = load_smollm2()
+        model.eval()
     else:
         # the tokenizer (hence the model) must not depend on --rows: train it on the titles + the first 50 prompts
         first = data.splits["test"][:50]["history_item_title"]

@@ -56,12 +56,10 @@ def build(args):
     titles = list(target)
     prompt = history_free_prompt("movie")
     if args.model == "smollm2":
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from trl_flower.models import load_smollm2
 
-        from trl_flower.models import smollm2_path
-
-        tokenizer = AutoTokenizer.from_pretrained(smollm2_path())
-        model = AutoModelForCausalLM.from_pretrained(smollm2_path()).eval()
+        model, tokenizer = load_smollm2()
+        model.eval()
     else:
         from trl_flower.tiny import build_model, build_tokenizer
 
