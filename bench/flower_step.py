@@ -132,24 +132,40 @@ def make_trainers(args, data, train, tokenizer, tree, model_dir: Path, out_dir: 
 
     from trl_flower import FlowerConfig, FlowerTrainer
 
-    common = dict(per_device_train_batch_size=args.batch, gradient_accumulation_steps=1, learning_rate=1e-5,
-                  max_steps=10_000, logging_steps=10_000, save_strategy="no", disable_tqdm=True, report_to="none",
-                  seed=args.seed, bf16=False, gradient_checkpointing=False, dataloader_num_workers=0)
+    common = dict(
+        per_device_train_batch_size=args.batch,
+        gradient_accumulation_steps=1,
+        learning_rate=1e-5,
+        max_steps=10_000,
+        logging_steps=10_000,
+        save_strategy="no",
+        disable_tqdm=True,
+        report_to="none",
+        seed=args.seed,
+        bf16=False,
+        gradient_checkpointing=False,
+        dataloader_num_workers=0,
+    )
     longest = int(tree.item_length.max())
     flower_rows = train.select_columns(["prompt", "item_id"])
     trainers = {}
     for name in args.runs:
         if name == "sft":
-            pairs = Dataset.from_dict({"prompt": train["prompt"],
-                                       "completion": [data.items[i] for i in train["item_id"]]})
-            trainers[name] = SFTTrainer(str(model_dir), args=SFTConfig(output_dir=str(out_dir / name), **common),
-                                        train_dataset=pairs, processing_class=tokenizer)
+            pairs = Dataset.from_dict(
+                {"prompt": train["prompt"], "completion": [data.items[i] for i in train["item_id"]]}
+            )
+            trainers[name] = SFTTrainer(
+                str(model_dir),
+                args=SFTConfig(output_dir=str(out_dir / name), **common),
+                train_dataset=pairs,
+                processing_class=tokenizer,
+            )
             continue
         lam = 0.0 if name == "flower_lambda0" else args.flow_lambda
-        config = FlowerConfig(output_dir=str(out_dir / name), flow_lambda=lam, max_completion_length=longest,
-                              **common)
-        trainer = FlowerTrainer(str(model_dir), tree, args=config, train_dataset=flower_rows,
-                                processing_class=tokenizer)
+        config = FlowerConfig(output_dir=str(out_dir / name), flow_lambda=lam, max_completion_length=longest, **common)
+        trainer = FlowerTrainer(
+            str(model_dir), tree, args=config, train_dataset=flower_rows, processing_class=tokenizer
+        )
         if name == "flower_grpo_generate":
             trainer.sample_in_loss_step = False
         elif name == "flower" and hasattr(trainer, "sample_in_loss_step"):
@@ -231,7 +247,7 @@ def main(argv=None) -> dict:
 
     rounds: dict[str, list[dict]] = {s.name: [] for s in steppers}
     for r in range(args.warmup + args.steps):
-        order = steppers[r % len(steppers):] + steppers[: r % len(steppers)]  # rotate who goes first
+        order = steppers[r % len(steppers) :] + steppers[: r % len(steppers)]  # rotate who goes first
         for s in order:
             split = s.step()
             if r >= args.warmup:
@@ -242,23 +258,43 @@ def main(argv=None) -> dict:
     n_params = sum(p.numel() for p in model.parameters())
     result = {
         "command": "python " + " ".join([os.path.relpath(sys.argv[0], REPO)] + sys.argv[1:]),
-        "versions": {"python": platform.python_version(), "torch": torch.__version__,
-                     "transformers": transformers.__version__, "trl": trl.__version__,
-                     "trl_flower": trl_flower.__version__},
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch_threads": args.threads,
-                    "loadavg_1min_before": round(load_before[0], 2)},
+        "versions": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "trl": trl.__version__,
+            "trl_flower": trl_flower.__version__,
+        },
+        "machine": {
+            "platform": platform.platform(),
+            "cpus": os.cpu_count(),
+            "torch_threads": args.threads,
+            "loadavg_1min_before": round(load_before[0], 2),
+        },
         "seed": args.seed,
         "setup": {
-            "dataset": data.name, "rows": len(train), "batch": args.batch, "gradient_accumulation_steps": 1,
-            "num_generations": 1, "flow_lambda": args.flow_lambda, "flow_loss": "flower_subtb",
-            "warmup_rounds": args.warmup, "measured_rounds": args.steps,
+            "dataset": data.name,
+            "rows": len(train),
+            "batch": args.batch,
+            "gradient_accumulation_steps": 1,
+            "num_generations": 1,
+            "flow_lambda": args.flow_lambda,
+            "flow_loss": "flower_subtb",
+            "warmup_rounds": args.warmup,
+            "measured_rounds": args.steps,
             "model": f"random Qwen2, {args.layers} layers, hidden {args.hidden}, intermediate {2 * args.hidden}, "
-                     f"4 heads / 2 KV heads, vocab {len(tokenizer)} (byte-level BPE trained on the titles + 200 "
-                     f"prompts), tied embeddings, {n_params / 1e6:.1f} M parameters, float32",
-            "prompt_tokens_min_mean_max": [int(prompt_lengths.min()), round(float(prompt_lengths.mean()), 1),
-                                           int(prompt_lengths.max())],
-            "item_path_tokens_min_mean_max": [int(title_lengths.min()), round(float(title_lengths.mean()), 1),
-                                              int(title_lengths.max())],
+            f"4 heads / 2 KV heads, vocab {len(tokenizer)} (byte-level BPE trained on the titles + 200 "
+            f"prompts), tied embeddings, {n_params / 1e6:.1f} M parameters, float32",
+            "prompt_tokens_min_mean_max": [
+                int(prompt_lengths.min()),
+                round(float(prompt_lengths.mean()), 1),
+                int(prompt_lengths.max()),
+            ],
+            "item_path_tokens_min_mean_max": [
+                int(title_lengths.min()),
+                round(float(title_lengths.mean()), 1),
+                int(title_lengths.max()),
+            ],
             "tree": repr(tree),
         },
         "runs": {},
@@ -310,9 +346,12 @@ def markdown(r: dict) -> str:
     ]
     for name, e in r["runs"].items():
         m = e["median_split_s"]
-        lines.append(f"| {name} | {m['total']:.3f} | {e.get('ratio_to_sft_median', float('nan')):.2f} | "
-                     f"{e.get('ratio_to_flower_lambda0_median', float('nan')):.2f} | "
-                     + " | ".join(f"{m[k]:.3f}" for k in PARTS) + " |")
+        lines.append(
+            f"| {name} | {m['total']:.3f} | {e.get('ratio_to_sft_median', float('nan')):.2f} | "
+            f"{e.get('ratio_to_flower_lambda0_median', float('nan')):.2f} | "
+            + " | ".join(f"{m[k]:.3f}" for k in PARTS)
+            + " |"
+        )
     lines += [
         "",
         "Split columns: median seconds per step of each part (exclusive wall time; medians of parts need not add "

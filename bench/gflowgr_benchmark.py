@@ -58,8 +58,20 @@ if str(REPO) not in sys.path:  # run from a checkout without installing the pack
 
 GFN_METHODS = ("tb", "db")
 ALL_METHODS = ("sft", "tb", "db", "sdpo")
-REPORTED = ("HR@5", "HR@10", "NDCG@5", "NDCG@10", "item_HR@5", "item_NDCG@5", "item_HR@10", "item_NDCG@10",
-            "DGU@10", "MGU@10", "distinct_items@10", "distinct_titles")
+REPORTED = (
+    "HR@5",
+    "HR@10",
+    "NDCG@5",
+    "NDCG@10",
+    "item_HR@5",
+    "item_NDCG@5",
+    "item_HR@10",
+    "item_NDCG@10",
+    "DGU@10",
+    "MGU@10",
+    "distinct_items@10",
+    "distinct_titles",
+)
 PAPER = {"SFT": {"R@5": 0.0344, "N@5": 0.0227}, "GFlowGR-TB": {"R@5": 0.0433, "N@5": 0.0286}}  # LETTER + Beauty [R]
 
 
@@ -113,8 +125,9 @@ def fit_cm(data, args: argparse.Namespace):
     cache = Path(args.work_dir) / f"sasrec_{data.name}_e{args.sasrec_epochs}"
     if (cache / "sasrec_config.json").is_file():
         return SASRec.from_pretrained(cache)
-    sasrec, result = fit_sasrec(data, SASRecTrainingArguments(epochs=args.sasrec_epochs, patience=10, seed=1,
-                                                              progress=False))
+    sasrec, result = fit_sasrec(
+        data, SASRecTrainingArguments(epochs=args.sasrec_epochs, patience=10, seed=1, progress=False)
+    )
     print(f"SASRec: best epoch {result.best_epoch}, valid NDCG@20 {result.best_valid_ndcg:.4f}", flush=True)
     sasrec.save_pretrained(cache)
     return sasrec
@@ -137,12 +150,20 @@ def setup(args: argparse.Namespace) -> Bench:
     tr_idx = select_rows(len(train), args.train_rows, seed=12345)
     hist = [list(train[int(i)]["history_item_id"]) for i in tr_idx]
     targets = [int(train[int(i)]["item_id"]) for i in tr_idx]
-    train_rows = [{"prompt": prompt_of(ids, h, args.max_history), "item_id": t, "history": h, "row_index": r}
-                  for r, (h, t) in enumerate(zip(hist, targets))]
+    train_rows = [
+        {"prompt": prompt_of(ids, h, args.max_history), "item_id": t, "history": h, "row_index": r}
+        for r, (h, t) in enumerate(zip(hist, targets))
+    ]
     split = data.splits[args.split]
     ev_idx = select_rows(len(split), args.test_rows, seed=54321)
-    eval_rows = [{"prompt": prompt_of(ids, list(split[int(i)]["history_item_id"]), args.max_history),
-                  "item_id": int(split[int(i)]["item_id"]), "title": split[int(i)]["item_title"]} for i in ev_idx]
+    eval_rows = [
+        {
+            "prompt": prompt_of(ids, list(split[int(i)]["history_item_id"]), args.max_history),
+            "item_id": int(split[int(i)]["item_id"]),
+            "title": split[int(i)]["item_title"],
+        }
+        for i in ev_idx
+    ]
 
     t0 = time.perf_counter()
     sasrec = fit_cm(data, args)
@@ -166,21 +187,42 @@ def gflowgr_args(out_dir: Path, args, seed: int, method: str, lam: float, sample
     """`GFlowGRConfig` for SFT (gfn_loss none, no augmentation) or TB/DB; optimiser settings identical."""
     from trl_flower.gflowgr import GFlowGRConfig
 
-    common = dict(output_dir=str(out_dir), per_device_train_batch_size=args.batch_size, max_steps=steps,
-                  learning_rate=args.lr, warmup_steps=max(1, steps // 20), lr_scheduler_type="cosine",
-                  weight_decay=0.0, logging_steps=max(1, steps // 10), save_strategy="no", seed=seed,
-                  use_cpu=True, disable_tqdm=True, dataloader_num_workers=0, max_prompt_length=256)
+    common = dict(
+        output_dir=str(out_dir),
+        per_device_train_batch_size=args.batch_size,
+        max_steps=steps,
+        learning_rate=args.lr,
+        warmup_steps=max(1, steps // 20),
+        lr_scheduler_type="cosine",
+        weight_decay=0.0,
+        logging_steps=max(1, steps // 10),
+        save_strategy="no",
+        seed=seed,
+        use_cpu=True,
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        max_prompt_length=256,
+    )
     if method == "sft":
-        return GFlowGRConfig(gfn_loss="none", num_augmented=0, sampling_strategy="random", score_source="none",
-                             **common)
-    return GFlowGRConfig(gfn_loss=method, gfn_lambda=lam, num_augmented=args.num_augmented,
-                         sampling_strategy=sampler, score_source="cm", log_z=args.log_z,
-                         detach_head_inputs=args.detach_head_inputs, reward_similarity=args.reward_similarity,
-                         **common)
+        return GFlowGRConfig(
+            gfn_loss="none", num_augmented=0, sampling_strategy="random", score_source="none", **common
+        )
+    return GFlowGRConfig(
+        gfn_loss=method,
+        gfn_lambda=lam,
+        num_augmented=args.num_augmented,
+        sampling_strategy=sampler,
+        score_source="cm",
+        log_z=args.log_z,
+        detach_head_inputs=args.detach_head_inputs,
+        reward_similarity=args.reward_similarity,
+        **common,
+    )
 
 
-def train_gflowgr(bench: Bench, args, seed: int, method: str, lam: float, sampler: str, out_dir: Path,
-                  init: Path | None, steps: int):
+def train_gflowgr(
+    bench: Bench, args, seed: int, method: str, lam: float, sampler: str, out_dir: Path, init: Path | None, steps: int
+):
     """Train SFT / TB / DB from `init` (a checkpoint dir) or from scratch; returns (trainer, last logged losses)."""
     from datasets import Dataset
     from transformers import AutoModelForCausalLM
@@ -188,9 +230,14 @@ def train_gflowgr(bench: Bench, args, seed: int, method: str, lam: float, sample
     from trl_flower.gflowgr import GFlowGRTrainer
 
     model = base_model(bench, args, seed) if init is None else AutoModelForCausalLM.from_pretrained(init)
-    trainer = GFlowGRTrainer(model, args=gflowgr_args(out_dir, args, seed, method, lam, sampler, steps),
-                             train_dataset=Dataset.from_list(bench.train_rows), processing_class=bench.tokenizer,
-                             semantic_ids=bench.ids, cm_scores=None if method == "sft" else bench.cm_scores)
+    trainer = GFlowGRTrainer(
+        model,
+        args=gflowgr_args(out_dir, args, seed, method, lam, sampler, steps),
+        train_dataset=Dataset.from_list(bench.train_rows),
+        processing_class=bench.tokenizer,
+        semantic_ids=bench.ids,
+        cm_scores=None if method == "sft" else bench.cm_scores,
+    )
     trainer.train()
     logs = [h for h in trainer.state.log_history if "sft_loss" in h]
     return trainer, (logs[-1] if logs else {})
@@ -209,13 +256,30 @@ def train_sdpo(bench: Bench, args, seed: int, init: Path, out_dir: Path, lr: flo
 
     from trl_flower.baselines.preference import train_preference
 
-    ds = Dataset.from_dict({"prompt": [r["prompt"] for r in bench.train_rows],
-                            "item_id": [r["item_id"] for r in bench.train_rows]})
+    ds = Dataset.from_dict(
+        {"prompt": [r["prompt"] for r in bench.train_rows], "item_id": [r["item_id"] for r in bench.train_rows]}
+    )
     return train_preference(
-        "sdpo", init, None, ds, out_dir, tree=bench.tree, tokenizer=bench.tokenizer, negative_seed=seed,
-        save=False, max_steps=args.steps, learning_rate=lr, beta=args.sdpo_beta,
-        per_device_train_batch_size=args.batch_size, seed=seed, save_strategy="no", report_to="none",
-        use_cpu=True, disable_tqdm=True, logging_steps=max(1, args.steps // 5), lr_scheduler_type="cosine",
+        "sdpo",
+        init,
+        None,
+        ds,
+        out_dir,
+        tree=bench.tree,
+        tokenizer=bench.tokenizer,
+        negative_seed=seed,
+        save=False,
+        max_steps=args.steps,
+        learning_rate=lr,
+        beta=args.sdpo_beta,
+        per_device_train_batch_size=args.batch_size,
+        seed=seed,
+        save_strategy="no",
+        report_to="none",
+        use_cpu=True,
+        disable_tqdm=True,
+        logging_steps=max(1, args.steps // 5),
+        lr_scheduler_type="cosine",
         warmup_steps=max(1, args.steps // 20),
     )
 
@@ -230,12 +294,21 @@ def evaluate(model, bench: Bench, args) -> dict:
 
     model.eval()
     prompts = [r["prompt"] for r in bench.eval_rows]
-    recs = recommend(model, bench.tokenizer, prompts, bench.tree, top_k=10, num_beams=10,
-                     batch_size=args.eval_batch_size, show_progress=False)
+    recs = recommend(
+        model,
+        bench.tokenizer,
+        prompts,
+        bench.tree,
+        top_k=10,
+        num_beams=10,
+        batch_size=args.eval_batch_size,
+        show_progress=False,
+    )
     items = recs.item_ids  # [U, 10]
     titles = np.asarray([[bench.data.items[i] if i >= 0 else "" for i in row] for row in items.tolist()])
-    out = recommendation_metrics(titles, [r["title"] for r in bench.eval_rows], bench.popularity, bench.data.items,
-                                 ks=(5, 10))
+    out = recommendation_metrics(
+        titles, [r["title"] for r in bench.eval_rows], bench.popularity, bench.data.items, ks=(5, 10)
+    )
     item_hits = items == np.asarray([r["item_id"] for r in bench.eval_rows])[:, None]
     out.update({f"item_{k}": v for k, v in hr_ndcg_at_k(item_hits, (5, 10)).items()})
     out["distinct_items@10"] = int(np.unique(items[items >= 0]).size)
@@ -254,7 +327,8 @@ def variants(args) -> list[tuple[str, str, float, str]]:
             for lam in args.lambdas:
                 for s in args.samplers:
                     tag = (",detached" if args.detach_head_inputs else "") + (
-                        ",prefix-sim" if args.reward_similarity == "prefix" else "")
+                        ",prefix-sim" if args.reward_similarity == "prefix" else ""
+                    )
                     out.append((f"{m}[λ={lam:g},{s},N={args.num_augmented}{tag}]", m, lam, s))
         elif m == "sdpo":
             out += [(f"sdpo[lr={lr:g},β={args.sdpo_beta:g}]", m, lr, "uniform") for lr in args.sdpo_lrs]
@@ -263,8 +337,9 @@ def variants(args) -> list[tuple[str, str, float, str]]:
     return out
 
 
-def run_one(bench: Bench, args, seed: int, label: str, method: str, lam: float, sampler: str, init: Path | None,
-            steps: int) -> tuple[dict, object]:
+def run_one(
+    bench: Bench, args, seed: int, label: str, method: str, lam: float, sampler: str, init: Path | None, steps: int
+) -> tuple[dict, object]:
     """Train one variant, evaluate it, return (result row, trainer)."""
     import torch
 
@@ -279,9 +354,18 @@ def run_one(bench: Bench, args, seed: int, label: str, method: str, lam: float, 
     t_train = time.perf_counter() - t0
     t0 = time.perf_counter()
     metrics = evaluate(trainer.model, bench, args)
-    row = {"seed": seed, "label": label, "method": method, "lambda_or_lr": lam, "sampler": sampler,
-           "steps": steps, "train_s": round(t_train, 1), "eval_s": round(time.perf_counter() - t0, 1),
-           "last_log": {k: v for k, v in last.items() if isinstance(v, (int, float))}, **metrics}
+    row = {
+        "seed": seed,
+        "label": label,
+        "method": method,
+        "lambda_or_lr": lam,
+        "sampler": sampler,
+        "steps": steps,
+        "train_s": round(t_train, 1),
+        "eval_s": round(time.perf_counter() - t0, 1),
+        "last_log": {k: v for k, v in last.items() if isinstance(v, (int, float))},
+        **metrics,
+    }
     print(json.dumps({k: row[k] for k in ("seed", "label", "train_s", "eval_s", *REPORTED)}), flush=True)
     return row, trainer
 
@@ -294,8 +378,18 @@ def run_seed(bench: Bench, args, seed: int) -> list[dict]:
 
         t0 = time.perf_counter()
         metrics = evaluate(AutoModelForCausalLM.from_pretrained(reuse), bench, args)
-        rows = [{"seed": seed, "label": "sft-stage1", "method": "sft", "reused_from": str(reuse),
-                 "steps": args.sft_steps, "train_s": 0.0, "eval_s": round(time.perf_counter() - t0, 1), **metrics}]
+        rows = [
+            {
+                "seed": seed,
+                "label": "sft-stage1",
+                "method": "sft",
+                "reused_from": str(reuse),
+                "steps": args.sft_steps,
+                "train_s": 0.0,
+                "eval_s": round(time.perf_counter() - t0, 1),
+                **metrics,
+            }
+        ]
         init = reuse
     else:
         row, trainer = run_one(bench, args, seed, "sft-stage1", "sft", 0.0, "-", None, args.sft_steps)
@@ -312,8 +406,11 @@ def summarise(rows: list[dict]) -> list[dict]:
     out = []
     for lab in labels:
         rs = [r for r in rows if r["label"] == lab]
-        summ = {"label": lab, "seeds": [r["seed"] for r in rs],
-                "train_s": round(statistics.mean(r["train_s"] for r in rs), 1)}
+        summ = {
+            "label": lab,
+            "seeds": [r["seed"] for r in rs],
+            "train_s": round(statistics.mean(r["train_s"] for r in rs), 1),
+        }
         for k in REPORTED:
             vals = [float(r[k]) for r in rs]
             summ[k] = statistics.mean(vals)
@@ -331,9 +428,15 @@ def versions() -> dict:
     import trl_flower
 
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True)
-    return {"trl_flower": getattr(trl_flower, "__version__", "?"), "commit": commit.stdout.strip(),
-            "torch": torch.__version__, "transformers": transformers.__version__, "trl": trl.__version__,
-            "numpy": np.__version__, "python": platform.python_version()}
+    return {
+        "trl_flower": getattr(trl_flower, "__version__", "?"),
+        "commit": commit.stdout.strip(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "trl": trl.__version__,
+        "numpy": np.__version__,
+        "python": platform.python_version(),
+    }
 
 
 def write_markdown(path: Path, result: dict) -> None:
@@ -361,8 +464,12 @@ def write_markdown(path: Path, result: dict) -> None:
             f"{s['item_HR@5']:.4f} | {s['item_NDCG@5']:.4f} | {s['item_HR@10']:.4f} | {s['item_NDCG@10']:.4f} | "
             f"{s['DGU@10']:.3f} | {s['MGU@10']:.3f} | {s['distinct_items@10']:.0f} | {s['train_s']:.0f} |"
         )
-    lines += ["", "Per seed (N@5, title level): " + "; ".join(
-        f"{s['label']}: {', '.join(f'{v:.4f}' for v in s['NDCG@5_per_seed'])}" for s in result["summary"]), ""]
+    lines += [
+        "",
+        "Per seed (N@5, title level): "
+        + "; ".join(f"{s['label']}: {', '.join(f'{v:.4f}' for v in s['NDCG@5_per_seed'])}" for s in result["summary"]),
+        "",
+    ]
     path.write_text("\n".join(lines))
 
 
@@ -378,14 +485,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--methods", nargs="+", default=list(ALL_METHODS), choices=ALL_METHODS)
-    p.add_argument("--lambdas", type=float, nargs="+", default=[0.01],
-                   help="GFlowNet weight λ (grid; default = the valid-grid choice, the paper's is 1)")
-    p.add_argument("--samplers", nargs="+", default=["random"],
-                   help="trajectory sampler(s) (grid; default = the valid-grid choice, the paper's is curriculum)")
+    p.add_argument(
+        "--lambdas",
+        type=float,
+        nargs="+",
+        default=[0.01],
+        help="GFlowNet weight λ (grid; default = the valid-grid choice, the paper's is 1)",
+    )
+    p.add_argument(
+        "--samplers",
+        nargs="+",
+        default=["random"],
+        help="trajectory sampler(s) (grid; default = the valid-grid choice, the paper's is curriculum)",
+    )
     p.add_argument("--log-z", default="prompt", choices=("prompt", "scalar"), help="TB log Z: head or scalar")
     p.add_argument("--detach-head-inputs", action="store_true", help="log Z / flow heads on detached states")
-    p.add_argument("--reward-similarity", default="position", choices=("position", "prefix"),
-                   help="r_sim: position-wise code matches (paper) or shared-prefix length (ours)")
+    p.add_argument(
+        "--reward-similarity",
+        default="position",
+        choices=("position", "prefix"),
+        help="r_sim: position-wise code matches (paper) or shared-prefix length (ours)",
+    )
     p.add_argument("--num-augmented", type=int, default=3, help="N augmented trajectories per positive")
     p.add_argument("--sdpo-lrs", type=float, nargs="+", default=[1e-4], help="S-DPO learning rate(s) (grid)")
     p.add_argument("--sdpo-beta", type=float, default=0.3)
@@ -399,10 +519,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--embedding-cache", default="/tmp/trl_flower_movies_minilm.npy")
     p.add_argument("--work-dir", default="/tmp/gflowgr_bench")
-    p.add_argument("--reuse-stage1", default="", help="stage-1 checkpoint dir to reuse, '{seed}' is filled in "
-                   "(grid runs only: its training time is not counted)")
-    p.add_argument("--out", default=str(REPO / "bench" / "results" / "gflowgr_movies"),
-                   help="output prefix (.json and .md are written)")
+    p.add_argument(
+        "--reuse-stage1",
+        default="",
+        help="stage-1 checkpoint dir to reuse, '{seed}' is filled in "
+        "(grid runs only: its training time is not counted)",
+    )
+    p.add_argument(
+        "--out",
+        default=str(REPO / "bench" / "results" / "gflowgr_movies"),
+        help="output prefix (.json and .md are written)",
+    )
     return p.parse_args(argv)
 
 
@@ -413,8 +540,11 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)  # the machine is shared: one thread per experiment
     start = time.perf_counter()
     bench = setup(args)
-    print(f"setup: {bench.timings}; {len(bench.train_rows)} train rows, {len(bench.eval_rows)} {args.split} rows, "
-          f"vocab {len(bench.tokenizer)}", flush=True)
+    print(
+        f"setup: {bench.timings}; {len(bench.train_rows)} train rows, {len(bench.eval_rows)} {args.split} rows, "
+        f"vocab {len(bench.tokenizer)}",
+        flush=True,
+    )
     rows = []
     for seed in args.seeds:
         rows += run_seed(bench, args, seed)
@@ -425,14 +555,24 @@ def main(argv: list[str] | None = None) -> None:
 def write_results(args, bench: Bench, rows: list[dict], wall: float) -> None:
     """Write <out>.json and <out>.md."""
     rep = bench.ids.usage_report()
-    scale = (f"{bench.data.num_items} items; {len(bench.train_rows)} train rows (of {len(bench.data.splits['train'])})"
-             f", {len(bench.eval_rows)} {args.split} rows; semantic IDs C={args.codebook_size}, L={args.levels}+1 "
-             f"(collision rate before the extra level {rep['collision_rate_before']:.3f}); vocab "
-             f"{len(bench.tokenizer)}; Qwen2 hidden {args.hidden_size}, {args.num_layers} layers; stage 1 SFT "
-             f"{args.sft_steps} steps, stage 2 {args.steps} steps per method, batch {args.batch_size}, lr {args.lr} "
-             f"cosine; N={args.num_augmented}; S-DPO lr {args.sdpo_lrs} β {args.sdpo_beta}")
-    result = {"command": "python " + shlex.join(sys.argv), "args": vars(args), "versions": versions(),
-              "scale": scale, "timings": bench.timings, "wall_s": wall, "summary": summarise(rows), "runs": rows}
+    scale = (
+        f"{bench.data.num_items} items; {len(bench.train_rows)} train rows (of {len(bench.data.splits['train'])})"
+        f", {len(bench.eval_rows)} {args.split} rows; semantic IDs C={args.codebook_size}, L={args.levels}+1 "
+        f"(collision rate before the extra level {rep['collision_rate_before']:.3f}); vocab "
+        f"{len(bench.tokenizer)}; Qwen2 hidden {args.hidden_size}, {args.num_layers} layers; stage 1 SFT "
+        f"{args.sft_steps} steps, stage 2 {args.steps} steps per method, batch {args.batch_size}, lr {args.lr} "
+        f"cosine; N={args.num_augmented}; S-DPO lr {args.sdpo_lrs} β {args.sdpo_beta}"
+    )
+    result = {
+        "command": "python " + shlex.join(sys.argv),
+        "args": vars(args),
+        "versions": versions(),
+        "scale": scale,
+        "timings": bench.timings,
+        "wall_s": wall,
+        "summary": summarise(rows),
+        "runs": rows,
+    }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(result, indent=2, default=str) + "\n")

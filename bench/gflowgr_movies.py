@@ -45,8 +45,11 @@ def main() -> None:
         t_fit = time.time() - t0
         b = fit_semantic_ids(emb, num_levels=args.levels, codebook_size=C, seed=args.seed)
         rep = a.usage_report()
-        rep.update(deterministic=bool((a.codes == b.codes).all()),
-                   unique_codes=int(len(np.unique(a.codes, axis=0))), fit_seconds=round(t_fit, 1))
+        rep.update(
+            deterministic=bool((a.codes == b.codes).all()),
+            unique_codes=int(len(np.unique(a.codes, axis=0))),
+            fit_seconds=round(t_fit, 1),
+        )
         rows.append(rep)
         print(json.dumps(rep))
     out = ROOT / "bench" / "results" / "gflowgr_semantic_ids"

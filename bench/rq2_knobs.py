@@ -55,13 +55,26 @@ PAPER_LAMBDA = 0.005
 KNOBS: dict[str, Knob] = {
     "reward_none": Knob(PAPER_LAMBDA, "none", {}, "reward: item popularity only (no SASRec scores)"),
     "reward_add_logs": Knob(PAPER_LAMBDA, "add_logs", {}, "reward: log s(u, i) added to every log reward"),
-    "reward_exact": Knob(PAPER_LAMBDA, "exact", {},
-                         "reward: per-user flows from R(i)·s(u, i) pushed through the tree (consistent, personal)"),
+    "reward_exact": Knob(
+        PAPER_LAMBDA,
+        "exact",
+        {},
+        "reward: per-user flows from R(i)·s(u, i) pushed through the tree (consistent, personal)",
+    ),
     "sample_T2": Knob(PAPER_LAMBDA, "div_s", {"temperature": 2.0}, "on-policy sampling temperature 2 (RQ2: 1)"),
-    "offline0.5": Knob(PAPER_LAMBDA, "div_s", {"offline_trajectory_prob": 0.5},
-                       "half of the flow batches on the teacher-forced target items instead of samples"),
-    "item_uniform": Knob(PAPER_LAMBDA, "div_s", {}, "item reward R(i) = 1 for every item instead of interactions + 1 "
-                         "(flows ∝ the number of titles below a prefix)", item_reward="uniform"),
+    "offline0.5": Knob(
+        PAPER_LAMBDA,
+        "div_s",
+        {"offline_trajectory_prob": 0.5},
+        "half of the flow batches on the teacher-forced target items instead of samples",
+    ),
+    "item_uniform": Knob(
+        PAPER_LAMBDA,
+        "div_s",
+        {},
+        "item reward R(i) = 1 for every item instead of interactions + 1 (flows ∝ the number of titles below a prefix)",
+        item_reward="uniform",
+    ),
     "tree_lam0.01": Knob(0.01, "div_s", rq2.VARIANT, "tree-normalised loss (RQ1's winner), λ 0.01"),
     "tree_lam0.05": Knob(0.05, "div_s", rq2.VARIANT, "tree-normalised loss (RQ1's winner), λ 0.05"),
 }
@@ -72,14 +85,25 @@ def make_parser() -> argparse.ArgumentParser:
     """RQ2's arguments (the same training and evaluation settings) plus the knob selection."""
     p = rq2.make_parser()
     p.description = __doc__.split("\n\n")[0]
-    p.add_argument("--knobs", nargs="+", default=list(KNOBS), choices=list(KNOBS),
-                   help="knobs to train and evaluate (default: all; "
-                        + "; ".join(f"{k}: {v.what}" for k, v in KNOBS.items()) + ")")
-    p.add_argument("--report-only", action="store_true",
-                   help="train nothing: report the finished knobs of --knobs (e.g. after running them as separate "
-                        "processes)")
-    p.add_argument("--no-references", action="store_true",
-                   help="do not evaluate RQ2's own checkpoints (e.g. in all but one of several parallel processes)")
+    p.add_argument(
+        "--knobs",
+        nargs="+",
+        default=list(KNOBS),
+        choices=list(KNOBS),
+        help="knobs to train and evaluate (default: all; "
+        + "; ".join(f"{k}: {v.what}" for k, v in KNOBS.items())
+        + ")",
+    )
+    p.add_argument(
+        "--report-only",
+        action="store_true",
+        help="train nothing: report the finished knobs of --knobs (e.g. after running them as separate processes)",
+    )
+    p.add_argument(
+        "--no-references",
+        action="store_true",
+        help="do not evaluate RQ2's own checkpoints (e.g. in all but one of several parallel processes)",
+    )
     return p
 
 
@@ -89,8 +113,10 @@ def references(args: argparse.Namespace) -> dict[str, tuple[str, str]]:
     BIGRec, and Flower at every λ of ``--lambdas`` (pass RQ2's ``--lambdas`` and ``--flower-reward-variant``)."""
     out = {"BIGRec (SFT)": ("sft", "RQ2's SFT")}
     for lam in args.lambdas:
-        out[f"Flower λ {lam:g} (RQ2)"] = (rq2._flower_name(lam, args), f"RQ2's Flower: {args.flower_reward_variant}, "
-                                          f"λ {lam:g}, official loss, T = 1")
+        out[f"Flower λ {lam:g} (RQ2)"] = (
+            rq2._flower_name(lam, args),
+            f"RQ2's Flower: {args.flower_reward_variant}, λ {lam:g}, official loss, T = 1",
+        )
     return out
 
 
@@ -111,8 +137,10 @@ def train_knob(setup: rq2.Setup, init_dir: Path, out: Path, args: argparse.Names
 
 def evaluate_both(model_dir: Path, label: str, seed_dir: Path, name: str, args: argparse.Namespace) -> dict[str, Any]:
     """Valid and test records of one checkpoint (RQ2's cached `trl-flower evaluate`), in this script's eval dirs."""
-    return {split: rq2.evaluate(model_dir, label, split, rows, seed_dir / f"eval_knobs_{split}" / name, args)
-            for split, rows in (("valid", args.valid_rows), ("test", args.test_rows))}
+    return {
+        split: rq2.evaluate(model_dir, label, split, rows, seed_dir / f"eval_knobs_{split}" / name, args)
+        for split, rows in (("valid", args.valid_rows), ("test", args.test_rows))
+    }
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -133,8 +161,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         rows: dict[str, Any] = {}
         for label, (name, what) in references(args).items():
             if not args.no_references and rq2._done(seed_dir / name):
-                rows[label] = {"what": what, "checkpoint": name,
-                               **evaluate_both(seed_dir / name, label, seed_dir, name, args)}
+                rows[label] = {
+                    "what": what,
+                    "checkpoint": name,
+                    **evaluate_both(seed_dir / name, label, seed_dir, name, args),
+                }
         for name in args.knobs:
             knob, out = KNOBS[name], seed_dir / f"knob_{name}"
             if not rq2._done(out):
@@ -144,25 +175,39 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 rq2._log(f"seed {seed}: training knob {name} ({knob.what}) -> {out}")
                 train_knob(setup, init_dir, out, args, seed, knob)
             train = json.loads((out / "knob_train.json").read_text())
-            rows[name] = {"what": knob.what, "checkpoint": out.name, "knob": asdict(knob),
-                          "train_wall_s": train["wall_s"], **evaluate_both(out, name, seed_dir, out.name, args)}
+            rows[name] = {
+                "what": knob.what,
+                "checkpoint": out.name,
+                "knob": asdict(knob),
+                "train_wall_s": train["wall_s"],
+                **evaluate_both(out, name, seed_dir, out.name, args),
+            }
         per_seed[str(seed)] = rows
     results_dir = Path(args.results_dir)
     results_dir.mkdir(parents=True, exist_ok=True)
     stem = args.tag or f"rq2_knobs_{args.dataset}"
     first = per_seed[str(args.seeds[0])]
     plot = results_dir / f"{stem}_group_shares.png"
-    plot_group_shares({k: v["test"]["group_shares"] for k, v in first.items()}, list(setup.popularity.shares),
-                      reference_label="train histories", path=plot,
-                      title=f"{args.dataset}: top-10 popularity-group shares per Flower knob (test, seed "
-                            f"{args.seeds[0]})")
+    plot_group_shares(
+        {k: v["test"]["group_shares"] for k, v in first.items()},
+        list(setup.popularity.shares),
+        reference_label="train histories",
+        path=plot,
+        title=f"{args.dataset}: top-10 popularity-group shares per Flower knob (test, seed {args.seeds[0]})",
+    )
     report = {
         "dataset": args.dataset,
         "command": "python bench/rq2_knobs.py " + shlex.join(sys.argv[1:]),
         "versions": rq2._versions(),
         "settings": vars(args),
-        "baseline_knob": {"flow_lambda": PAPER_LAMBDA, "reward_variant": "div_s", "item_reward": "interactions + 1",
-                          "loss": "official (vocabulary)", "temperature": 1.0, "offline_trajectory_prob": 0.0},
+        "baseline_knob": {
+            "flow_lambda": PAPER_LAMBDA,
+            "reward_variant": "div_s",
+            "item_reward": "interactions + 1",
+            "loss": "official (vocabulary)",
+            "temperature": 1.0,
+            "offline_trajectory_prob": 0.0,
+        },
         "per_seed": per_seed,
         "reference_shares": list(map(float, setup.popularity.shares)),
         "files": {"plot": str(plot)},
@@ -183,32 +228,46 @@ def _cells(metrics: dict[str, Any]) -> str:
 def to_markdown(report: dict[str, Any]) -> str:
     """The results page: command, one table per seed (test, then valid), group shares."""
     s, v = report["settings"], report["versions"]
-    lines = [f"# RQ2 knobs on {report['dataset']}: what moves Flower's accuracy and fairness", "",
-             f"Command: `{report['command']}`  ",
-             f"Versions: trl_flower {v['trl_flower']} ({v['git_commit']}), trl {v['trl']}, transformers "
-             f"{v['transformers']}, torch {v['torch']}, Python {v['python']}; {s['threads']} torch thread(s) on a "
-             f"2-core CPU shared with other jobs (load average at the end {report['load_average_end']}).  ",
-             f"Training as RQ2: {rq2.budget_text(s['max_steps'], s['epochs'])}, batch {s['batch_size']}, "
-             f"lr {s['learning_rate']:g}, "
-             f"train rows {s['train_rows'] or 'all'}; rows: valid {s['valid_rows']}, test {s['test_rows']} (sample "
-             f"seed {s['row_sample_seed']}); every knob changes one thing of the RQ2 Flower run "
-             f"{report['baseline_knob']}.  ",
-             f"Wall time of this invocation: {report['wall_time_s']:.0f} s (training times per knob below).", ""]
+    lines = [
+        f"# RQ2 knobs on {report['dataset']}: what moves Flower's accuracy and fairness",
+        "",
+        f"Command: `{report['command']}`  ",
+        f"Versions: trl_flower {v['trl_flower']} ({v['git_commit']}), trl {v['trl']}, transformers "
+        f"{v['transformers']}, torch {v['torch']}, Python {v['python']}; {s['threads']} torch thread(s) on a "
+        f"2-core CPU shared with other jobs (load average at the end {report['load_average_end']}).  ",
+        f"Training as RQ2: {rq2.budget_text(s['max_steps'], s['epochs'])}, batch {s['batch_size']}, "
+        f"lr {s['learning_rate']:g}, "
+        f"train rows {s['train_rows'] or 'all'}; rows: valid {s['valid_rows']}, test {s['test_rows']} (sample "
+        f"seed {s['row_sample_seed']}); every knob changes one thing of the RQ2 Flower run "
+        f"{report['baseline_knob']}.  ",
+        f"Wall time of this invocation: {report['wall_time_s']:.0f} s (training times per knob below).",
+        "",
+    ]
     for seed, rows in report["per_seed"].items():
         for split in ("test", "valid"):
-            lines += [f"## Seed {seed}, {split} split", "",
-                      "| run | what | " + " | ".join(COLUMNS) + " | G1 share |",
-                      "|---|---|" + "---|" * (len(COLUMNS) + 1)]
+            lines += [
+                f"## Seed {seed}, {split} split",
+                "",
+                "| run | what | " + " | ".join(COLUMNS) + " | G1 share |",
+                "|---|---|" + "---|" * (len(COLUMNS) + 1),
+            ]
             for name, row in rows.items():
                 m = row[split]["metrics"]
                 lines.append(f"| {name} | {row['what']} | {_cells(m)} | {row[split]['group_shares'][0]:.3f} |")
             lines.append("")
         trained = {k: r["train_wall_s"] for k, r in rows.items() if "train_wall_s" in r}
-        lines += [f"Training wall time per knob, seed {seed} (s; parallel processes share the 2 cores): "
-                  + ", ".join(f"{k} {t:.0f}" for k, t in trained.items()), ""]
+        lines += [
+            f"Training wall time per knob, seed {seed} (s; parallel processes share the 2 cores): "
+            + ", ".join(f"{k} {t:.0f}" for k, t in trained.items()),
+            "",
+        ]
     ref = report["reference_shares"]
-    lines += ["Group shares of the data (train histories), G1 = most popular: "
-              + ", ".join(f"{x:.3f}" for x in ref) + f". Plot: `{Path(report['files']['plot']).name}`.", ""]
+    lines += [
+        "Group shares of the data (train histories), G1 = most popular: "
+        + ", ".join(f"{x:.3f}" for x in ref)
+        + f". Plot: `{Path(report['files']['plot']).name}`.",
+        "",
+    ]
     return "\n".join(lines)
 
 

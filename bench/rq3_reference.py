@@ -48,13 +48,20 @@ DPO_FAMILY = ("dpo", "sdpo", "dmpo", "rosepo")
 ALL_METHODS = (*DPO_FAMILY, "rloo")
 STARTS = ("sft", "flower")
 METRICS = ("NDCG@5", "HR@5", "DGU@10", "MGU@10", "H", "TTR", "distinct_titles")
-HIGHER_IS_BETTER = {"NDCG@5": True, "HR@5": True, "DGU@10": False, "MGU@10": False, "H": True, "TTR": True,
-                    "distinct_titles": True}
+HIGHER_IS_BETTER = {
+    "NDCG@5": True,
+    "HR@5": True,
+    "DGU@10": False,
+    "MGU@10": False,
+    "H": True,
+    "TTR": True,
+    "distinct_titles": True,
+}
 # Flower paper, Table 4, Movies_and_TV (flower_reference.md appendix): the two starting points at full scale
 # (Qwen2.5-1.5B). The paper's RQ3 table itself is not in the project's reference notes (see the results file).
 PAPER_MOVIES = {
-    "BIGRec (SFT)": dict(zip(METRICS[:6], (.0930, .1134, .123, .028, 8.297, .018))),
-    "Flower": dict(zip(METRICS[:6], (.0959, .1199, .076, .026, 8.808, .023))),
+    "BIGRec (SFT)": dict(zip(METRICS[:6], (0.0930, 0.1134, 0.123, 0.028, 8.297, 0.018))),
+    "Flower": dict(zip(METRICS[:6], (0.0959, 0.1199, 0.076, 0.026, 8.808, 0.023))),
 }
 METHOD_NAMES = {"dpo": "DPO", "sdpo": "S-DPO", "dmpo": "DMPO", "rosepo": "RosePO", "rloo": "RLOO (for PPO)"}
 
@@ -70,34 +77,64 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", nargs="+", default=list(ALL_METHODS), choices=ALL_METHODS, help="methods to run")
     p.add_argument("--dataset", default="Movies_and_TV", help="Amazon category under <data-root>/amazon/")
     p.add_argument("--data-root", default=None, help="root holding amazon/<category>/ (default: ../shared/data)")
-    p.add_argument("--train-rows", type=int, default=2000,
-                   help="random subsample of N training rows (subsample seed 0, the same for every run); 0 = all")
+    p.add_argument(
+        "--train-rows",
+        type=int,
+        default=2000,
+        help="random subsample of N training rows (subsample seed 0, the same for every run); 0 = all",
+    )
     p.add_argument("--test-rows", type=int, default=500, help="first N rows of --split are evaluated; 0 = all")
-    p.add_argument("--row-sample-seed", type=int, default=None,
-                   help="with --test-rows: a random sample of N rows (this seed) instead of the first N")
+    p.add_argument(
+        "--row-sample-seed",
+        type=int,
+        default=None,
+        help="with --test-rows: a random sample of N rows (this seed) instead of the first N",
+    )
     p.add_argument("--split", default="test", choices=("test", "valid"), help="evaluation split (valid for choices)")
     p.add_argument("--steps", type=int, default=100, help="optimiser steps of every method (the shared budget)")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1],
-                   help="training seeds (also the negative-sampling seed); the starting checkpoints are fixed")
-    p.add_argument("--batch-size", type=int, default=8,
-                   help="DPO family: rows per step; RLOO: completions per step (= batch / generations prompts)")
+    p.add_argument(
+        "--seeds",
+        type=int,
+        nargs="+",
+        default=[0, 1],
+        help="training seeds (also the negative-sampling seed); the starting checkpoints are fixed",
+    )
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=8,
+        help="DPO family: rows per step; RLOO: completions per step (= batch / generations prompts)",
+    )
     p.add_argument("--learning-rate", type=float, default=1e-4, help="AdamW learning rate (linear decay), all methods")
     p.add_argument("--beta", type=float, default=0.3, help="DPO-family β (official 0.3)")
     p.add_argument("--rloo-beta", type=float, default=0.05, help="RLOO KL coefficient to the reference (> 0)")
     p.add_argument("--num-generations", type=int, default=4, help="RLOO completions per prompt")
-    p.add_argument("--sasrec-logits", default=None,
-                   help="SASRec logits of the training rows (train_logits.npy of `trl-flower sasrec`): RLOO reward")
+    p.add_argument(
+        "--sasrec-logits",
+        default=None,
+        help="SASRec logits of the training rows (train_logits.npy of `trl-flower sasrec`): RLOO reward",
+    )
     p.add_argument("--runs-dir", default="/tmp/rq3_runs", help="trained checkpoints and per-model reports")
-    p.add_argument("--out", default=str(REPO / "bench" / "results" / "rq3_movies"),
-                   help="results prefix: writes <out>.json and <out>.md")
+    p.add_argument(
+        "--out",
+        default=str(REPO / "bench" / "results" / "rq3_movies"),
+        help="results prefix: writes <out>.json and <out>.md",
+    )
     p.add_argument("--eval-batch-size", type=int, default=16, help="prompts per beam-search call")
     p.add_argument("--threads", type=int, default=1, help="torch threads (the 2 cores are shared with other jobs)")
-    p.add_argument("--report-only", action="store_true",
-                   help="train and evaluate nothing new: write the results from the finished runs in --runs-dir "
-                        "(e.g. after running the seeds as separate processes)")
-    p.add_argument("--build-pair", default=None, metavar="DIR",
-                   help="instead of the experiment: build a starting pair DIR/{init,sft,flower} (tiny Qwen2 + "
-                        "`trl-flower train --method sft/flower`) and exit")
+    p.add_argument(
+        "--report-only",
+        action="store_true",
+        help="train and evaluate nothing new: write the results from the finished runs in --runs-dir "
+        "(e.g. after running the seeds as separate processes)",
+    )
+    p.add_argument(
+        "--build-pair",
+        default=None,
+        metavar="DIR",
+        help="instead of the experiment: build a starting pair DIR/{init,sft,flower} (tiny Qwen2 + "
+        "`trl-flower train --method sft/flower`) and exit",
+    )
     p.add_argument("--pair-rows", type=int, default=4000, help="--build-pair: first N training rows")
     p.add_argument("--pair-epochs", type=float, default=1.0, help="--build-pair: epochs of both trainings")
     return p
@@ -136,9 +173,15 @@ def _versions() -> dict[str, str]:
     import trl_flower
 
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True)
-    return {"trl_flower": trl_flower.__version__, "git_commit": commit.stdout.strip() or "unknown",
-            "trl": trl.__version__, "transformers": transformers.__version__, "torch": torch.__version__,
-            "numpy": numpy.__version__, "python": platform.python_version()}
+    return {
+        "trl_flower": trl_flower.__version__,
+        "git_commit": commit.stdout.strip() or "unknown",
+        "trl": trl.__version__,
+        "transformers": transformers.__version__,
+        "torch": torch.__version__,
+        "numpy": numpy.__version__,
+        "python": platform.python_version(),
+    }
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:
@@ -193,13 +236,25 @@ class Setup:
 
 def _common_config(args: argparse.Namespace, seed: int) -> dict[str, Any]:
     """Trainer arguments shared by every method: the same budget, schedule and seed."""
-    return dict(max_steps=args.steps, per_device_train_batch_size=args.batch_size, learning_rate=args.learning_rate,
-                lr_scheduler_type="linear", seed=seed, data_seed=seed, bf16=False, gradient_checkpointing=False,
-                logging_steps=max(1, args.steps // 10), save_strategy="no", report_to="none", disable_tqdm=True)
+    return dict(
+        max_steps=args.steps,
+        per_device_train_batch_size=args.batch_size,
+        learning_rate=args.learning_rate,
+        lr_scheduler_type="linear",
+        seed=seed,
+        data_seed=seed,
+        bf16=False,
+        gradient_checkpointing=False,
+        logging_steps=max(1, args.steps // 10),
+        save_strategy="no",
+        report_to="none",
+        disable_tqdm=True,
+    )
 
 
-def train_one(setup: Setup, args: argparse.Namespace, method: str, start: str, init: str, seed: int,
-              out: Path) -> dict[str, Any]:
+def train_one(
+    setup: Setup, args: argparse.Namespace, method: str, start: str, init: str, seed: int, out: Path
+) -> dict[str, Any]:
     """Train `method` from `init` (= reference) into `out`; returns wall time and log summary (cached)."""
     from trl_flower.baselines.preference import train_online_rl, train_preference
 
@@ -212,20 +267,41 @@ def train_one(setup: Setup, args: argparse.Namespace, method: str, start: str, i
     begin, cpu = time.perf_counter(), time.process_time()
     if method in DPO_FAMILY:
         trainer = train_preference(
-            method, init, None, setup.rows.select_columns(["prompt", "item_id", "history_item_id"]), out, tree=tree,
-            item_counts=setup.counts, negative_seed=seed, beta=args.beta, **config)
+            method,
+            init,
+            None,
+            setup.rows.select_columns(["prompt", "item_id", "history_item_id"]),
+            out,
+            tree=tree,
+            item_counts=setup.counts,
+            negative_seed=seed,
+            beta=args.beta,
+            **config,
+        )
     else:
         import numpy as np
 
         scores = np.load(args.sasrec_logits, mmap_mode="r")  # [train rows, items], indexed by row_index
         trainer = train_online_rl(
-            "rloo", init, None, setup.rows.select_columns(["prompt", "row_index"]), out, preference_scores=scores,
-            tree=tree, beta=args.rloo_beta, num_generations=args.num_generations, **config)
+            "rloo",
+            init,
+            None,
+            setup.rows.select_columns(["prompt", "row_index"]),
+            out,
+            preference_scores=scores,
+            tree=tree,
+            beta=args.rloo_beta,
+            num_generations=args.num_generations,
+            **config,
+        )
         tree.save(out / "prefix_tree.npz")  # the DPO family saves it too; evaluate then reads the same tree
     # CPU time of this process ~ the wall time on an idle machine (1 torch thread); the machine is shared
-    record = {"wall_s": round(time.perf_counter() - begin, 1), "cpu_s": round(time.process_time() - cpu, 1),
-              "steps": trainer.state.global_step,
-              "log": _log_summary(trainer.state.log_history)}
+    record = {
+        "wall_s": round(time.perf_counter() - begin, 1),
+        "cpu_s": round(time.process_time() - cpu, 1),
+        "steps": trainer.state.global_step,
+        "log": _log_summary(trainer.state.log_history),
+    }
     record_path.write_text(json.dumps(record, indent=1))
     return record
 
@@ -242,25 +318,59 @@ def evaluate(model_dir: str | Path, label: str, out: Path, args: argparse.Namesp
     if cached is not None:
         return cached
     begin, cpu = time.perf_counter(), time.process_time()
-    result = run_evaluation(EvaluateArguments(
-        model=str(model_dir), data=args.dataset, data_root=args.data_root, split=args.split, max_rows=args.test_rows,
-        row_sample_seed=args.row_sample_seed, batch_size=args.eval_batch_size, num_threads=args.threads, label=label,
-        output_dir=str(out), no_progress=True))
-    record = {"metrics": result["metrics"], "group_shares": list(result["group_shares"]),
-              "wall_s": round(time.perf_counter() - begin, 1), "cpu_s": round(time.process_time() - cpu, 1)}
+    result = run_evaluation(
+        EvaluateArguments(
+            model=str(model_dir),
+            data=args.dataset,
+            data_root=args.data_root,
+            split=args.split,
+            max_rows=args.test_rows,
+            row_sample_seed=args.row_sample_seed,
+            batch_size=args.eval_batch_size,
+            num_threads=args.threads,
+            label=label,
+            output_dir=str(out),
+            no_progress=True,
+        )
+    )
+    record = {
+        "metrics": result["metrics"],
+        "group_shares": list(result["group_shares"]),
+        "wall_s": round(time.perf_counter() - begin, 1),
+        "cpu_s": round(time.process_time() - cpu, 1),
+    }
     cache.write_text(json.dumps(record, indent=1))
     m = record["metrics"]
-    _log(f"{label}: NDCG@5 {m['NDCG@5']:.4f} HR@5 {m['HR@5']:.4f} DGU@10 {m['DGU@10']:.3f} MGU@10 {m['MGU@10']:.4f} "
-         f"distinct {m['distinct_titles']} ({record['wall_s']:.0f} s)")
+    _log(
+        f"{label}: NDCG@5 {m['NDCG@5']:.4f} HR@5 {m['HR@5']:.4f} DGU@10 {m['DGU@10']:.3f} MGU@10 {m['MGU@10']:.4f} "
+        f"distinct {m['distinct_titles']} ({record['wall_s']:.0f} s)"
+    )
     return record
 
 
 def run_tag(args: argparse.Namespace) -> str:
     """A short hash of everything a trained checkpoint depends on, so cached runs of other settings are not reused."""
-    keys = ("sft_checkpoint", "flower_checkpoint", "dataset", "train_rows", "steps", "batch_size", "learning_rate",
-            "beta", "rloo_beta", "num_generations", "sasrec_logits")
-    text = json.dumps({k: str(Path(v).resolve()) if k.endswith(("checkpoint", "logits")) and v else v
-                       for k, v in vars(args).items() if k in keys}, sort_keys=True)
+    keys = (
+        "sft_checkpoint",
+        "flower_checkpoint",
+        "dataset",
+        "train_rows",
+        "steps",
+        "batch_size",
+        "learning_rate",
+        "beta",
+        "rloo_beta",
+        "num_generations",
+        "sasrec_logits",
+    )
+    text = json.dumps(
+        {
+            k: str(Path(v).resolve()) if k.endswith(("checkpoint", "logits")) and v else v
+            for k, v in vars(args).items()
+            if k in keys
+        },
+        sort_keys=True,
+    )
     return _short_hash(text)
 
 
@@ -294,8 +404,7 @@ def run_experiment(args: argparse.Namespace) -> dict[str, Any]:
                 train = train_one(setup, args, method, start, inits[start], seed, out)
                 _log(f"{name}: trained in {train['wall_s']:.0f} s, log {train['log']}")
                 result = evaluate(out, f"{METHOD_NAMES[method]} from {start}, seed {seed}", runs / name, args)
-                records["runs"].append({"seed": seed, "method": method, "start": start, "train": train,
-                                        "eval": result})
+                records["runs"].append({"seed": seed, "method": method, "start": start, "train": train, "eval": result})
     return records
 
 
@@ -330,8 +439,10 @@ def flower_wins(table: dict[str, dict[str, dict[str, Any]]]) -> dict[str, dict[s
     wins: dict[str, dict[str, bool]] = {}
     for method, rows in table.items():
         if set(STARTS) <= rows.keys():
-            wins[method] = {m: (rows["flower"][m] > rows["sft"][m]) == HIGHER_IS_BETTER[m]
-                            and rows["flower"][m] != rows["sft"][m] for m in METRICS}
+            wins[method] = {
+                m: (rows["flower"][m] > rows["sft"][m]) == HIGHER_IS_BETTER[m] and rows["flower"][m] != rows["sft"][m]
+                for m in METRICS
+            }
     return wins
 
 
@@ -352,11 +463,19 @@ def markdown(payload: dict[str, Any]) -> str:
     """The results page: command, versions, scale, the SFT- vs Flower-based table, timings, the paper beside."""
     args, table, starts = payload["args"], payload["table"], payload["starts"]
     head = "| method | start | " + " | ".join(METRICS) + " |\n|---|---|" + "---|" * len(METRICS)
-    lines = [f"# RQ3: Flower as the reference policy ({args['dataset']}, {args['split']} split)", "",
-             f"Command: `{payload['command']}`  ", f"Versions: {payload['versions']}  ",
-             f"Machine: {payload['machine']}  ",
-             f"Time of the whole run: {payload['wall_s']:.0f} s wall, {payload['cpu_s']:.0f} s CPU of this process  ",
-             f"Scale: {payload['scale']}", "", "## Starting checkpoints (policy init = reference)", "", head]
+    lines = [
+        f"# RQ3: Flower as the reference policy ({args['dataset']}, {args['split']} split)",
+        "",
+        f"Command: `{payload['command']}`  ",
+        f"Versions: {payload['versions']}  ",
+        f"Machine: {payload['machine']}  ",
+        f"Time of the whole run: {payload['wall_s']:.0f} s wall, {payload['cpu_s']:.0f} s CPU of this process  ",
+        f"Scale: {payload['scale']}",
+        "",
+        "## Starting checkpoints (policy init = reference)",
+        "",
+        head,
+    ]
     for start in STARTS:
         m = starts[start]["metrics"]
         lines.append(f"| start | {start} | " + " | ".join(_fmt(k, m[k]) for k in METRICS) + " |")
@@ -366,28 +485,46 @@ def markdown(payload: dict[str, Any]) -> str:
             if start in rows:
                 cells = " | ".join(_cell(rows[start], k) for k in METRICS)
                 lines.append(f"| {METHOD_NAMES[method]} | {start} | {cells} |")
-    lines += ["", "Flower-based better than SFT-based (means; NDCG/HR/H/TTR/distinct higher, DGU/MGU lower):", "",
-              "| method | " + " | ".join(METRICS) + " |", "|---|" + "---|" * len(METRICS)]
+    lines += [
+        "",
+        "Flower-based better than SFT-based (means; NDCG/HR/H/TTR/distinct higher, DGU/MGU lower):",
+        "",
+        "| method | " + " | ".join(METRICS) + " |",
+        "|---|" + "---|" * len(METRICS),
+    ]
     for method, wins in payload["flower_wins"].items():
         lines.append(f"| {METHOD_NAMES[method]} | " + " | ".join("yes" if wins[k] else "no" for k in METRICS) + " |")
-    lines += ["", "## Time per method (s, per seed; wall on the shared machine, CPU time of this process ≈ wall "
-              "when alone)", "", "| method | start | train wall | train CPU | evaluate wall | evaluate CPU |",
-              "|---|---|---|---|---|---|"]
+    lines += [
+        "",
+        "## Time per method (s, per seed; wall on the shared machine, CPU time of this process ≈ wall when alone)",
+        "",
+        "| method | start | train wall | train CPU | evaluate wall | evaluate CPU |",
+        "|---|---|---|---|---|---|",
+    ]
 
     def seconds(values: list[float]) -> str:
         return ", ".join(f"{t:.0f}" for t in values)
 
     for method, rows in table.items():
         for start, row in rows.items():
-            lines.append(f"| {METHOD_NAMES[method]} | {start} | {seconds(row['train_s'])} | "
-                         f"{seconds(row['train_cpu_s'])} | {seconds(row['eval_s'])} | {seconds(row['eval_cpu_s'])} |")
+            lines.append(
+                f"| {METHOD_NAMES[method]} | {start} | {seconds(row['train_s'])} | "
+                f"{seconds(row['train_cpu_s'])} | {seconds(row['eval_s'])} | {seconds(row['eval_cpu_s'])} |"
+            )
     lines += ["", "## Training logs (first → last logged step, per seed)", ""]
     for method, rows in table.items():
         for start, row in rows.items():
             logs = "; ".join(f"{lg.get('first')} → {lg.get('last')}" for lg in row["log"])
             lines.append(f"- {METHOD_NAMES[method]} from {start}: {logs}")
-    lines += ["", "## The paper beside ours", "", payload["paper_note"], "",
-              "| paper (Movies, Table 4) | " + " | ".join(METRICS[:6]) + " |", "|---|" + "---|" * 6]
+    lines += [
+        "",
+        "## The paper beside ours",
+        "",
+        payload["paper_note"],
+        "",
+        "| paper (Movies, Table 4) | " + " | ".join(METRICS[:6]) + " |",
+        "|---|" + "---|" * 6,
+    ]
     for name, values in PAPER_MOVIES.items():
         lines.append(f"| {name} | " + " | ".join(_fmt(k, values[k]) for k in METRICS[:6]) + " |")
     return "\n".join(lines) + "\n"
@@ -398,7 +535,8 @@ PAPER_NOTE = (
     "(policy init = reference = Flower, the F_* rows) beat the same methods started from BIGRec (the B_* rows) on "
     "accuracy, fairness and diversity. Its RQ3 table is not in the project's reference notes "
     "(../shared/reference/flower_reference.md appendix lists Tables 3, 4 and 6 only), so no per-method paper numbers "
-    "are quoted here; for scale, the paper's two starting points on Movies (Table 4, Qwen2.5-1.5B, full data) are:")
+    "are quoted here; for scale, the paper's two starting points on Movies (Table 4, Qwen2.5-1.5B, full data) are:"
+)
 
 
 def write_results(args: argparse.Namespace, records: dict[str, Any], wall_s: float, cpu_s: float) -> dict[str, Any]:
@@ -406,21 +544,33 @@ def write_results(args: argparse.Namespace, records: dict[str, Any], wall_s: flo
     import torch
 
     table = aggregate(records, args.methods)
-    rows = (f"first {args.test_rows or 'all'}" if args.row_sample_seed is None
-            else f"a random sample (seed {args.row_sample_seed}) of {args.test_rows}")
-    scale = (f"{args.train_rows or 'all'} training rows (random subsample, seed 0), {args.steps} optimiser steps "
-             f"per run, batch {args.batch_size} (DPO family: rows; RLOO: completions, {args.num_generations} per "
-             f"prompt), lr {args.learning_rate:g} (AdamW, linear decay, no warm-up), DPO-family β {args.beta:g}, "
-             f"RLOO β {args.rloo_beta:g}; seeds {args.seeds}; evaluation: {rows} rows of "
-             f"the {args.split} split, trie-constrained beam search with 10 beams (top-10), length penalty 1")
+    rows = (
+        f"first {args.test_rows or 'all'}"
+        if args.row_sample_seed is None
+        else f"a random sample (seed {args.row_sample_seed}) of {args.test_rows}"
+    )
+    scale = (
+        f"{args.train_rows or 'all'} training rows (random subsample, seed 0), {args.steps} optimiser steps "
+        f"per run, batch {args.batch_size} (DPO family: rows; RLOO: completions, {args.num_generations} per "
+        f"prompt), lr {args.learning_rate:g} (AdamW, linear decay, no warm-up), DPO-family β {args.beta:g}, "
+        f"RLOO β {args.rloo_beta:g}; seeds {args.seeds}; evaluation: {rows} rows of "
+        f"the {args.split} split, trie-constrained beam search with 10 beams (top-10), length penalty 1"
+    )
     payload = {
         "command": "python " + " ".join(shlex.quote(a) for a in sys.argv),
         "versions": _versions(),
         "machine": f"{platform.platform()}, {os.cpu_count()} CPUs shared with other jobs, torch threads "
-                   f"{torch.get_num_threads()}, load average at the end {os.getloadavg()[0]:.2f}",
-        "wall_s": round(wall_s, 1), "cpu_s": round(cpu_s, 1), "scale": scale, "args": vars(args),
-        "starts": records["starts"], "table": table, "flower_wins": flower_wins(table), "runs": records["runs"],
-        "paper_movies_table4": PAPER_MOVIES, "paper_note": PAPER_NOTE,
+        f"{torch.get_num_threads()}, load average at the end {os.getloadavg()[0]:.2f}",
+        "wall_s": round(wall_s, 1),
+        "cpu_s": round(cpu_s, 1),
+        "scale": scale,
+        "args": vars(args),
+        "starts": records["starts"],
+        "table": table,
+        "flower_wins": flower_wins(table),
+        "runs": records["runs"],
+        "paper_movies_table4": PAPER_MOVIES,
+        "paper_note": PAPER_NOTE,
     }
     # appended, not with_suffix: a prefix may contain dots (e.g. "..._lam0.001")
     out_json, out_md = Path(f"{args.out}.json"), Path(f"{args.out}.md")
@@ -444,15 +594,27 @@ def build_pair(args: argparse.Namespace) -> None:
     data = load_amazon(args.dataset, data_root=args.data_root, splits=("train",))
     raw = PromptBuilder.from_dataset(data.name, mode="reference")
     text = [raw(h) for h in data.splits["train"]["history_item_title"][:400]]
-    init = save_tiny_model(root / "init", list(data.items) * 3 + text, vocab_size=2048, hidden_size=128,
-                           num_layers=2, seed=0)
+    init = save_tiny_model(
+        root / "init", list(data.items) * 3 + text, vocab_size=2048, hidden_size=128, num_layers=2, seed=0
+    )
     for method in STARTS:
         _log(f"build pair: trl-flower train --method {method} --model {init} --max-rows {args.pair_rows}")
-        run_training(TrainArguments(
-            method=method, model=str(init), data=args.dataset, data_root=args.data_root,
-            output_dir=str(root / method), max_rows=args.pair_rows, learning_rate=2e-3,
-            num_train_epochs=args.pair_epochs, per_device_train_batch_size=32, num_threads=args.threads,
-            logging_steps=50, no_progress=True))
+        run_training(
+            TrainArguments(
+                method=method,
+                model=str(init),
+                data=args.dataset,
+                data_root=args.data_root,
+                output_dir=str(root / method),
+                max_rows=args.pair_rows,
+                learning_rate=2e-3,
+                num_train_epochs=args.pair_epochs,
+                per_device_train_batch_size=32,
+                num_threads=args.threads,
+                logging_steps=50,
+                no_progress=True,
+            )
+        )
 
 
 def main(argv: list[str] | None = None) -> int:

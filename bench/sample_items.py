@@ -33,8 +33,12 @@ sys.path.insert(0, str(REPO))  # run from a checkout without installing
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--model", choices=["smollm2", "tiny"], default="smollm2",
-                   help="smollm2: pretrained SmolLM2-135M-Instruct; tiny: random Qwen2 (machinery only)")
+    p.add_argument(
+        "--model",
+        choices=["smollm2", "tiny"],
+        default="smollm2",
+        help="smollm2: pretrained SmolLM2-135M-Instruct; tiny: random Qwen2 (machinery only)",
+    )
     p.add_argument("--target", default="movies_100.json", help="file under $TRL_FLOWER_DATA/movies_popularity")
     p.add_argument("--samples", type=int, default=256, help="draws per run")
     p.add_argument("--batch-size", type=int, default=64, help="rows per generate call")
@@ -85,30 +89,54 @@ def main(argv=None) -> dict:
     for _ in range(args.repeats):
         for shared in (True, False):
             t0 = time.perf_counter()
-            draws[shared] = sample_items(model, tokenizer, [prompt], tree, num_samples=args.samples,
-                                         temperature=args.temperature, batch_size=args.batch_size, seed=args.seed,
-                                         show_progress=False, share_prompt_cache=shared)
+            draws[shared] = sample_items(
+                model,
+                tokenizer,
+                [prompt],
+                tree,
+                num_samples=args.samples,
+                temperature=args.temperature,
+                batch_size=args.batch_size,
+                seed=args.seed,
+                show_progress=False,
+                share_prompt_cache=shared,
+            )
             times[shared].append(time.perf_counter() - t0)
     lengths = np.asarray(tree.item_length, dtype=float)
     result = {
         "command": "python " + " ".join([os.path.relpath(sys.argv[0], REPO)] + sys.argv[1:]),
-        "versions": {"python": platform.python_version(), "torch": torch.__version__,
-                     "transformers": transformers.__version__, "trl_flower": trl_flower.__version__},
-        "machine": {"cpus": os.cpu_count(), "torch_threads": args.threads,
-                    "loadavg_1min_before": round(load_before[0], 2)},
+        "versions": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "trl_flower": trl_flower.__version__,
+        },
+        "machine": {
+            "cpus": os.cpu_count(),
+            "torch_threads": args.threads,
+            "loadavg_1min_before": round(load_before[0], 2),
+        },
         "seed": args.seed,
-        "setup": {"model": args.model, "target": args.target, "items": len(titles),
-                  "prompt_tokens": len(tokenizer(prompt)["input_ids"]),
-                  "title_tokens_mean_max": [round(float(lengths.mean()), 2), int(lengths.max())],
-                  "samples": args.samples, "batch_size": args.batch_size, "temperature": args.temperature},
+        "setup": {
+            "model": args.model,
+            "target": args.target,
+            "items": len(titles),
+            "prompt_tokens": len(tokenizer(prompt)["input_ids"]),
+            "title_tokens_mean_max": [round(float(lengths.mean()), 2), int(lengths.max())],
+            "samples": args.samples,
+            "batch_size": args.batch_size,
+            "temperature": args.temperature,
+        },
         "identical_draws": bool(np.array_equal(draws[True], draws[False])),
         "distinct_items_drawn": int(np.unique(draws[True]).size),
     }
     for shared in (True, False):
         best = min(times[shared])
-        result["shared" if shared else "plain"] = {"seconds_all_repeats": [round(t, 3) for t in times[shared]],
-                                                   "best_seconds": round(best, 3),
-                                                   "samples_per_s": round(args.samples / best, 1)}
+        result["shared" if shared else "plain"] = {
+            "seconds_all_repeats": [round(t, 3) for t in times[shared]],
+            "best_seconds": round(best, 3),
+            "samples_per_s": round(args.samples / best, 1),
+        }
     result["speedup_shared_over_plain"] = round(min(times[False]) / min(times[True]), 2)
     result["machine"]["loadavg_1min_after"] = round(os.getloadavg()[0], 2)
     result["wall_seconds"] = round(time.perf_counter() - start, 1)
@@ -124,29 +152,35 @@ def main(argv=None) -> dict:
 def markdown(r: dict) -> str:
     """The results page."""
     s = r["setup"]
-    return "\n".join([
-        "# Constrained sampling (`sample_items`): shared prompt cache vs plain `generate`",
-        "",
-        f"Command: `{r['command']}` (seed {r['seed']}, wall time {r['wall_seconds']} s).",
-        "",
-        "Versions: " + ", ".join(f"{k} {v}" for k, v in r["versions"].items()) + ".",
-        f"Machine: {r['machine']['cpus']} CPUs, torch threads {r['machine']['torch_threads']}, 1-min load average "
-        f"{r['machine']['loadavg_1min_before']} before / {r['machine']['loadavg_1min_after']} after (shared machine).",
-        "",
-        f"Setup: {s['model']}, one history-free prompt of {s['prompt_tokens']} tokens, the tree of {s['items']} "
-        f"titles of {s['target']} ({s['title_tokens_mean_max'][0]} tokens on average, at most "
-        f"{s['title_tokens_mean_max'][1]}), {s['samples']} draws at batch {s['batch_size']}, temperature "
-        f"{s['temperature']}.",
-        "",
-        "| | best s | samples/s | all repeats (s) |",
-        "|---|---|---|---|",
-        *(f"| {name} | {r[name]['best_seconds']} | {r[name]['samples_per_s']} | "
-          f"{', '.join(map(str, r[name]['seconds_all_repeats']))} |" for name in ("shared", "plain")),
-        "",
-        f"Speed-up: **{r['speedup_shared_over_plain']}×**. Identical draws: **{r['identical_draws']}** "
-        f"({r['distinct_items_drawn']} distinct items drawn).",
-        "",
-    ])
+    return "\n".join(
+        [
+            "# Constrained sampling (`sample_items`): shared prompt cache vs plain `generate`",
+            "",
+            f"Command: `{r['command']}` (seed {r['seed']}, wall time {r['wall_seconds']} s).",
+            "",
+            "Versions: " + ", ".join(f"{k} {v}" for k, v in r["versions"].items()) + ".",
+            f"Machine: {r['machine']['cpus']} CPUs, torch threads {r['machine']['torch_threads']}, 1-min load "
+            f"average {r['machine']['loadavg_1min_before']} before / {r['machine']['loadavg_1min_after']} after "
+            "(shared machine).",
+            "",
+            f"Setup: {s['model']}, one history-free prompt of {s['prompt_tokens']} tokens, the tree of {s['items']} "
+            f"titles of {s['target']} ({s['title_tokens_mean_max'][0]} tokens on average, at most "
+            f"{s['title_tokens_mean_max'][1]}), {s['samples']} draws at batch {s['batch_size']}, temperature "
+            f"{s['temperature']}.",
+            "",
+            "| | best s | samples/s | all repeats (s) |",
+            "|---|---|---|---|",
+            *(
+                f"| {name} | {r[name]['best_seconds']} | {r[name]['samples_per_s']} | "
+                f"{', '.join(map(str, r[name]['seconds_all_repeats']))} |"
+                for name in ("shared", "plain")
+            ),
+            "",
+            f"Speed-up: **{r['speedup_shared_over_plain']}×**. Identical draws: **{r['identical_draws']}** "
+            f"({r['distinct_items_drawn']} distinct items drawn).",
+            "",
+        ]
+    )
 
 
 if __name__ == "__main__":

@@ -74,9 +74,12 @@ def run(args: argparse.Namespace) -> dict:
                 "valid_NDCG@20_per_epoch": [round(h["valid_NDCG@20"], 5) for h in result.history],
             }
         )
-        print(f"seed {seed}: best epoch {result.best_epoch}/{result.epochs_run}, valid NDCG@20 "
-              f"{result.best_valid_ndcg:.4f}, test HR@5 {test['item_HR@5']:.4f} NDCG@5 {test['item_NDCG@5']:.4f} "
-              f"({wall:.0f} s)", flush=True)
+        print(
+            f"seed {seed}: best epoch {result.best_epoch}/{result.epochs_run}, valid NDCG@20 "
+            f"{result.best_valid_ndcg:.4f}, test HR@5 {test['item_HR@5']:.4f} NDCG@5 {test['item_NDCG@5']:.4f} "
+            f"({wall:.0f} s)",
+            flush=True,
+        )
 
     def summary(key: str) -> dict:
         values = [r["test"][key] for r in runs]

@@ -139,9 +139,20 @@ def worker_build(data_dir: str, repeats: int) -> dict:
     tree = PrefixTree.from_flat(flat, offsets, TERMINATOR, item_rewards=rewards)
     rss_peak = _status_kb("VmHWM") if peak_ok else None
     rss_after = _status_kb("VmRSS")
-    arrays = [tree.parent, tree.token, tree.depth, tree.first_child, tree.num_children, tree.item_node,
-              tree.item_length, tree.item_rewards, tree.log_flow, tree.terminal_items, tree.terminal_ptr,
-              tree.is_terminal]
+    arrays = [
+        tree.parent,
+        tree.token,
+        tree.depth,
+        tree.first_child,
+        tree.num_children,
+        tree.item_node,
+        tree.item_length,
+        tree.item_rewards,
+        tree.log_flow,
+        tree.terminal_items,
+        tree.terminal_ptr,
+        tree.is_terminal,
+    ]
     tree_bytes = sum(a.nbytes for a in arrays)
     num_nodes, max_depth = tree.num_nodes, int(tree.depth.max())
     num_terminals = int(tree.is_terminal.sum())
@@ -315,7 +326,7 @@ def _markdown(result: dict) -> str:
     lines += [
         "",
         f"Largest size, {int(max(result['build'], key=int)):,} items: {largest['build_seconds_min']} s (slowest repeat "
-        f"{max(largest['build_seconds'])} s on the shared cores); the target for 1M items is \"well under a minute\".",
+        f'{max(largest["build_seconds"])} s on the shared cores); the target for 1M items is "well under a minute".',
         "",
         "Peak RSS Δ: `VmHWM` (reset via `/proc/self/clear_refs` just before the build) minus `VmRSS` before it; it "
         "counts numpy and torch memory. tracemalloc sees numpy only (not torch's `aggregate_to_nodes` buffers).",
@@ -381,8 +392,11 @@ def main(argv: list[str] | None = None) -> None:
             gen = _run_worker(gen_args)
             build = _run_worker(["--worker", "build", "--repeats", str(args.repeats), "--data-dir", tmp])
         result["build"][str(size)] = {**gen, **build}
-        print(f"{size:>9,} items: build {build['build_seconds_min']} s, peak RSS Δ {build['rss_peak_delta_mb']} MB, "
-              f"{build['num_nodes']:,} nodes", flush=True)
+        print(
+            f"{size:>9,} items: build {build['build_seconds_min']} s, peak RSS Δ {build['rss_peak_delta_mb']} MB, "
+            f"{build['num_nodes']:,} nodes",
+            flush=True,
+        )
     if not args.no_tokenize:
         sizes = [str(n) for n in args.tokenize_sizes]
         result["tokenize"] = _run_worker(["--worker", "tokenize", "--tokenize-sizes", *sizes, "--seed", str(args.seed)])

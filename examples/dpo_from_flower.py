@@ -42,8 +42,9 @@ def make_parser(subparsers: argparse._SubParsersAction | None = None):
     from trl import DPOConfig, TrlParser
 
     if subparsers is not None:
-        return subparsers.add_parser("dpo-from-flower", help="DPO from a Flower checkpoint",
-                                     dataclass_types=(ScriptArguments, DPOConfig))
+        return subparsers.add_parser(
+            "dpo-from-flower", help="DPO from a Flower checkpoint", dataclass_types=(ScriptArguments, DPOConfig)
+        )
     return TrlParser((ScriptArguments, DPOConfig))
 
 

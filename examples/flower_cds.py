@@ -93,8 +93,13 @@ def build_tiny_model(script_args: ScriptArguments, data, out_dir: Path) -> Path:
         builder = PromptBuilder.from_dataset(data.name)
         text = [builder.user_message(h) for h in data.splits["train"]["history_item_title"][:400]]
         tmp = out_dir.with_name(out_dir.name + f".tmp{os.getpid()}")
-        save_tiny_model(tmp, list(data.items) * 3 + text, vocab_size=script_args.tiny_vocab_size,
-                        hidden_size=script_args.tiny_hidden_size, num_layers=script_args.tiny_num_layers)
+        save_tiny_model(
+            tmp,
+            list(data.items) * 3 + text,
+            vocab_size=script_args.tiny_vocab_size,
+            hidden_size=script_args.tiny_hidden_size,
+            num_layers=script_args.tiny_num_layers,
+        )
         tmp.rename(out_dir)
     else:
         deadline = time.time() + 600
@@ -139,8 +144,9 @@ def main(script_args: ScriptArguments, training_args, model_args) -> dict:
         tokenizer.pad_token = tokenizer.eos_token
 
     builder = PromptBuilder.from_dataset(data.name, mode="chat", tokenizer=tokenizer)
-    check_prompt_tokenization(tokenizer, [builder(h) for h in train_split["history_item_title"][:3]], data.items,
-                              tokenizer.eos_token_id)
+    check_prompt_tokenization(
+        tokenizer, [builder(h) for h in train_split["history_item_title"][:3]], data.items, tokenizer.eos_token_id
+    )
     eval_tree = PrefixTree.from_titles(data.items, tokenizer)
     # Flower's outcome reward: interaction counts in training histories, +1 so that every item stays reachable.
     train_tree = eval_tree.with_rewards(counts.astype(np.float64) + 1.0)
@@ -189,15 +195,26 @@ def main(script_args: ScriptArguments, training_args, model_args) -> dict:
         model = AutoModelForCausalLM.from_pretrained(final_dir, dtype="auto").to(trainer.accelerator.device).eval()
         prompts = [builder(h) for h in split["history_item_title"]]
         top_k = script_args.eval_top_k
-        rec = recommend(model, tokenizer, prompts, eval_tree, top_k=top_k, batch_size=script_args.eval_batch_size,
-                        titles=data.items, show_progress=False)
+        rec = recommend(
+            model,
+            tokenizer,
+            prompts,
+            eval_tree,
+            top_k=top_k,
+            batch_size=script_args.eval_batch_size,
+            titles=data.items,
+            show_progress=False,
+        )
         ks = tuple(k for k in (1, 5, 10) if k <= top_k)
-        metrics = recommendation_metrics(rec.titles, split["item_title"], popularity, data.items, ks=ks,
-                                         fairness_ks=(top_k,))
+        metrics = recommendation_metrics(
+            rec.titles, split["item_title"], popularity, data.items, ks=ks, fairness_ks=(top_k,)
+        )
         report["eval"] = {"split": script_args.eval_split, "rows": split.num_rows, **metrics}
         (final_dir / "eval_results.json").write_text(json.dumps(report, indent=2, default=float) + "\n")
-        _log("eval " + ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
-                                 for k, v in report["eval"].items()))
+        _log(
+            "eval "
+            + ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in report["eval"].items())
+        )
     trainer.accelerator.wait_for_everyone()
     finish_distributed()
     return report

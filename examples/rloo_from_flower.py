@@ -38,8 +38,9 @@ def make_parser(subparsers: argparse._SubParsersAction | None = None):
     from trl import RLOOConfig, TrlParser
 
     if subparsers is not None:
-        return subparsers.add_parser("rloo-from-flower", help="RLOO from a Flower checkpoint",
-                                     dataclass_types=(ScriptArguments, RLOOConfig))
+        return subparsers.add_parser(
+            "rloo-from-flower", help="RLOO from a Flower checkpoint", dataclass_types=(ScriptArguments, RLOOConfig)
+        )
     return TrlParser((ScriptArguments, RLOOConfig))
 
 
@@ -62,11 +63,20 @@ def main(script_args: ScriptArguments, training_args) -> str:
         split = split.select(range(min(script_args.max_train_rows, split.num_rows)))
     tokenizer = AutoTokenizer.from_pretrained(checkpoint, padding_side="left")
     builder = PromptBuilder.from_dataset(data.name, mode="chat", tokenizer=tokenizer)
-    train_ds = split.map(lambda b: {"prompt": [builder(h) for h in b["history_item_title"]]}, batched=True,
-                         remove_columns=split.column_names, desc="prompts")
+    train_ds = split.map(
+        lambda b: {"prompt": [builder(h) for h in b["history_item_title"]]},
+        batched=True,
+        remove_columns=split.column_names,
+        desc="prompts",
+    )
     reward = PrefixTreeRewardModel(PrefixTree.load(checkpoint / TREE_FILE))
-    trainer = RLOOTrainer(model=str(checkpoint), reward_funcs=[reward], args=training_args, train_dataset=train_ds,
-                          processing_class=tokenizer)
+    trainer = RLOOTrainer(
+        model=str(checkpoint),
+        reward_funcs=[reward],
+        args=training_args,
+        train_dataset=train_ds,
+        processing_class=tokenizer,
+    )
     trainer.train()
     out = Path(training_args.output_dir) / FINAL_DIR
     trainer.save_model(str(out))

@@ -100,16 +100,28 @@ def main(spec_path: str) -> None:
             targets = self.reward_model.token_targets(completion_ids)
             texts = tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
             for x, text, item, valid in zip(inputs, texts, targets.item_ids.tolist(), targets.valid.tolist()):
-                records.append({"step": self.state.global_step, "row": int(x["row_index"]), "text": text,
-                                "item": item, "valid": bool(valid)})
+                records.append(
+                    {
+                        "step": self.state.global_step,
+                        "row": int(x["row_index"]),
+                        "text": text,
+                        "item": item,
+                        "valid": bool(valid),
+                    }
+                )
             return batch
 
-    trainer = RecordingTrainer(spec["model_dir"], tree, args=args, train_dataset=Dataset.from_list(spec["rows"]),
-                               processing_class=tokenizer)
+    trainer = RecordingTrainer(
+        spec["model_dir"], tree, args=args, train_dataset=Dataset.from_list(spec["rows"]), processing_class=tokenizer
+    )
     trainer.train()
     rank = trainer.accelerator.process_index
-    info = {"rank": rank, "num_processes": trainer.accelerator.num_processes,
-            "distributed_type": str(trainer.accelerator.distributed_type), "samples": records}
+    info = {
+        "rank": rank,
+        "num_processes": trainer.accelerator.num_processes,
+        "distributed_type": str(trainer.accelerator.distributed_type),
+        "samples": records,
+    }
     (out / f"samples_rank{rank}.json").write_text(json.dumps(info))
     if spec.get("save"):
         trainer.save_model(str(out / "model"))

@@ -51,8 +51,12 @@ def reference_loss(logits, labels, weights):
 def test_weighted_response_nll_by_hand():
     torch.manual_seed(0)
     logits = torch.randn(2, 5, 4)  # [B, T, V]
-    labels = torch.tensor([[-100, -100, 1, 3, -100],  # row 0: prompt of 2, response of 2, one pad
-                           [-100, 2, 0, 1, 2]])  # row 1: prompt of 1, response of 4
+    labels = torch.tensor(
+        [
+            [-100, -100, 1, 3, -100],  # row 0: prompt of 2, response of 2, one pad
+            [-100, 2, 0, 1, 2],
+        ]
+    )  # row 1: prompt of 1, response of 4
     weights = torch.tensor([2.0, 0.5])
     expected = reference_loss(logits, labels, weights)
     assert weighted_response_nll(logits, labels, weights).item() == pytest.approx(expected, rel=1e-5)
@@ -90,17 +94,37 @@ def test_dataset_completion_is_the_tree_path(tree, tiny_tokenizer, tiny_titles):
     assert ds["weight"] == [1.0] * 8
 
 
-CONFIG = dict(max_steps=2, per_device_train_batch_size=4, learning_rate=1e-3, logging_steps=1, save_strategy="no",
-              report_to="none", disable_tqdm=True, seed=0, use_cpu=True, bf16=False)
+CONFIG = dict(
+    max_steps=2,
+    per_device_train_batch_size=4,
+    learning_rate=1e-3,
+    logging_steps=1,
+    save_strategy="no",
+    report_to="none",
+    disable_tqdm=True,
+    seed=0,
+    use_cpu=True,
+    bf16=False,
+)
 
 
 @pytest.mark.parametrize("method", ["sft", "ifair"])
 def test_train_few_steps(method, tiny_model_dir, tree, tiny_tokenizer, tiny_titles, tmp_path):
     torch.set_num_threads(1)
     data = rows(tiny_titles)
-    trainer = train_sft(method, tiny_model_dir, [r[0] for r in data], [r[1] for r in data], tmp_path / "out",
-                        tree=tree, tokenizer=tiny_tokenizer, histories=[r[2] for r in data],
-                        target_titles=[tiny_titles[r[1]] for r in data], train=False, **CONFIG)
+    trainer = train_sft(
+        method,
+        tiny_model_dir,
+        [r[0] for r in data],
+        [r[1] for r in data],
+        tmp_path / "out",
+        tree=tree,
+        tokenizer=tiny_tokenizer,
+        histories=[r[2] for r in data],
+        target_titles=[tiny_titles[r[1]] for r in data],
+        train=False,
+        **CONFIG,
+    )
     assert isinstance(trainer, IFairSFTTrainer) == (method == "ifair")
     # labels: −100 on the prompt, the path on the completion
     example = trainer.train_dataset[0]

@@ -57,10 +57,15 @@ def _train_checkpoint(out, init_dir, tokenizer, titles, flow_lambda):
     from trl_flower.trainer import FlowerTrainer
 
     tree = PrefixTree.from_titles(titles, tokenizer, item_rewards=COUNTS)
-    rows = Dataset.from_dict({"prompt": [PROMPT.format(titles[(i + 1) % 10]) for i in range(8)],
-                              "item_id": [(i + 2) % 10 for i in range(8)]})
-    args = FlowerConfig(str(out), flow_lambda=flow_lambda, max_completion_length=int(tree.item_length.max()),
-                        **{k: v for k, v in TINY_ARGS.items() if k != "gradient_checkpointing"})
+    rows = Dataset.from_dict(
+        {"prompt": [PROMPT.format(titles[(i + 1) % 10]) for i in range(8)], "item_id": [(i + 2) % 10 for i in range(8)]}
+    )
+    args = FlowerConfig(
+        str(out),
+        flow_lambda=flow_lambda,
+        max_completion_length=int(tree.item_length.max()),
+        **{k: v for k, v in TINY_ARGS.items() if k != "gradient_checkpointing"},
+    )
     trainer = FlowerTrainer(model=str(init_dir), tree=tree, args=args, train_dataset=rows, processing_class=tokenizer)
     trainer.train()
     trainer.save_model(str(out))
@@ -179,8 +184,15 @@ def test_constrained_rollout_returns_unmasked_logits(flower_checkpoint, tree, ti
     model = load_reference_policy(flower_checkpoint)
     enc = tiny_tokenizer(prompts[:4], padding=True, add_special_tokens=False, return_tensors="pt")
     queries = enc["input_ids"]  # [4, P] left-padded with pad
-    config = GenerationConfig(max_new_tokens=8, temperature=0.7, top_k=0, top_p=1.0, do_sample=True,
-                              pad_token_id=tiny_tokenizer.pad_token_id, eos_token_id=tiny_tokenizer.eos_token_id)
+    config = GenerationConfig(
+        max_new_tokens=8,
+        temperature=0.7,
+        top_k=0,
+        top_p=1.0,
+        do_sample=True,
+        pad_token_id=tiny_tokenizer.pad_token_id,
+        eos_token_id=tiny_tokenizer.eos_token_id,
+    )
     torch.manual_seed(0)
     query_responses, logits = _constrained_generate(model, queries, tiny_tokenizer.pad_token_id, config, tree)
     P = queries.shape[1]
@@ -212,8 +224,9 @@ def _dpo_dataset(prompts, tiny_titles):
 
 
 @pytest.mark.parametrize("policy_init", ["flower", "other"])
-def test_dpo_with_flower_reference(policy_init, flower_checkpoint, init_dir, prompts, tiny_titles, tiny_tokenizer,
-                                   tmp_path):
+def test_dpo_with_flower_reference(
+    policy_init, flower_checkpoint, init_dir, prompts, tiny_titles, tiny_tokenizer, tmp_path
+):
     """DPO: reference = Flower, policy init = Flower (auto reference) or another model (explicit ref_model)."""
     from trl import DPOConfig, DPOTrainer
 
@@ -221,8 +234,13 @@ def test_dpo_with_flower_reference(policy_init, flower_checkpoint, init_dir, pro
     kwargs = {} if policy_init == "flower" else {"ref_model": load_reference_policy(flower_checkpoint)}
     model = str(flower_checkpoint if policy_init == "flower" else init_dir)
     args = DPOConfig(output_dir=str(tmp_path), max_length=96, **TINY_ARGS)
-    trainer = DPOTrainer(model=model, args=args, train_dataset=_dpo_dataset(prompts, tiny_titles),
-                         processing_class=tiny_tokenizer, **kwargs)
+    trainer = DPOTrainer(
+        model=model,
+        args=args,
+        train_dataset=_dpo_dataset(prompts, tiny_titles),
+        processing_class=tiny_tokenizer,
+        **kwargs,
+    )
     assert _same_weights(_unwrapped(trainer, trainer.ref_model), flower_ref)
     before = {k: v.clone() for k, v in trainer.model.named_parameters()}
     trainer.train()
@@ -248,12 +266,22 @@ def _online_trainer(kind, model, tree, tiny_tokenizer, prompts, tmp_path):
     if kind == "grpo":
         from trl import GRPOConfig, GRPOTrainer
 
-        return GRPOTrainer(model=model, reward_funcs=reward, args=GRPOConfig(**common), train_dataset=dataset,
-                           processing_class=tiny_tokenizer)
+        return GRPOTrainer(
+            model=model,
+            reward_funcs=reward,
+            args=GRPOConfig(**common),
+            train_dataset=dataset,
+            processing_class=tiny_tokenizer,
+        )
     from trl import RLOOConfig, RLOOTrainer
 
-    return RLOOTrainer(model=model, reward_funcs=reward, args=RLOOConfig(**common), train_dataset=dataset,
-                       processing_class=tiny_tokenizer)
+    return RLOOTrainer(
+        model=model,
+        reward_funcs=reward,
+        args=RLOOConfig(**common),
+        train_dataset=dataset,
+        processing_class=tiny_tokenizer,
+    )
 
 
 @pytest.mark.parametrize("kind", ["grpo", "rloo"])
@@ -287,8 +315,13 @@ def test_set_reference_policy_errors(flower_checkpoint, tree, tiny_tokenizer, pr
     from trl import GRPOConfig, GRPOTrainer
 
     args = GRPOConfig(output_dir=str(tmp_path), num_generations=2, max_completion_length=8, beta=0.0, **TINY_ARGS)
-    trainer = GRPOTrainer(model=str(flower_checkpoint), reward_funcs=PrefixTreeRewardModel(tree), args=args,
-                          train_dataset=Dataset.from_dict({"prompt": prompts}), processing_class=tiny_tokenizer)
+    trainer = GRPOTrainer(
+        model=str(flower_checkpoint),
+        reward_funcs=PrefixTreeRewardModel(tree),
+        args=args,
+        train_dataset=Dataset.from_dict({"prompt": prompts}),
+        processing_class=tiny_tokenizer,
+    )
     with pytest.raises(ValueError, match="beta=0.0"):
         set_reference_policy(trainer, flower_checkpoint)
     with pytest.raises(ValueError, match="expects a GRPOTrainer or RLOOTrainer"):

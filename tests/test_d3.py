@@ -94,14 +94,17 @@ def test_recommend_d3_pure_guidance_follows_each_rows_sasrec(tiny_model, tiny_to
     """g = 0 and no length penalty: a beam's score telescopes to log p_u(item), so the top-1 is SASRec's favourite
     of that row, even though `recommend` reorders the prompts (different lengths) and beams are reordered."""
     tree = PrefixTree.from_titles(tiny_titles, tiny_tokenizer)
-    prompts = ["The user has enjoyed Blue Train. Recommend the next item.",
-               "The user has enjoyed the following items before: Kind of Blue, Rumours. Recommend the next item.",
-               "Recommend the next item."]
+    prompts = [
+        "The user has enjoyed Blue Train. Recommend the next item.",
+        "The user has enjoyed the following items before: Kind of Blue, Rumours. Recommend the next item.",
+        "Recommend the next item.",
+    ]
     favourite = [8, 2, 6]
     logits = np.zeros((3, len(tiny_titles)))
     logits[np.arange(3), favourite] = 8.0
-    recs = recommend_d3(tiny_model, tiny_tokenizer, prompts, tree, logits, guidance_scale=0.0, top_k=3,
-                        batch_size=3, titles=tiny_titles)
+    recs = recommend_d3(
+        tiny_model, tiny_tokenizer, prompts, tree, logits, guidance_scale=0.0, top_k=3, batch_size=3, titles=tiny_titles
+    )
     assert recs.item_ids[:, 0].tolist() == favourite
     p = np.exp(8.0) / (np.exp(8.0) + len(tiny_titles) - 1)
     np.testing.assert_allclose(recs.scores[:, 0], np.log(p), atol=1e-4)
@@ -115,12 +118,18 @@ def test_recommend_d3_pure_guidance_follows_each_rows_sasrec(tiny_model, tiny_to
 def test_recommend_d3_same_lists_with_and_without_the_shared_prompt_cache(tiny_model, tiny_tokenizer, tiny_titles):
     """The guided wrapper runs `recommend`'s prompt prefill through the model; mixed guidance, mixed lengths."""
     tree = PrefixTree.from_titles(tiny_titles, tiny_tokenizer)
-    prompts = ["The user has enjoyed Blue Train. Recommend the next item.",
-               "The user has enjoyed the following items before: Kind of Blue, Rumours. Recommend the next item.",
-               "Recommend the next item."]
+    prompts = [
+        "The user has enjoyed Blue Train. Recommend the next item.",
+        "The user has enjoyed the following items before: Kind of Blue, Rumours. Recommend the next item.",
+        "Recommend the next item.",
+    ]
     logits = np.random.default_rng(0).normal(size=(3, len(tiny_titles)))
-    runs = [recommend_d3(tiny_model, tiny_tokenizer, prompts, tree, logits, guidance_scale=0.5, top_k=3,
-                         share_prompt_cache=shared) for shared in (True, False)]
+    runs = [
+        recommend_d3(
+            tiny_model, tiny_tokenizer, prompts, tree, logits, guidance_scale=0.5, top_k=3, share_prompt_cache=shared
+        )
+        for shared in (True, False)
+    ]
     np.testing.assert_array_equal(runs[0].item_ids, runs[1].item_ids)
     np.testing.assert_allclose(runs[0].scores, runs[1].scores, atol=1e-5)
 
@@ -165,8 +174,9 @@ def eval_data(tmp_path_factory, tiny_titles):
             writer = csv.writer(f)
             writer.writerow(["history_item_id", "history_item_title", "item_id", "item_title"])
             for history, target in rows:
-                writer.writerow([json.dumps(history), json.dumps([tiny_titles[i] for i in history]), target,
-                                 tiny_titles[target]])
+                writer.writerow(
+                    [json.dumps(history), json.dumps([tiny_titles[i] for i in history]), target, tiny_titles[target]]
+                )
     logits = np.zeros((len(rows), n), dtype=np.float32)
     logits[np.arange(len(rows)), [t for _, t in rows]] = 10.0
     np.save(out / "test_logits.npy", logits)
@@ -182,24 +192,61 @@ def evaluate_cli(argv):
 def test_evaluate_decoding_d3_and_temp(tiny_model_dir, eval_data, tmp_path, capsys):
     import json
 
-    base = ["--model", str(tiny_model_dir), "--data", str(eval_data), "--category", "items", "--top-k", "3",
-            "--num-threads", "1", "--no-progress"]
+    base = [
+        "--model",
+        str(tiny_model_dir),
+        "--data",
+        str(eval_data),
+        "--category",
+        "items",
+        "--top-k",
+        "3",
+        "--num-threads",
+        "1",
+        "--no-progress",
+    ]
     # g = 0: the beams follow SASRec, which puts almost all mass on each row's target: HR@1 = 1
-    assert evaluate_cli([*base, "--decoding", "d3", "--sasrec-logits", str(eval_data / "test_logits.npy"),
-                         "--guidance-scale", "0", "--output-dir", str(tmp_path / "d3")]) == 0
+    assert (
+        evaluate_cli(
+            [
+                *base,
+                "--decoding",
+                "d3",
+                "--sasrec-logits",
+                str(eval_data / "test_logits.npy"),
+                "--guidance-scale",
+                "0",
+                "--output-dir",
+                str(tmp_path / "d3"),
+            ]
+        )
+        == 0
+    )
     report = json.loads((tmp_path / "d3" / "metrics.json").read_text())
     metrics = next(iter(report["results"].values()))
     assert metrics["HR@1"] == 1.0
     assert report["settings"]["length_penalty"] == 0.0 and report["settings"]["decoding"] == "d3"
-    assert evaluate_cli([*base, "--decoding", "temp", "--temperature", "1.5",
-                         "--output-dir", str(tmp_path / "temp")]) == 0
+    assert (
+        evaluate_cli([*base, "--decoding", "temp", "--temperature", "1.5", "--output-dir", str(tmp_path / "temp")]) == 0
+    )
     capsys.readouterr()
     errors = [
         (["--decoding", "temp"], "--temperature != 1"),
         (["--decoding", "d3"], "needs --sasrec-logits"),
         (["--guidance-scale", "0.5"], "only used with --decoding d3"),
-        (["--decoding", "d3", "--sasrec-logits", str(eval_data / "test_logits.npy"), "--guidance-scale", "0.5",
-          "--length-penalty", "0.5"], "length penalty 0"),
+        (
+            [
+                "--decoding",
+                "d3",
+                "--sasrec-logits",
+                str(eval_data / "test_logits.npy"),
+                "--guidance-scale",
+                "0.5",
+                "--length-penalty",
+                "0.5",
+            ],
+            "length penalty 0",
+        ),
     ]
     for extra, message in errors:
         assert evaluate_cli([*base, *extra, "--output-dir", str(tmp_path / "x")]) == 2

@@ -31,8 +31,13 @@ def test_options_are_parsed_with_their_types():
     args = build_parser().parse_args(
         ["demo", "--model", "/some/dir", "--num-items", "120", "--flow-lambda", "0.05", "--quick", "--max-steps", "7"]
     )
-    assert (args.model, args.num_items, args.flow_lambda, args.quick, args.max_steps) == ("/some/dir", 120, 0.05,
-                                                                                           True, 7)
+    assert (args.model, args.num_items, args.flow_lambda, args.quick, args.max_steps) == (
+        "/some/dir",
+        120,
+        0.05,
+        True,
+        7,
+    )
 
 
 @pytest.mark.parametrize(
@@ -133,12 +138,29 @@ def test_quick_run_saves_two_flower_checkpoints(quick_run):
 
 
 def test_summary_table_columns():
-    results = {"SFT": {"HR@5": 0.5, "NDCG@5": 0.25, "DGU@5": 0.1, "MGU@5": 0.05, "distinct_titles": 3, "H": 1.0,
-                       "TTR": 0.5, "invalid": 0}}
+    results = {
+        "SFT": {
+            "HR@5": 0.5,
+            "NDCG@5": 0.25,
+            "DGU@5": 0.1,
+            "MGU@5": 0.05,
+            "distinct_titles": 3,
+            "H": 1.0,
+            "TTR": 0.5,
+            "invalid": 0,
+        }
+    }
     assert table_columns(5, results) == ["HR@5", "NDCG@5", "DGU@5", "MGU@5", "distinct_titles", "H", "TTR", "invalid"]
-    report = {"title": "t", "settings": {"top_k": 5}, "results": results, "group_shares": {"SFT": [0.7, 0.3]},
-              "reference_shares": [0.6, 0.4], "files": {"markdown": "r.md", "json": "r.json"},
-              "checkpoints": {"sft": "a", "flower": "b"}, "wall_time_s": {"total": 12.3}}
+    report = {
+        "title": "t",
+        "settings": {"top_k": 5},
+        "results": results,
+        "group_shares": {"SFT": [0.7, 0.3]},
+        "reference_shares": [0.6, 0.4],
+        "files": {"markdown": "r.md", "json": "r.json"},
+        "checkpoints": {"sft": "a", "flower": "b"},
+        "wall_time_s": {"total": 12.3},
+    }
     lines = format_summary(report).splitlines()
     assert "| HR@5 | 0.5000 |" in lines and "| distinct_titles | 3 |" in lines
     assert "| data (train histories) | 0.600 | 0.400 |" in lines and "| SFT | 0.700 | 0.300 |" in lines

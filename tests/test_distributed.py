@@ -61,8 +61,13 @@ requires_deepspeed = pytest.mark.skipif(
 
 def _env() -> dict[str, str]:
     env = dict(os.environ)
-    env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", DS_ACCELERATOR="cpu",
-               PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")])))
+    env.update(
+        OMP_NUM_THREADS="1",
+        HF_HUB_OFFLINE="1",
+        TOKENIZERS_PARALLELISM="false",
+        DS_ACCELERATOR="cpu",
+        PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")])),
+    )
     for key in ("ACCELERATE_USE_CPU", "ACCELERATE_USE_DEEPSPEED", "WORLD_SIZE", "RANK", "LOCAL_RANK"):
         env.pop(key, None)
     return env
@@ -72,16 +77,26 @@ def accelerate_cmd(config: str | None, script: Path | str, *args: str) -> list[s
     """`python script` (config None) or `accelerate launch --config_file examples/accelerate/<config>.yaml script`."""
     if config is None:
         return [sys.executable, str(script), *args]
-    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-            str(ACCELERATE_CONFIGS / f"{config}.yaml"), "--main_process_port", "0", str(script), *args]
+    return [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(ACCELERATE_CONFIGS / f"{config}.yaml"),
+        "--main_process_port",
+        "0",
+        str(script),
+        *args,
+    ]
 
 
 def run(cmd: list[str], log: Path) -> None:
     """Run `cmd` to completion (output in `log`); retry once on the rare rank abort at exit (docs/distributed.md)."""
     for attempt in range(2):
         with open(log, "w") as fh:
-            proc = subprocess.run(cmd, cwd=REPO, env=_env(), stdout=fh, stderr=subprocess.STDOUT,
-                                  timeout=LAUNCH_TIMEOUT)
+            proc = subprocess.run(
+                cmd, cwd=REPO, env=_env(), stdout=fh, stderr=subprocess.STDOUT, timeout=LAUNCH_TIMEOUT
+            )
         if proc.returncode == 0:
             return
         text = log.read_text()
@@ -95,8 +110,9 @@ def _prompt(titles, i):
     return f"The user has enjoyed the following items before: {history}. Recommend the next item.\n"
 
 
-def launch_flower(tmp: Path, name: str, model_dir: Path, titles: list[str], config: str | None,
-                  per_device: int, **overrides) -> Path:
+def launch_flower(
+    tmp: Path, name: str, model_dir: Path, titles: list[str], config: str | None, per_device: int, **overrides
+) -> Path:
     """Train the tiny model with FlowerTrainer under `config` (None = plain python, 1 process); return the out dir."""
     out = tmp / name
     rows = [{"prompt": _prompt(titles, i), "item_id": (7 * i) % 10, "row_index": i} for i in range(NUM_ROWS)]
@@ -117,8 +133,16 @@ def launch_flower(tmp: Path, name: str, model_dir: Path, titles: list[str], conf
         data_seed=0,
     )
     config_kwargs.update(overrides)
-    spec = {"out": str(out), "model_dir": str(model_dir), "titles": titles, "counts": COUNTS, "rows": rows,
-            "config": config_kwargs, "sampler": "gumbel", "save": True}
+    spec = {
+        "out": str(out),
+        "model_dir": str(model_dir),
+        "titles": titles,
+        "counts": COUNTS,
+        "rows": rows,
+        "config": config_kwargs,
+        "sampler": "gumbel",
+        "save": True,
+    }
     out.mkdir(parents=True, exist_ok=True)
     spec_path = out / "spec.json"
     spec_path.write_text(json.dumps(spec))
@@ -201,12 +225,32 @@ def test_zero3_matches_single_process(runs_dir, single_run, tiny_model_dir, tiny
 def test_flower_cds_zero3_checkpoint_chains_into_dpo(runs_dir, data_dir):
     """The documented CPU commands: examples/flower_cds.py under ZeRO-3 (2 processes), then DPO from its output."""
     out = runs_dir / "flower-cds"
-    run(accelerate_cmd("zero3", REPO / "examples" / "flower_cds.py",
-                       "--config", str(REPO / "examples" / "recipes" / "flower_cds.yaml"), "--data_root", str(data_dir),
-                       "--build_tiny_model", "--bf16", "false", "--max_train_rows", "32", "--max_steps", "2",
-                       "--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "1", "--eval_rows", "4",
-                       "--output_dir", str(out)),
-        runs_dir / "flower-cds.log")
+    run(
+        accelerate_cmd(
+            "zero3",
+            REPO / "examples" / "flower_cds.py",
+            "--config",
+            str(REPO / "examples" / "recipes" / "flower_cds.yaml"),
+            "--data_root",
+            str(data_dir),
+            "--build_tiny_model",
+            "--bf16",
+            "false",
+            "--max_train_rows",
+            "32",
+            "--max_steps",
+            "2",
+            "--per_device_train_batch_size",
+            "4",
+            "--gradient_accumulation_steps",
+            "1",
+            "--eval_rows",
+            "4",
+            "--output_dir",
+            str(out),
+        ),
+        runs_dir / "flower-cds.log",
+    )
     checkpoint = out / "checkpoint-final"
     report = json.loads((checkpoint / "eval_results.json").read_text())
     assert report["eval"]["num_users"] == 4 and report["eval"]["invalid"] == 0  # constrained beams: catalogue titles
@@ -219,10 +263,30 @@ def test_flower_cds_zero3_checkpoint_chains_into_dpo(runs_dir, data_dir):
     assert all(p.isfinite().all() for p in model.parameters())
 
     dpo_out = runs_dir / "dpo"
-    run(accelerate_cmd(None, REPO / "examples" / "dpo_from_flower.py", "--flower_checkpoint", str(checkpoint),
-                       "--data_root", str(data_dir), "--max_train_rows", "8", "--max_steps", "1",
-                       "--per_device_train_batch_size", "2", "--bf16", "false", "--report_to", "none",
-                       "--save_strategy", "no", "--output_dir", str(dpo_out)),
-        runs_dir / "dpo.log")
+    run(
+        accelerate_cmd(
+            None,
+            REPO / "examples" / "dpo_from_flower.py",
+            "--flower_checkpoint",
+            str(checkpoint),
+            "--data_root",
+            str(data_dir),
+            "--max_train_rows",
+            "8",
+            "--max_steps",
+            "1",
+            "--per_device_train_batch_size",
+            "2",
+            "--bf16",
+            "false",
+            "--report_to",
+            "none",
+            "--save_strategy",
+            "no",
+            "--output_dir",
+            str(dpo_out),
+        ),
+        runs_dir / "dpo.log",
+    )
     dpo = AutoModelForCausalLM.from_pretrained(dpo_out / "checkpoint-final")
     assert dpo.config.vocab_size == model.config.vocab_size

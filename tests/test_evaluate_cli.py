@@ -55,8 +55,9 @@ def dataset_dir(tmp_path_factory, tiny_titles) -> Path:
     n = len(tiny_titles)
 
     def rows(count: int) -> list[tuple[list[int], int]]:
-        return [(rng.integers(0, n, size=int(rng.integers(1, 6))).tolist(), int(rng.integers(0, n)))
-                for _ in range(count)]
+        return [
+            (rng.integers(0, n, size=int(rng.integers(1, 6))).tolist(), int(rng.integers(0, n))) for _ in range(count)
+        ]
 
     train = rows(40)
     train[0] = (list(range(n)), 0)  # every title is in a training history: 9 distinct titles fill the 8 groups
@@ -73,8 +74,23 @@ def recommend_run(tiny_model_dir, dataset_dir, tmp_path_factory):
         (argv, output directory, captured stdout).
     """
     out = tmp_path_factory.mktemp("eval")
-    argv = ["evaluate", "--model", str(tiny_model_dir), "--data", str(dataset_dir), "--category", "items",
-            "--max-rows", "10", "--batch-size", "4", "--output-dir", str(out), "--export-official-json", *FAST]
+    argv = [
+        "evaluate",
+        "--model",
+        str(tiny_model_dir),
+        "--data",
+        str(dataset_dir),
+        "--category",
+        "items",
+        "--max-rows",
+        "10",
+        "--batch-size",
+        "4",
+        "--output-dir",
+        str(out),
+        "--export-official-json",
+        *FAST,
+    ]
     stdout = io.StringIO()
     with contextlib.redirect_stdout(stdout):
         assert cli(argv) == 0
@@ -102,8 +118,14 @@ def test_recommend_end_to_end(recommend_run, dataset_dir, tiny_titles):
     # the metrics are recommendation_metrics of the exported predictions, with train-history popularity
     train = list(csv.DictReader((dataset_dir / "train.csv").open()))
     pop = popularity_from_histories([json.loads(r["history_item_title"]) for r in train])
-    expected = recommendation_metrics([p["predict"] for p in predictions], [p["output"] for p in predictions], pop,
-                                      tiny_titles, ks=(1, 3, 5), fairness_ks=(5,))
+    expected = recommendation_metrics(
+        [p["predict"] for p in predictions],
+        [p["output"] for p in predictions],
+        pop,
+        tiny_titles,
+        ks=(1, 3, 5),
+        fairness_ks=(5,),
+    )
     assert {k: v for k, v in metrics.items() if k != "unfinished"} == pytest.approx(expected, nan_ok=True)
     assert metrics["invalid"] == 0 and metrics["unfinished"] == 0 and metrics["num_users"] == 10
     assert saved["reference_shares"] == pytest.approx(pop.shares.tolist())
@@ -141,8 +163,18 @@ def test_batch_size_does_not_change_the_lists(recommend_run, tmp_path):
 def test_saved_tree_in_model_dir(tiny_model_dir, dataset_dir, tiny_titles, tiny_tokenizer, tmp_path, capsys):
     model = tmp_path / "model"
     shutil.copytree(tiny_model_dir, model)
-    base = ["evaluate", "--model", str(model), "--data", str(dataset_dir), "--category", "items", "--max-rows", "3",
-            *FAST]
+    base = [
+        "evaluate",
+        "--model",
+        str(model),
+        "--data",
+        str(dataset_dir),
+        "--category",
+        "items",
+        "--max-rows",
+        "3",
+        *FAST,
+    ]
 
     # a matching tree saved by the trainer is used (flower_config.json names it)
     PrefixTree.from_titles(tiny_titles, tiny_tokenizer).save(model / "my_tree.npz")
@@ -168,9 +200,22 @@ def test_distribution_end_to_end(tiny_model_dir, tiny_titles, tmp_path, capsys):
     target = {t: float(10 * (i + 1)) for i, t in enumerate(dict.fromkeys(tiny_titles))}  # 9 distinct titles
     (tmp_path / "target.json").write_text(json.dumps(target))
     out = tmp_path / "out"
-    argv = ["evaluate", "--model", str(tiny_model_dir), "--task", "distribution", "--target",
-            str(tmp_path / "target.json"), "--num-samples", "40", "--batch-size", "16", "--num-threads", "1",
-            "--no-progress"]
+    argv = [
+        "evaluate",
+        "--model",
+        str(tiny_model_dir),
+        "--task",
+        "distribution",
+        "--target",
+        str(tmp_path / "target.json"),
+        "--num-samples",
+        "40",
+        "--batch-size",
+        "16",
+        "--num-threads",
+        "1",
+        "--no-progress",
+    ]
     assert cli([*argv, "--output-dir", str(out)]) == 0
     assert "| title_KL(T\\|\\|R) |" in capsys.readouterr().out
     saved = json.loads((out / "metrics.json").read_text())
@@ -198,8 +243,10 @@ def test_distribution_end_to_end(tiny_model_dir, tiny_titles, tmp_path, capsys):
         (["--model", "{model}", "--data", "No_Such_Category", "--data-root", "{data}"], "not found"),
         (["--model", "{model}"], "needs --data"),
         (["--model", "{model}", "--task", "distribution"], "needs --target"),
-        (["--model", "{model}", "--task", "distribution", "--target", "nope.json", "--data-root", "{data}"],
-         "no such file"),
+        (
+            ["--model", "{model}", "--task", "distribution", "--target", "nope.json", "--data-root", "{data}"],
+            "no such file",
+        ),
         (["--model", "{model}", "--data", "{data}", "--top-k", "10"], "`top_k` must be an int in [1, 9]"),
         (["--model", "{model}", "--data", "{data}", "--num-beams", "2", "--top-k", "3"], "--num-beams must be >="),
         (["--model", "{model}", "--data", "{data}", "--temperature", "0"], "--temperature must be > 0"),
@@ -208,8 +255,19 @@ def test_distribution_end_to_end(tiny_model_dir, tiny_titles, tmp_path, capsys):
 )
 def test_errors_are_one_line_with_exit_2(extra, message, tiny_model_dir, dataset_dir, tmp_path, capsys):
     paths = {"missing": str(tmp_path / "missing"), "data": str(dataset_dir), "model": str(tiny_model_dir)}
-    argv = ["evaluate", *[a.format(**paths) for a in extra], "--category", "items", "--max-rows", "2",
-            "--output-dir", str(tmp_path / "out"), "--num-threads", "1", "--no-progress"]
+    argv = [
+        "evaluate",
+        *[a.format(**paths) for a in extra],
+        "--category",
+        "items",
+        "--max-rows",
+        "2",
+        "--output-dir",
+        str(tmp_path / "out"),
+        "--num-threads",
+        "1",
+        "--no-progress",
+    ]
     assert cli(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith("trl-flower evaluate: error: ") and err.count("\n") == 1, err
@@ -227,11 +285,14 @@ def test_help_explains_every_option():
 
 
 def test_command_line_round_trip():
-    args = EvaluateArguments(model="m dir", data="Movies_and_TV", max_rows=500, length_penalty=0.0,
-                             export_official_json=True, batch_size=8)
+    args = EvaluateArguments(
+        model="m dir", data="Movies_and_TV", max_rows=500, length_penalty=0.0, export_official_json=True, batch_size=8
+    )
     command = command_line(args)
-    assert command == ("trl-flower evaluate --model 'm dir' --data Movies_and_TV --max-rows 500 --batch-size 8 "
-                       "--length-penalty 0.0 --export-official-json")
+    assert command == (
+        "trl-flower evaluate --model 'm dir' --data Movies_and_TV --max-rows 500 --batch-size 8 "
+        "--length-penalty 0.0 --export-official-json"
+    )
     parsed = make_parser().parse_args(shlex.split(command)[2:])
     assert EvaluateArguments(**{f.name: getattr(parsed, f.name) for f in fields(EvaluateArguments)}) == args
     assert all(f.default is not MISSING or f.name == "model" for f in fields(EvaluateArguments))
@@ -247,9 +308,23 @@ def test_real_movies_rows_with_a_tokenizer_trained_on_the_titles(data_dir, tmp_p
     prompts = [PromptBuilder.from_dataset("Movies_and_TV")(h) for h in data.splits["test"]["history_item_title"][:50]]
     model = save_tiny_model(tmp_path / "model", data.items + prompts, vocab_size=1024, hidden_size=32)
     out = tmp_path / "out"
-    argv = ["evaluate", "--model", str(model), "--data", "Movies_and_TV", "--data-root", str(data_dir),
-            "--max-rows", "20", "--output-dir", str(out), "--export-official-json", "--num-threads", "1",
-            "--no-progress"]
+    argv = [
+        "evaluate",
+        "--model",
+        str(model),
+        "--data",
+        "Movies_and_TV",
+        "--data-root",
+        str(data_dir),
+        "--max-rows",
+        "20",
+        "--output-dir",
+        str(out),
+        "--export-official-json",
+        "--num-threads",
+        "1",
+        "--no-progress",
+    ]
     assert cli(argv) == 0
     predictions = json.loads((out / "predictions.json").read_text())
     assert len(predictions) == 20 and all(len(p["predict"]) == 10 for p in predictions)
@@ -258,8 +333,9 @@ def test_real_movies_rows_with_a_tokenizer_trained_on_the_titles(data_dir, tmp_p
     assert metrics["invalid"] == 0 and metrics["num_users"] == 20
 
 
-def test_chat_mode_and_the_tokenisation_check_is_applied(tiny_model_dir, dataset_dir, tiny_titles, tiny_tokenizer,
-                                                         tmp_path, monkeypatch, capsys):
+def test_chat_mode_and_the_tokenisation_check_is_applied(
+    tiny_model_dir, dataset_dir, tiny_titles, tiny_tokenizer, tmp_path, monkeypatch, capsys
+):
     import trl_flower.data.prompts as prompts_module
 
     calls = []
@@ -271,15 +347,32 @@ def test_chat_mode_and_the_tokenisation_check_is_applied(tiny_model_dir, dataset
 
     monkeypatch.setattr(prompts_module, "check_prompt_tokenization", recording_check)
     out = tmp_path / "chat"
-    argv = ["evaluate", "--model", str(tiny_model_dir), "--data", str(dataset_dir), "--category", "items",
-            "--max-rows", "3", "--prompt-mode", "chat", "--output-dir", str(out), "--export-official-json", *FAST]
+    argv = [
+        "evaluate",
+        "--model",
+        str(tiny_model_dir),
+        "--data",
+        str(dataset_dir),
+        "--category",
+        "items",
+        "--max-rows",
+        "3",
+        "--prompt-mode",
+        "chat",
+        "--output-dir",
+        str(out),
+        "--export-official-json",
+        *FAST,
+    ]
     assert cli(argv) == 0
     predictions = json.loads((out / "predictions.json").read_text())
-    assert all(p["input"].startswith("<|im_start|>user\n") and p["input"].endswith("<|im_start|>assistant\n")
-               for p in predictions)
+    assert all(
+        p["input"].startswith("<|im_start|>user\n") and p["input"].endswith("<|im_start|>assistant\n")
+        for p in predictions
+    )
     assert all(set(p["predict"]) <= set(tiny_titles) for p in predictions)
     # checked: the first and last prompt against every catalogue title, with the tree's terminator (EOS)
-    (checked_prompts, checked_titles, terminator), = calls
+    ((checked_prompts, checked_titles, terminator),) = calls
     assert checked_prompts == [predictions[0]["input"], predictions[-1]["input"]]
     assert checked_titles == tiny_titles and terminator == tiny_tokenizer.eos_token_id
 
@@ -289,14 +382,30 @@ def test_chat_mode_and_the_tokenisation_check_is_applied(tiny_model_dir, dataset
     monkeypatch.setattr(prompts_module, "check_prompt_tokenization", failing_check)
     capsys.readouterr()
     assert cli(argv) == 2
-    assert capsys.readouterr().err == ("trl-flower evaluate: error: prompt and title tokenise differently together "
-                                       "than apart for 3 of 18 pairs\n")
+    assert capsys.readouterr().err == (
+        "trl-flower evaluate: error: prompt and title tokenise differently together than apart for 3 of 18 pairs\n"
+    )
 
 
 def test_row_sample_seed_evaluates_a_random_sample(tiny_model_dir, dataset_dir, tmp_path):
     out = tmp_path / "sample"
-    argv = ["evaluate", "--model", str(tiny_model_dir), "--data", str(dataset_dir), "--category", "items",
-            "--max-rows", "5", "--row-sample-seed", "3", "--output-dir", str(out), "--export-official-json", *FAST]
+    argv = [
+        "evaluate",
+        "--model",
+        str(tiny_model_dir),
+        "--data",
+        str(dataset_dir),
+        "--category",
+        "items",
+        "--max-rows",
+        "5",
+        "--row-sample-seed",
+        "3",
+        "--output-dir",
+        str(out),
+        "--export-official-json",
+        *FAST,
+    ]
     with contextlib.redirect_stdout(io.StringIO()):
         assert cli(argv) == 0
     test_rows = list(csv.DictReader((dataset_dir / "test.csv").open()))

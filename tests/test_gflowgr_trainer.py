@@ -37,8 +37,16 @@ def setup():
 
 
 def _args(tmp_path, **kw):
-    base = dict(output_dir=str(tmp_path / "out"), per_device_train_batch_size=4, max_steps=2, learning_rate=1e-2,
-                logging_steps=1, save_strategy="no", seed=0, use_cpu=True)
+    base = dict(
+        output_dir=str(tmp_path / "out"),
+        per_device_train_batch_size=4,
+        max_steps=2,
+        learning_rate=1e-2,
+        logging_steps=1,
+        save_strategy="no",
+        seed=0,
+        use_cpu=True,
+    )
     base.update(kw)
     return GFlowGRConfig(**base)
 
@@ -54,8 +62,9 @@ def _args(tmp_path, **kw):
 )
 def test_train_moves_heads_and_exports_clean_model(setup, tmp_path, kw):
     ids, tok, model, ds, cm = setup
-    trainer = GFlowGRTrainer(model, args=_args(tmp_path, **kw), train_dataset=ds, processing_class=tok,
-                             semantic_ids=ids, cm_scores=cm)
+    trainer = GFlowGRTrainer(
+        model, args=_args(tmp_path, **kw), train_dataset=ds, processing_class=tok, semantic_ids=ids, cm_scores=cm
+    )
     before = {k: v.clone() for k, v in trainer.gfn_modules.state_dict().items()}
     emb = model.get_input_embeddings().weight.detach().clone()
     trainer.train()
@@ -83,9 +92,13 @@ def test_sft_only_and_recommend_over_codes(setup, tmp_path):
     from trl_flower.evaluation.recommend import recommend
 
     ids, tok, model, ds, cm = setup
-    trainer = GFlowGRTrainer(model, args=_args(tmp_path, gfn_loss="none", sampling_strategy="random",
-                                               score_source="none"),
-                             train_dataset=ds, processing_class=tok, semantic_ids=ids)
+    trainer = GFlowGRTrainer(
+        model,
+        args=_args(tmp_path, gfn_loss="none", sampling_strategy="random", score_source="none"),
+        train_dataset=ds,
+        processing_class=tok,
+        semantic_ids=ids,
+    )
     trainer.train()
     assert not list(trainer.gfn_modules["heads"].parameters())  # SFT only: no flow or log Z parameters
     recs = recommend(model, tok, ds["prompt"][:2], trainer.tree, top_k=3, show_progress=False)
@@ -101,7 +114,12 @@ def test_config_validation_and_missing_cm_scores(setup, tmp_path):
         GFlowGRConfig(output_dir=str(tmp_path), remove_unused_columns=True)
     c = GFlowGRConfig(output_dir=str(tmp_path))
     assert (c.gfn_loss, c.gfn_lambda, c.num_augmented, c.sampling_strategy, c.reward_fusion) == (
-        "tb", 1.0, 3, "curriculum", "sum")
+        "tb",
+        1.0,
+        3,
+        "curriculum",
+        "sum",
+    )
     ids, tok, model, ds, _ = setup
     with pytest.raises(ValueError, match="cm_scores"):
         GFlowGRTrainer(model, args=_args(tmp_path), train_dataset=ds, processing_class=tok, semantic_ids=ids)

@@ -259,8 +259,12 @@ def random_children(seed, B=3, S=4, K=4, V=12):
     log_r = torch.log_softmax(raw, dim=-1)
     log_r = torch.where(child_mask, log_r, float("nan"))  # padding children: arbitrary
     return {
-        "logits": logits, "child_ids": child_ids, "log_pi": token_log_probs(logits, child_ids), "log_r": log_r,
-        "child_mask": child_mask, "state_mask": state_mask,
+        "logits": logits,
+        "child_ids": child_ids,
+        "log_pi": token_log_probs(logits, child_ids),
+        "log_r": log_r,
+        "child_mask": child_mask,
+        "state_mask": state_mask,
     }
 
 
@@ -318,15 +322,19 @@ def test_full_distribution_zero_loss_and_zero_logit_grad_at_balance():
     # Moving mass to a non-child token (or between children) makes it positive.
     with torch.no_grad():
         logits[0, 0, child["child_ids"][0, 0, 0]] += 0.5
-    assert full_distribution_loss(
-        token_log_probs(logits, child["child_ids"]), child["log_r"], child["child_mask"], child["state_mask"]
-    ).item() > 1e-4
+    assert (
+        full_distribution_loss(
+            token_log_probs(logits, child["child_ids"]), child["log_r"], child["child_mask"], child["state_mask"]
+        ).item()
+        > 1e-4
+    )
 
 
 def test_full_distribution_no_valid_state_gives_connected_zero():
     log_pi = torch.zeros(1, 2, 3, requires_grad=True)
-    loss = full_distribution_loss(log_pi, torch.zeros(1, 2, 3), torch.ones(1, 2, 3, dtype=torch.bool),
-                                  torch.zeros(1, 2, dtype=torch.bool))
+    loss = full_distribution_loss(
+        log_pi, torch.zeros(1, 2, 3), torch.ones(1, 2, 3, dtype=torch.bool), torch.zeros(1, 2, dtype=torch.bool)
+    )
     assert loss.item() == 0.0 and loss.grad_fn is not None
 
 
@@ -511,9 +519,10 @@ def test_trajectory_balance_learned_log_z_gradient(per_prompt):
     torch.testing.assert_close(g, 2 * res / 4 if per_prompt else 2 * res.mean())
     # The optimum of a shared log Z is mean(log R − log P_F).
     best = (log_r - log_pf_sum).mean()
-    assert trajectory_balance_loss(log_pf_sum, log_r, best + 0.1).item() > trajectory_balance_loss(
-        log_pf_sum, log_r, best
-    ).item()
+    assert (
+        trajectory_balance_loss(log_pf_sum, log_r, best + 0.1).item()
+        > trajectory_balance_loss(log_pf_sum, log_r, best).item()
+    )
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -630,13 +639,17 @@ def test_tree_support_ignores_off_tree_logits_and_non_title_termination():
     logits = torch.randn(shape, dtype=F64, generator=torch.Generator().manual_seed(3))
     off_tree = ~(tree_targets() > 0)[state_nodes]  # [B, T+1, V]
     shifted = logits + 5.0 * off_tree * torch.rand(logits.shape, dtype=F64, generator=torch.Generator().manual_seed(4))
-    a = flower_subtb_loss(*tree_normalized_inputs(logits, title_ids, state_nodes, log_term_target), log_reward,
-                          log_term_target, lengths)
-    b = flower_subtb_loss(*tree_normalized_inputs(shifted, title_ids, state_nodes, log_term_target), log_reward,
-                          log_term_target, lengths)
+    a = flower_subtb_loss(
+        *tree_normalized_inputs(logits, title_ids, state_nodes, log_term_target), log_reward, log_term_target, lengths
+    )
+    b = flower_subtb_loss(
+        *tree_normalized_inputs(shifted, title_ids, state_nodes, log_term_target), log_reward, log_term_target, lengths
+    )
     torch.testing.assert_close(a, b)  # moving mass among off-tree tokens (⊤ at non-titles included) changes nothing
-    plain = [flower_subtb_loss(*flow_log_probs(x, title_ids, TERM), log_reward, log_term_target, lengths)
-             for x in (logits, shifted)]
+    plain = [
+        flower_subtb_loss(*flow_log_probs(x, title_ids, TERM), log_reward, log_term_target, lengths)
+        for x in (logits, shifted)
+    ]
     assert abs(plain[0].item() - plain[1].item()) > 1e-3  # the official full-vocabulary loss does see it
     _, log_pterm = tree_normalized_inputs(logits, title_ids, state_nodes, log_term_target)
     is_title = (tree_targets() > 0)[state_nodes][..., TERM]

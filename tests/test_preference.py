@@ -37,8 +37,16 @@ HAS_PPO = ".".join(trl.__version__.split(".")[:2]) in ("1.11", "1.12")
 PROMPT = "The user has enjoyed the following items before: {}. Recommend the next item.\n"
 COUNTS = [5, 1, 9, 3, 3, 7, 2, 4, 6, 8]
 TINY = dict(
-    bf16=False, gradient_checkpointing=False, report_to="none", save_strategy="no", disable_tqdm=True,
-    max_steps=1, logging_steps=1, per_device_train_batch_size=2, learning_rate=1e-3, seed=0,
+    bf16=False,
+    gradient_checkpointing=False,
+    report_to="none",
+    save_strategy="no",
+    disable_tqdm=True,
+    max_steps=1,
+    logging_steps=1,
+    per_device_train_batch_size=2,
+    learning_rate=1e-3,
+    seed=0,
 )
 
 
@@ -139,8 +147,9 @@ def _checkpoint(out, init_dir, tokenizer, titles, flow_lambda):
     from trl_flower.trainer import FlowerTrainer
 
     tree = PrefixTree.from_titles(titles, tokenizer, item_rewards=COUNTS)
-    rows = Dataset.from_dict({"prompt": [PROMPT.format(titles[(i + 1) % 10]) for i in range(4)],
-                              "item_id": [(i + 2) % 10 for i in range(4)]})
+    rows = Dataset.from_dict(
+        {"prompt": [PROMPT.format(titles[(i + 1) % 10]) for i in range(4)], "item_id": [(i + 2) % 10 for i in range(4)]}
+    )
     kw = {k: v for k, v in TINY.items() if k != "gradient_checkpointing"}
     kw["per_device_train_batch_size"] = 4
     args = FlowerConfig(str(out), flow_lambda=flow_lambda, max_completion_length=int(tree.item_length.max()), **kw)
@@ -153,20 +162,24 @@ def _checkpoint(out, init_dir, tokenizer, titles, flow_lambda):
 @pytest.fixture(scope="module")
 def ckpts(tmp_path_factory, tiny_model_dir, tiny_tokenizer, tiny_titles):
     root = tmp_path_factory.mktemp("pref")
-    return {name: _checkpoint(root / name, tiny_model_dir, tiny_tokenizer, tiny_titles, lam)
-            for name, lam in (("flower", 0.5), ("sft", 0.0))}
+    return {
+        name: _checkpoint(root / name, tiny_model_dir, tiny_tokenizer, tiny_titles, lam)
+        for name, lam in (("flower", 0.5), ("sft", 0.0))
+    }
 
 
 @pytest.fixture(scope="module")
 def rows(tiny_titles):
     from datasets import Dataset
 
-    return Dataset.from_dict({
-        "prompt": [PROMPT.format(", ".join(tiny_titles[i: i + 2])) for i in range(4)],
-        "item_id": [2, 5, 7, 9],
-        "history_item_id": [[i, i + 1] for i in range(4)],
-        "row_index": [0, 1, 2, 3],
-    })
+    return Dataset.from_dict(
+        {
+            "prompt": [PROMPT.format(", ".join(tiny_titles[i : i + 2])) for i in range(4)],
+            "item_id": [2, 5, 7, 9],
+            "history_item_id": [[i, i + 1] for i in range(4)],
+            "row_index": [0, 1, 2, 3],
+        }
+    )
 
 
 def _params(model):
@@ -185,14 +198,16 @@ def test_multi_negative_trainer_with_one_negative_matches_trl_dpo(ckpts, tree, t
     multi = build_preference_dataset(rows["prompt"], targets, neg, tree, tiny_tokenizer, multi_negative=True)
     args = lambda: DPOConfig(output_dir=str(tmp_path), beta=0.3, **TINY)  # noqa: E731
     common = dict(model=str(ckpts["sft"]), processing_class=tiny_tokenizer)
-    trl_dpo = PreferenceDPOTrainer(ref_model=load_reference_policy(ckpts["flower"]), args=args(),
-                                   train_dataset=single, **common)
+    trl_dpo = PreferenceDPOTrainer(
+        ref_model=load_reference_policy(ckpts["flower"]), args=args(), train_dataset=single, **common
+    )
     batch = trl_dpo.data_collator([single[i] for i in range(4)])
     expected = float(trl_dpo.compute_loss(trl_dpo.model, batch).detach())
     assert abs(expected - math.log(2)) > 1e-4  # policy != reference: a non-trivial value
     for loss in ("sdpo", "dmpo"):
-        ours = MultiNegativeDPOTrainer(loss=loss, ref_model=load_reference_policy(ckpts["flower"]), args=args(),
-                                       train_dataset=multi, **common)
+        ours = MultiNegativeDPOTrainer(
+            loss=loss, ref_model=load_reference_policy(ckpts["flower"]), args=args(), train_dataset=multi, **common
+        )
         got = float(ours.compute_loss(ours.model, ours.data_collator([multi[i] for i in range(4)])).detach())
         assert got == pytest.approx(expected, abs=1e-5)
 
@@ -232,12 +247,15 @@ def test_make_preference_dataset_rosepo_counts_histories(tree, tiny_tokenizer, r
 # ------------------------------------------------------------------------------------------------ SASRec reward
 
 
-SCORES = torch.tensor([  # SASRec logits [rows, items] for 4 training rows
-    [2.0, 0.0, 1.0, 0.5, -1.0, 0.0, 0.3, -0.2, 1.5, 0.1],
-    [0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 3.0],
-    [-1.0, 1.0, 0.2, 2.0, 1.0, 0.0, 0.0, 0.5, 0.0, 0.0],
-    [1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0],
-], dtype=torch.float64)
+SCORES = torch.tensor(
+    [  # SASRec logits [rows, items] for 4 training rows
+        [2.0, 0.0, 1.0, 0.5, -1.0, 0.0, 0.3, -0.2, 1.5, 0.1],
+        [0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 3.0],
+        [-1.0, 1.0, 0.2, 2.0, 1.0, 0.0, 0.0, 0.5, 0.0, 0.0],
+        [1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0],
+    ],
+    dtype=torch.float64,
+)
 
 
 def _hand_reward(row: int, item: int, tree) -> float:
@@ -278,8 +296,18 @@ def _record_rewards(trainer):
 @pytest.mark.parametrize(("method", "init"), [("rloo", "flower"), ("rloo", "sft"), ("grpo", "sft")])
 def test_online_rl_constrained_rollouts_get_sasrec_reward(method, init, ckpts, tree, rows, tmp_path):
     """RLOO/GRPO: every rollout is an item, its reward is the hand-computed SASRec score; reference = Flower."""
-    trainer = train_online_rl(method, ckpts[init], ckpts["flower"], rows, tmp_path, preference_scores=SCORES,
-                              train=False, num_generations=2, beta=0.05, **{**TINY, "per_device_train_batch_size": 4})
+    trainer = train_online_rl(
+        method,
+        ckpts[init],
+        ckpts["flower"],
+        rows,
+        tmp_path,
+        preference_scores=SCORES,
+        train=False,
+        num_generations=2,
+        beta=0.05,
+        **{**TINY, "per_device_train_batch_size": 4},
+    )
     calls = _record_rewards(trainer)
     before = _params(trainer.model)
     trainer.train()
@@ -311,10 +339,27 @@ def test_ppo_fails_clearly_without_experimental_ppo(ckpts, rows, tmp_path):
 def test_ppo_with_sasrec_reward(ckpts, tree, rows, tmp_path):
     """PPO: each rollout is an item and its reward is the hand-computed min-max SASRec score of its prompt's row."""
     trainer = train_online_rl(
-        "ppo", ckpts["sft"], ckpts["flower"], rows, tmp_path, preference_scores=SCORES, train=False,
-        total_episodes=4, per_device_train_batch_size=4, per_device_eval_batch_size=2, num_mini_batches=1,
-        local_rollout_forward_batch_size=4, num_sample_generations=0, learning_rate=1e-3, bf16=False,
-        gradient_checkpointing=False, report_to="none", save_strategy="no", disable_tqdm=True, logging_steps=1, seed=0,
+        "ppo",
+        ckpts["sft"],
+        ckpts["flower"],
+        rows,
+        tmp_path,
+        preference_scores=SCORES,
+        train=False,
+        total_episodes=4,
+        per_device_train_batch_size=4,
+        per_device_eval_batch_size=2,
+        num_mini_batches=1,
+        local_rollout_forward_batch_size=4,
+        num_sample_generations=0,
+        learning_rate=1e-3,
+        bf16=False,
+        gradient_checkpointing=False,
+        report_to="none",
+        save_strategy="no",
+        disable_tqdm=True,
+        logging_steps=1,
+        seed=0,
     )
     scorer = trainer.reward_model
     seen = []

@@ -66,8 +66,7 @@ def _teacher_forced_score(model, tokenizer, prompt: str, path: list[int], temper
 class TestRecommend:
     def test_batch_size_does_not_change_any_list(self, model, tiny_tokenizer, tree, prompts):
         runs = [
-            recommend(model, tiny_tokenizer, prompts, tree, top_k=5, batch_size=b, show_progress=False)
-            for b in (1, 16)
+            recommend(model, tiny_tokenizer, prompts, tree, top_k=5, batch_size=b, show_progress=False) for b in (1, 16)
         ]
         for other in runs[1:]:
             np.testing.assert_array_equal(other.item_ids, runs[0].item_ids)
@@ -115,8 +114,16 @@ class TestRecommend:
 
         monkeypatch.setattr(model, "generate", spy)
         recommend(model, tiny_tokenizer, prompts[:3], tree, top_k=5, batch_size=3, show_progress=False)
-        recommend(model, tiny_tokenizer, prompts[:3], tree, top_k=5, batch_size=3, show_progress=False,
-                  share_prompt_cache=False)
+        recommend(
+            model,
+            tiny_tokenizer,
+            prompts[:3],
+            tree,
+            top_k=5,
+            batch_size=3,
+            show_progress=False,
+            share_prompt_cache=False,
+        )
         longest = max(len(tiny_tokenizer(p)["input_ids"]) for p in prompts[:3])
         assert seen[0] == (longest - 1, (3, longest))  # every prompt token but the last is cached
         assert seen[1] is None
@@ -144,8 +151,15 @@ class TestRecommend:
         self, model, tiny_tokenizer, tree, prompts, temperature, length_penalty
     ):
         recs = recommend(
-            model, tiny_tokenizer, prompts[:4], tree, top_k=3, batch_size=4, temperature=temperature,
-            length_penalty=length_penalty, show_progress=False,
+            model,
+            tiny_tokenizer,
+            prompts[:4],
+            tree,
+            top_k=3,
+            batch_size=4,
+            temperature=temperature,
+            length_penalty=length_penalty,
+            show_progress=False,
         )
         paths, lengths = tree.item_paths(torch.as_tensor(recs.item_ids.reshape(-1)))
         expected = [
@@ -162,7 +176,13 @@ class TestRecommend:
 
     def test_short_budget_leaves_unfinished_beams_without_item(self, model, tiny_tokenizer, tree, prompts, tiny_titles):
         recs = recommend(
-            model, tiny_tokenizer, prompts[:3], tree, top_k=9, max_new_tokens=2, titles=tiny_titles,
+            model,
+            tiny_tokenizer,
+            prompts[:3],
+            tree,
+            top_k=9,
+            max_new_tokens=2,
+            titles=tiny_titles,
             show_progress=False,
         )
         unfinished = recs.item_ids == -1
@@ -206,10 +226,22 @@ class TestHostileGenerationDefaults:
         model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
         title_token = int(tree.token[1])  # a first title token
         model.generation_config = GenerationConfig(
-            do_sample=True, temperature=5.0, top_k=2, top_p=0.5, min_p=0.3, repetition_penalty=10.0,
-            no_repeat_ngram_size=1, max_length=3, min_new_tokens=30, num_beams=3, num_return_sequences=3,
-            length_penalty=-5.0, bad_words_ids=[[title_token]], suppress_tokens=[title_token],
-            pad_token_id=model.config.pad_token_id, eos_token_id=model.config.eos_token_id,
+            do_sample=True,
+            temperature=5.0,
+            top_k=2,
+            top_p=0.5,
+            min_p=0.3,
+            repetition_penalty=10.0,
+            no_repeat_ngram_size=1,
+            max_length=3,
+            min_new_tokens=30,
+            num_beams=3,
+            num_return_sequences=3,
+            length_penalty=-5.0,
+            bad_words_ids=[[title_token]],
+            suppress_tokens=[title_token],
+            pad_token_id=model.config.pad_token_id,
+            eos_token_id=model.config.eos_token_id,
         )
         out = tmp_path_factory.mktemp("hostile-model")
         model.save_pretrained(out)
@@ -230,7 +262,6 @@ class TestHostileGenerationDefaults:
         hostile = sample_items(hostile_model, tiny_tokenizer, ["The user"], tree, **kw)
         np.testing.assert_array_equal(hostile, clean)
 
-
     def test_control_the_defaults_do_leak_without_isolation(
         self, model, hostile_model, tiny_tokenizer, tree, prompts, monkeypatch
     ):
@@ -245,13 +276,16 @@ class TestHostileGenerationDefaults:
 class TestSampleItems:
     def test_shape_validity_and_seed(self, model, tiny_tokenizer, tree, prompts):
         state = torch.random.get_rng_state()
-        a = sample_items(model, tiny_tokenizer, prompts[:3], tree, num_samples=40, batch_size=32, seed=1,
-                         show_progress=False)
+        a = sample_items(
+            model, tiny_tokenizer, prompts[:3], tree, num_samples=40, batch_size=32, seed=1, show_progress=False
+        )
         assert torch.equal(torch.random.get_rng_state(), state)  # the caller's RNG is untouched
-        b = sample_items(model, tiny_tokenizer, prompts[:3], tree, num_samples=40, batch_size=32, seed=1,
-                         show_progress=False)
-        c = sample_items(model, tiny_tokenizer, prompts[:3], tree, num_samples=40, batch_size=32, seed=2,
-                         show_progress=False)
+        b = sample_items(
+            model, tiny_tokenizer, prompts[:3], tree, num_samples=40, batch_size=32, seed=1, show_progress=False
+        )
+        c = sample_items(
+            model, tiny_tokenizer, prompts[:3], tree, num_samples=40, batch_size=32, seed=2, show_progress=False
+        )
         assert a.shape == (3, 40) and a.dtype == np.int64
         assert tree.is_terminal[tree.item_node[a]].all() and (a >= 0).all()
         np.testing.assert_array_equal(a, b)
@@ -283,16 +317,32 @@ class TestSampleItems:
         monkeypatch.setattr(model, "generate", spy)
         sample_items(model, tiny_tokenizer, prompts[:2], tree, num_samples=3, batch_size=6, show_progress=False)
         sample_items(model, tiny_tokenizer, prompts[:2], tree, num_samples=1, batch_size=6, show_progress=False)
-        sample_items(model, tiny_tokenizer, prompts[:2], tree, num_samples=3, batch_size=6, show_progress=False,
-                     share_prompt_cache=False)
+        sample_items(
+            model,
+            tiny_tokenizer,
+            prompts[:2],
+            tree,
+            num_samples=3,
+            batch_size=6,
+            show_progress=False,
+            share_prompt_cache=False,
+        )
         longest = max(len(tiny_tokenizer(p)["input_ids"]) for p in prompts[:2])
         assert seen == [(longest - 1, 6), None, None]  # 2 prompts encoded for 6 rows; no repeat; switched off
 
     def test_positive_flow_only_never_samples_zero_reward_items(self, model, tiny_tokenizer, tree):
         rewards = np.ones(tree.num_items)
         rewards[[0, 5, 8]] = 0.0
-        items = sample_items(model, tiny_tokenizer, ["The user"], tree.with_rewards(rewards), num_samples=200,
-                             temperature=2.0, positive_flow_only=True, show_progress=False)
+        items = sample_items(
+            model,
+            tiny_tokenizer,
+            ["The user"],
+            tree.with_rewards(rewards),
+            num_samples=200,
+            temperature=2.0,
+            positive_flow_only=True,
+            show_progress=False,
+        )
         assert not np.isin(items, [0, 5, 8]).any()
         assert len(np.unique(items)) == 6  # the 7 positive items minus the duplicate title id 4
 

@@ -53,10 +53,12 @@ def two_methods() -> dict[str, dict]:
     pop = popularity_groups({t: c for t, c in zip("abcdefgh", [9, 7, 5, 4, 3, 2, 2, 1])})
     catalogue = list("abcdefghij")
     targets = ["a", "c", "j"]
-    sft = recommendation_metrics([list("abcdefghij")[i:] + list("abcdefghij")[:i] for i in (0, 1, 2)], targets,
-                                 pop, catalogue)
-    flower = recommendation_metrics([list("jihgfedcba"), list("cxbadefghi"), list("aaaaaaaaaa")], targets, pop,
-                                    catalogue)
+    sft = recommendation_metrics(
+        [list("abcdefghij")[i:] + list("abcdefghij")[:i] for i in (0, 1, 2)], targets, pop, catalogue
+    )
+    flower = recommendation_metrics(
+        [list("jihgfedcba"), list("cxbadefghi"), list("aaaaaaaaaa")], targets, pop, catalogue
+    )
     return {"SFT": sft, "Flower": flower}
 
 
@@ -66,8 +68,17 @@ def test_markdown_table_values_equal_the_metrics(two_methods):
     assert rows["metric"] == ["SFT", "Flower"]
     metric_rows = [name for name in rows if name != "metric"]
     assert metric_rows[:6] == list(PAPER_METRICS)  # the paper's six first, in Table 4's order
-    assert metric_rows[6:] == ["HR@1", "NDCG@1", "HR@3", "NDCG@3", "HR@10", "NDCG@10", "invalid",
-                               "distinct_titles", "num_users"]
+    assert metric_rows[6:] == [
+        "HR@1",
+        "NDCG@1",
+        "HR@3",
+        "NDCG@3",
+        "HR@10",
+        "NDCG@10",
+        "invalid",
+        "distinct_titles",
+        "num_users",
+    ]
     for name in metric_rows:
         for cell, method in zip(rows[name], ["SFT", "Flower"]):
             value = two_methods[method][name]
@@ -103,10 +114,20 @@ def test_format_value():
 def test_write_report_files_hold_the_given_numbers(two_methods, tmp_path):
     shares = {"SFT": [0.5, 0.2, 0.1, 0.1, 0.05, 0.05, 0.0, 0.0], "Flower": Q[::-1]}
     two_methods["Flower"]["DGU@10"] = float("nan")  # e.g. no valid recommendation
-    metadata = {"command": "trl-flower evaluate --model m --data d", "seed": 7,
-                "settings": {"top_k": 10, "batch_size": 16}, "versions": {"torch": "x"}}
-    files = write_report(two_methods, tmp_path / "rep", "SFT vs Flower", group_shares=shares,
-                         reference_shares=np.array(Q), metadata=metadata)
+    metadata = {
+        "command": "trl-flower evaluate --model m --data d",
+        "seed": 7,
+        "settings": {"top_k": 10, "batch_size": 16},
+        "versions": {"torch": "x"},
+    }
+    files = write_report(
+        two_methods,
+        tmp_path / "rep",
+        "SFT vs Flower",
+        group_shares=shares,
+        reference_shares=np.array(Q),
+        metadata=metadata,
+    )
     assert set(files) == {"json", "markdown", "group_shares_plot"}
     assert all(path.parent == tmp_path / "rep" for path in files.values())
 
@@ -165,8 +186,13 @@ def test_write_report_errors(tmp_path):
 
 
 def test_to_json_safe():
-    value = {"a": np.float32(0.5), "b": [np.int64(2), float("inf")], "c": (1, float("nan")), 3: Path("/x"),
-             "d": np.arange(2)}
+    value = {
+        "a": np.float32(0.5),
+        "b": [np.int64(2), float("inf")],
+        "c": (1, float("nan")),
+        3: Path("/x"),
+        "d": np.arange(2),
+    }
     assert to_json_safe(value) == {"a": 0.5, "b": [2, None], "c": [1, None], "3": "/x", "d": [0, 1]}
     json.dumps(to_json_safe(value), allow_nan=False)
 

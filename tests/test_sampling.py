@@ -9,8 +9,12 @@ from trl_flower.prompt_sharing import continue_on_cache, prompt_forward, stacked
 from trl_flower.sampling import detached_cache, sample_on_cache, sampling_warpers
 from trl_flower.tree import PrefixTree
 
-PROMPTS = ["The user has enjoyed the following items before:", "Recommend the next item.",
-           "The user has enjoyed", "Recommend"]
+PROMPTS = [
+    "The user has enjoyed the following items before:",
+    "Recommend the next item.",
+    "The user has enjoyed",
+    "Recommend",
+]
 
 
 @pytest.fixture(scope="module")
@@ -34,8 +38,9 @@ def _sample(model, tree, tokenizer, uniforms):
     with torch.no_grad():
         first, cache = prompt_forward(model, ids, mask)
     trie = TrieLogitsProcessor(tree, prompt_length=0)
-    return sample_on_cache(model, first, detached_cache(cache), mask, uniforms, trie, [tree.terminator_id],
-                           tokenizer.pad_token_id)
+    return sample_on_cache(
+        model, first, detached_cache(cache), mask, uniforms, trie, [tree.terminator_id], tokenizer.pad_token_id
+    )
 
 
 def test_samples_are_catalogue_items_and_follow_the_uniforms(model, tree, tiny_tokenizer):

@@ -250,8 +250,15 @@ def test_save_load_round_trip(tmp_path):
     model = _model(num_items=12, max_len=5, hidden_size=16, num_heads=2)
     model.save_pretrained(tmp_path / "m")
     cfg = json.loads((tmp_path / "m" / CONFIG_NAME).read_text())
-    assert cfg == {"model_type": "sasrec", "num_items": 12, "max_len": 5, "hidden_size": 16, "num_heads": 2,
-                   "num_blocks": 1, "dropout": 0.1}
+    assert cfg == {
+        "model_type": "sasrec",
+        "num_items": 12,
+        "max_len": 5,
+        "hidden_size": 16,
+        "num_heads": 2,
+        "num_blocks": 1,
+        "dropout": 0.1,
+    }
     loaded = SASRec.from_pretrained(tmp_path / "m")
     assert loaded.config == model.config and not loaded.training
     histories = [[0, 1, 2], [5], [11, 3]]
@@ -312,8 +319,9 @@ def test_export_split_logits_and_evaluate(synthetic, tmp_path):
     sample = select_rows(synthetic.splits["test"], 7, sample_seed=3)
     assert list(sample["row_index"]) != list(range(7))
     renumbered = sample.remove_columns("row_index")
-    assert evaluate_sasrec(model, sample, synthetic.items, pop) == evaluate_sasrec(model, renumbered, synthetic.items,
-                                                                                    pop)
+    assert evaluate_sasrec(model, sample, synthetic.items, pop) == evaluate_sasrec(
+        model, renumbered, synthetic.items, pop
+    )
     with pytest.raises(ValueError, match="row_index is not 0..R-1"):  # training/export still demand row order
         SequenceSplit.from_dataset(sample, synthetic.num_items, 10)
 
@@ -330,11 +338,30 @@ def test_cli_help_and_tiny_run(synthetic, tmp_path, capsys):
     assert "--patience" in capsys.readouterr().out
     data_dir = save_synthetic(synthetic, tmp_path / "data")
     out = tmp_path / "out"
-    rc = main(["sasrec", "--data", str(data_dir), "--output-dir", str(out), "--epochs", "2", "--batch-size", "64",
-               "--hidden-size", "16", "--no-progress"])
+    rc = main(
+        [
+            "sasrec",
+            "--data",
+            str(data_dir),
+            "--output-dir",
+            str(out),
+            "--epochs",
+            "2",
+            "--batch-size",
+            "64",
+            "--hidden-size",
+            "16",
+            "--no-progress",
+        ]
+    )
     assert rc == 0
-    assert {p.name for p in out.iterdir()} >= {"model", "train_logits.npy", "valid_logits.npy", "test_logits.npy",
-                                               "metrics.json"}
+    assert {p.name for p in out.iterdir()} >= {
+        "model",
+        "train_logits.npy",
+        "valid_logits.npy",
+        "test_logits.npy",
+        "metrics.json",
+    }
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["training"]["epochs_run"] == 2 and "HR@5" in metrics["test"]
     assert np.load(out / "train_logits.npy").shape == (synthetic.splits["train"].num_rows, synthetic.num_items)

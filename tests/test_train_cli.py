@@ -20,8 +20,21 @@ from trl_flower.cli.train import main as train_main
 from trl_flower.tree import PrefixTree
 
 # two optimiser steps of 4 rows, one thread: tiny models are fastest single-threaded on a shared machine
-FAST = ["--max-steps", "2", "--per-device-train-batch-size", "4", "--learning-rate", "1e-3", "--num-threads", "1",
-        "--logging-steps", "1", "--no-progress", "--category", "items"]
+FAST = [
+    "--max-steps",
+    "2",
+    "--per-device-train-batch-size",
+    "4",
+    "--learning-rate",
+    "1e-3",
+    "--num-threads",
+    "1",
+    "--logging-steps",
+    "1",
+    "--no-progress",
+    "--category",
+    "items",
+]
 
 
 def cli(argv: list[str]) -> int:
@@ -44,8 +57,9 @@ def dataset_dir(tmp_path_factory, tiny_titles) -> Path:
             writer = csv.writer(f)
             writer.writerow(["history_item_id", "history_item_title", "item_id", "item_title"])
             for history, target in rows:
-                writer.writerow([json.dumps(history), json.dumps([tiny_titles[i] for i in history]), target,
-                                 tiny_titles[target]])
+                writer.writerow(
+                    [json.dumps(history), json.dumps([tiny_titles[i] for i in history]), target, tiny_titles[target]]
+                )
     return out
 
 
@@ -55,8 +69,18 @@ def test_train_end_to_end(method, tiny_model_dir, dataset_dir, tmp_path, tiny_ti
     extra = ["--flow-lambda", "0.5"] if method.startswith("flower") else []
     if method == "flower-offline":
         method, extra = "flower", [*extra, "--offline-trajectory-prob", "1", "--offline-trajectory-prob-final", "0.5"]
-    argv = ["--method", method, "--model", str(tiny_model_dir), "--data", str(dataset_dir), "--output-dir", str(out),
-            *FAST, *extra]
+    argv = [
+        "--method",
+        method,
+        "--model",
+        str(tiny_model_dir),
+        "--data",
+        str(dataset_dir),
+        "--output-dir",
+        str(out),
+        *FAST,
+        *extra,
+    ]
     stdout = io.StringIO()
     with contextlib.redirect_stdout(stdout):
         assert cli(argv) == 0
@@ -75,8 +99,10 @@ def test_errors_are_one_line_exit_2(tiny_model_dir, dataset_dir, tmp_path, capsy
         (["--method", "rloo", *base], "needs --sasrec-logits"),
         (["--method", "sft", "--flow-lambda", "0.1", *base], "only used by --method flower"),
         (["--method", "sft", "--offline-trajectory-prob", "0.5", *base], "only used by --method flower"),
-        (["--method", "sft", "--model", str(tmp_path), "--data", str(dataset_dir), "--output-dir", str(tmp_path)],
-         "no config.json"),
+        (
+            ["--method", "sft", "--model", str(tmp_path), "--data", str(dataset_dir), "--output-dir", str(tmp_path)],
+            "no config.json",
+        ),
         (["--method", "flower", "--reward-variant", "div_s", *base], "needs --sasrec-logits"),
     ]
     for argv, message in cases:

@@ -42,10 +42,7 @@ def _prompt(titles, i):
 @pytest.fixture(scope="module")
 def dataset(tiny_titles):
     """16 rows: a text prompt ending on a token boundary ("\\n"), the target item id and the row index."""
-    rows = [
-        {"prompt": _prompt(tiny_titles, i), "item_id": (7 * i) % 10, "row_index": i}
-        for i in range(NUM_ROWS)
-    ]
+    rows = [{"prompt": _prompt(tiny_titles, i), "item_id": (7 * i) % 10, "row_index": i} for i in range(NUM_ROWS)]
     return Dataset.from_list(rows)
 
 
@@ -69,7 +66,10 @@ def make_config(tmp_path, **kwargs) -> FlowerConfig:
 
 def make_trainer(model_dir, tree, dataset, tmp_path, trainer_kwargs=None, **config_kwargs) -> FlowerTrainer:
     return FlowerTrainer(
-        str(model_dir), tree, args=make_config(tmp_path, **config_kwargs), train_dataset=dataset,
+        str(model_dir),
+        tree,
+        args=make_config(tmp_path, **config_kwargs),
+        train_dataset=dataset,
         **(trainer_kwargs or {}),
     )
 
@@ -91,12 +91,23 @@ def max_param_diff(a, b) -> float:
 class TestFlowerTrainer:
     @pytest.mark.parametrize(
         ("flow_loss", "support"),
-        [("flower_subtb", "vocabulary"), ("db", "vocabulary"), ("tb", "vocabulary"),
-         ("full_distribution", "vocabulary"), ("flower_subtb", "tree"), ("full_distribution", "tree")],
+        [
+            ("flower_subtb", "vocabulary"),
+            ("db", "vocabulary"),
+            ("tb", "vocabulary"),
+            ("full_distribution", "vocabulary"),
+            ("flower_subtb", "tree"),
+            ("full_distribution", "tree"),
+        ],
     )
     def test_training(self, flow_loss, support, tiny_model_dir, tree, dataset, tmp_path):
         trainer = make_trainer(
-            tiny_model_dir, tree, dataset, tmp_path, trainer_kwargs={"item_groups": ITEM_GROUPS}, flow_loss=flow_loss,
+            tiny_model_dir,
+            tree,
+            dataset,
+            tmp_path,
+            trainer_kwargs={"item_groups": ITEM_GROUPS},
+            flow_loss=flow_loss,
             flow_policy_support=support,
         )
         before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
@@ -167,11 +178,18 @@ class TestFlowerTrainer:
         """
         from trl import SFTConfig, SFTTrainer
 
-        common = dict(per_device_train_batch_size=4, max_steps=4, learning_rate=1e-3, logging_steps=1, seed=3,
-                      save_strategy="no", disable_tqdm=True, report_to="none", bf16=False)
-        flower = make_trainer(
-            tiny_model_dir, tree, dataset, tmp_path, flow_lambda=0.0, shuffle_dataset=False, **common
+        common = dict(
+            per_device_train_batch_size=4,
+            max_steps=4,
+            learning_rate=1e-3,
+            logging_steps=1,
+            seed=3,
+            save_strategy="no",
+            disable_tqdm=True,
+            report_to="none",
+            bf16=False,
         )
+        flower = make_trainer(tiny_model_dir, tree, dataset, tmp_path, flow_lambda=0.0, shuffle_dataset=False, **common)
 
         def no_sampling(*args, **kwargs):
             raise AssertionError("FlowerTrainer sampled although flow_lambda=0")
@@ -182,8 +200,12 @@ class TestFlowerTrainer:
         pairs = Dataset.from_list([{"prompt": r["prompt"], "completion": tiny_titles[r["item_id"]]} for r in dataset])
         sft = SFTTrainer(
             str(tiny_model_dir),
-            args=SFTConfig(output_dir=str(tmp_path / "sft"), train_sampling_strategy="sequential",
-                           gradient_checkpointing=False, **common),
+            args=SFTConfig(
+                output_dir=str(tmp_path / "sft"),
+                train_sampling_strategy="sequential",
+                gradient_checkpointing=False,
+                **common,
+            ),
             train_dataset=pairs,
         )
         sft.train()
@@ -261,8 +283,9 @@ class TestFlowerTrainer:
     def test_sample_in_loss_step_logs_the_same_metrics(self, tiny_model_dir, tree, dataset, tmp_path):
         runs = {}
         for in_loss in (True, False):
-            trainer = make_trainer(tiny_model_dir, tree, dataset, tmp_path / str(in_loss),
-                                   trainer_kwargs={"item_groups": ITEM_GROUPS})
+            trainer = make_trainer(
+                tiny_model_dir, tree, dataset, tmp_path / str(in_loss), trainer_kwargs={"item_groups": ITEM_GROUPS}
+            )
             trainer.sample_in_loss_step = in_loss
             trainer.train()
             runs[in_loss] = trainer
@@ -292,8 +315,15 @@ class TestFlowerTrainer:
         assert not logged(trainer, "sampled/valid_share")  # offline paths are not logged as the policy's samples
 
     def test_offline_probability_schedule(self, tiny_model_dir, tree, dataset, tmp_path):
-        trainer = make_trainer(tiny_model_dir, tree, dataset, tmp_path, max_steps=3, offline_trajectory_prob=1.0,
-                               offline_trajectory_prob_final=0.0)
+        trainer = make_trainer(
+            tiny_model_dir,
+            tree,
+            dataset,
+            tmp_path,
+            max_steps=3,
+            offline_trajectory_prob=1.0,
+            offline_trajectory_prob_final=0.0,
+        )
         trainer.train()
         assert logged(trainer, "flow/offline_prob") == [1.0, 0.5, 0.0]
         assert logged(trainer, "flow/offline_batch")[0] == 1.0 and logged(trainer, "flow/offline_batch")[2] == 0.0
@@ -309,8 +339,14 @@ class TestFlowerTrainer:
         full = make_trainer(tiny_model_dir, tree, dataset, tmp_path / "full", flow_loss="tb", max_steps=3)
         full.train()
         half = make_trainer(
-            tiny_model_dir, tree, dataset, tmp_path / "half", flow_loss="tb", max_steps=3,
-            per_device_train_batch_size=2, gradient_accumulation_steps=2,
+            tiny_model_dir,
+            tree,
+            dataset,
+            tmp_path / "half",
+            flow_loss="tb",
+            max_steps=3,
+            per_device_train_batch_size=2,
+            gradient_accumulation_steps=2,
         )
         half.train()
         np.testing.assert_allclose(logged(full, "loss"), logged(half, "loss"), rtol=1e-5)
@@ -390,8 +426,11 @@ class TestFlowerTrainer:
     def test_evaluate(self, tiny_model_dir, tree, dataset, tmp_path):
         """Evaluation runs the same loss (sampling included) on the eval set; nothing is trained."""
         trainer = FlowerTrainer(
-            str(tiny_model_dir), tree, args=make_config(tmp_path, per_device_eval_batch_size=4),
-            train_dataset=dataset, eval_dataset=dataset.select(range(4)),
+            str(tiny_model_dir),
+            tree,
+            args=make_config(tmp_path, per_device_eval_batch_size=4),
+            train_dataset=dataset,
+            eval_dataset=dataset.select(range(4)),
         )
         before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
         metrics = trainer.evaluate()
@@ -450,7 +489,12 @@ class TestFlowerTrainer:
         scores = tmp_path / "scores.npy"
         np.save(scores, np.random.default_rng(0).normal(size=(NUM_ROWS, len(COUNTS))))
         trainer = make_trainer(
-            tiny_model_dir, tree, dataset, tmp_path, max_steps=1, reward_variant=variant,
+            tiny_model_dir,
+            tree,
+            dataset,
+            tmp_path,
+            max_steps=1,
+            reward_variant=variant,
             preference_scores_path=str(scores),
         )
         assert trainer.reward_model.variant == variant
@@ -497,12 +541,18 @@ class TestFlowerTrainerErrors:
             make_trainer(tiny_model_dir, tree, dataset, tmp_path, trainer_kwargs={"reward_model": reward})
         other = PrefixTree.from_titles(tiny_titles[:5], tiny_tokenizer)
         with pytest.raises(ValueError, match="built on another tree"):
-            make_trainer(tiny_model_dir, tree, dataset, tmp_path,
-                         trainer_kwargs={"reward_model": PrefixTreeRewardModel(other)})
+            make_trainer(
+                tiny_model_dir, tree, dataset, tmp_path, trainer_kwargs={"reward_model": PrefixTreeRewardModel(other)}
+            )
         scores = tmp_path / "scores.npy"
         np.save(scores, np.zeros((NUM_ROWS, 10)))
         with pytest.raises(ValueError, match="pass either `reward_model` or the config's reward fields"):
             make_trainer(
-                tiny_model_dir, tree, dataset, tmp_path, trainer_kwargs={"reward_model": PrefixTreeRewardModel(tree)},
-                reward_variant="div_s", preference_scores_path=str(scores),
+                tiny_model_dir,
+                tree,
+                dataset,
+                tmp_path,
+                trainer_kwargs={"reward_model": PrefixTreeRewardModel(tree)},
+                reward_variant="div_s",
+                preference_scores_path=str(scores),
             )

@@ -317,8 +317,20 @@ def test_save_load_round_trip(random_tree, tmp_path):
     tree.save(tmp_path / "tree.npz")
     loaded = PrefixTree.load(tmp_path / "tree.npz")
     assert loaded.terminator_id == tree.terminator_id and repr(loaded) == repr(tree)
-    for name in ("parent", "token", "depth", "first_child", "num_children", "item_node", "item_length",
-                 "item_rewards", "log_flow", "terminal_items", "terminal_ptr", "is_terminal"):
+    for name in (
+        "parent",
+        "token",
+        "depth",
+        "first_child",
+        "num_children",
+        "item_node",
+        "item_length",
+        "item_rewards",
+        "log_flow",
+        "terminal_items",
+        "terminal_ptr",
+        "is_terminal",
+    ):
         np.testing.assert_array_equal(getattr(loaded, name), getattr(tree, name))
     q = torch.arange(tree.num_nodes)
     assert torch.equal(loaded.allowed_mask(q, 8), tree.allowed_mask(q, 8))

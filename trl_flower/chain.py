@@ -395,8 +395,10 @@ def make_ppo_trainer(
         value_model.config.pad_token_id = tok.pad_token_id
     ref = load_reference_policy(ref_model)
     train_dataset = _tokenized_for_ppo(train_dataset, tok)
-    eval_dataset = _tokenized_for_ppo(eval_dataset, tok) if eval_dataset is not None else train_dataset.select(
-        range(min(len(train_dataset), args.per_device_eval_batch_size))
+    eval_dataset = (
+        _tokenized_for_ppo(eval_dataset, tok)
+        if eval_dataset is not None
+        else train_dataset.select(range(min(len(train_dataset), args.per_device_eval_batch_size)))
     )
     _install_ppo_hooks(ppo_module)
     trainer = ppo_module.PPOTrainer(
@@ -419,9 +421,7 @@ def _tokenized_for_ppo(dataset, tokenizer):
     """`dataset` with only ``input_ids`` (tokenised from ``prompt`` when needed; no special tokens)."""
     if "input_ids" not in dataset.column_names:
         if "prompt" not in dataset.column_names:
-            raise ValueError(
-                f"the PPO dataset needs an `input_ids` or a `prompt` column, got {dataset.column_names}"
-            )
+            raise ValueError(f"the PPO dataset needs an `input_ids` or a `prompt` column, got {dataset.column_names}")
         if dataset.num_rows and not isinstance(dataset[0]["prompt"], str):
             raise ValueError("PPO prompts must be plain strings; render conversations with the chat template first")
         dataset = dataset.map(

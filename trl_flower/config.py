@@ -194,7 +194,7 @@ class FlowerConfig(GRPOConfig):
     reward_variant: str = field(
         default="none",
         metadata={
-            "help": "Personalisation of the token rewards by an auxiliary recommender's scores s(u, i): `\"none\"` "
+            "help": 'Personalisation of the token rewards by an auxiliary recommender\'s scores s(u, i): `"none"` '
             '(item popularity only), `"div_s"` (the paper\'s main variant: log rewards divided by s), `"add_logs"` '
             '(log s added to every log reward) or `"exact"` (per-user rewards R(i)·s(u, i) pushed through the tree). '
             'All but `"none"` need `preference_scores_path`.',

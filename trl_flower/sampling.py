@@ -92,7 +92,15 @@ def sample_on_cache(
         if bool(done.all()):
             break
         attention = torch.cat([attention, torch.ones_like(attention[:, :1])], dim=1)
-        logits = model(
-            input_ids=nxt[:, None], attention_mask=attention, past_key_values=cache, use_cache=True, logits_to_keep=1
-        ).logits[:, -1].float()
+        logits = (
+            model(
+                input_ids=nxt[:, None],
+                attention_mask=attention,
+                past_key_values=cache,
+                use_cache=True,
+                logits_to_keep=1,
+            )
+            .logits[:, -1]
+            .float()
+        )
     return tokens

@@ -86,15 +86,18 @@ def build_model(tokenizer, hidden_size: int = 64, num_layers: int = 2, arch: str
         model = LlamaForCausalLM(LlamaConfig(**common))
     else:
         raise ValueError(f"arch must be 'qwen2' or 'llama', got {arch!r}")
-    model.generation_config = GenerationConfig(
-        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id
-    )
+    model.generation_config = GenerationConfig(pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
     return model
 
 
 def save_tiny_model(
-    out_dir: str | Path, corpus: Iterable[str], vocab_size: int = 512, hidden_size: int = 64, num_layers: int = 2,
-    arch: str = "qwen2", seed: int = 0,
+    out_dir: str | Path,
+    corpus: Iterable[str],
+    vocab_size: int = 512,
+    hidden_size: int = 64,
+    num_layers: int = 2,
+    arch: str = "qwen2",
+    seed: int = 0,
 ) -> Path:
     """Build a tokenizer and a tiny model from `corpus` and save both to `out_dir` (a plain HF model directory)."""
     tokenizer = build_tokenizer(corpus, vocab_size=vocab_size)

@@ -405,13 +405,15 @@ class FlowerTrainer(GRPOTrainer):
                     "sample_in_loss_step needs a model that returns a KV cache (use_cache=True); set "
                     "`trainer.sample_in_loss_step = False` to sample with TRL's generate instead."
                 )
-            completion_ids = self._sample_items(model, first.detach(), detached_cache(cache), prompt_mask,
-                                                inputs["flow_uniforms"])
+            completion_ids = self._sample_items(
+                model, first.detach(), detached_cache(cache), prompt_mask, inputs["flow_uniforms"]
+            )
             inputs = {**inputs, **self._flow_targets(inputs.get("flow_rows"), completion_ids)}
             self._log_in_loss_samples(inputs, completion_ids)
             continuations.append((inputs["flow_title_ids"], inputs["flow_title_mask"]))
-            state_logits = continue_on_cache(model, first, cache, prompt_mask, continuations,
-                                             self._tokenizer.pad_token_id)
+            state_logits = continue_on_cache(
+                model, first, cache, prompt_mask, continuations, self._tokenizer.pad_token_id
+            )
         else:
             if lam > 0:
                 continuations.append((inputs["flow_title_ids"], inputs["flow_title_mask"]))
@@ -508,8 +510,17 @@ class FlowerTrainer(GRPOTrainer):
         )
         args = self.args
         warpers = sampling_warpers(args.temperature, args.top_k, args.top_p, args.min_p)
-        return sample_on_cache(model, first, cache, prompt_mask, uniforms, trie, completion_eos_ids(self),
-                               self._tokenizer.pad_token_id, warpers)
+        return sample_on_cache(
+            model,
+            first,
+            cache,
+            prompt_mask,
+            uniforms,
+            trie,
+            completion_eos_ids(self),
+            self._tokenizer.pad_token_id,
+            warpers,
+        )
 
     def _log_in_loss_samples(self, inputs: dict[str, Any], completion_ids: torch.Tensor) -> None:
         """The logs GRPO's generate path writes for a generation batch, for the samples of one loss step."""
@@ -540,8 +551,9 @@ class FlowerTrainer(GRPOTrainer):
         kwargs = {}
         if inputs.get("flow_rows") is not None:
             kwargs[self.reward_model.row_column] = inputs["flow_rows"].tolist()
-        rewards = self.reward_model(prompts=[None] * len(ids), completions=[""] * len(ids), completion_ids=ids,
-                                    **kwargs)
+        rewards = self.reward_model(
+            prompts=[None] * len(ids), completions=[""] * len(ids), completion_ids=ids, **kwargs
+        )
         rewards = gather(torch.tensor(rewards, dtype=torch.float32, device=completion_ids.device))  # [B_global]
         std = rewards.std() if rewards.numel() > 1 else torch.zeros(())
         metrics[f"rewards/{self.reward_model.__name__}/mean"].append(rewards.mean().item())

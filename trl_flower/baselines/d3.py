@@ -79,8 +79,10 @@ class D3GuidanceProcessor(LogitsProcessor):
             raise ValueError(f"`tree` must be a trl_flower PrefixTree, got {type(tree).__name__}")
         item_probs = torch.as_tensor(item_probs)
         if item_probs.dim() != 2 or item_probs.shape[1] != tree.num_items:
-            raise ValueError(f"`item_probs` must have shape [batch_size, {tree.num_items}] (one SASRec probability "
-                             f"row per prompt over the tree's items), got {tuple(item_probs.shape)}")
+            raise ValueError(
+                f"`item_probs` must have shape [batch_size, {tree.num_items}] (one SASRec probability "
+                f"row per prompt over the tree's items), got {tuple(item_probs.shape)}"
+            )
         if not isinstance(guidance_scale, (int, float)) or not guidance_scale >= 0:
             raise ValueError(f"`guidance_scale` must be a float >= 0 (1 = no guidance), got {guidance_scale!r}")
         if not isinstance(prompt_length, int) or prompt_length < 0:
@@ -163,8 +165,12 @@ class _GuidedModel:
         where = next(i for i, p in enumerate(processors) if isinstance(p, TrieLogitsProcessor))
         guide = D3GuidanceProcessor(self._tree, probs, self._g, prompt_length=input_ids.shape[1])
         processors.insert(where + 1, guide)  # before the score recorder: beam scores include the guidance
-        return self._model.generate(input_ids=input_ids, attention_mask=attention_mask,
-                                    logits_processor=LogitsProcessorList(processors), **kwargs)
+        return self._model.generate(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            logits_processor=LogitsProcessorList(processors),
+            **kwargs,
+        )
 
 
 def recommend_d3(
@@ -199,21 +205,35 @@ def recommend_d3(
         raise ValueError("D3 decodes without length normalisation (length_penalty=0); do not pass length_penalty")
     logits = np.asarray(sasrec_logits)
     if logits.shape != (len(prompts), tree.num_items):
-        raise ValueError(f"`sasrec_logits` must have shape [{len(prompts)} prompts, {tree.num_items} items], got "
-                         f"{logits.shape}")
+        raise ValueError(
+            f"`sasrec_logits` must have shape [{len(prompts)} prompts, {tree.num_items} items], got {logits.shape}"
+        )
     guided = _GuidedModel(model, tree, guidance_scale)
     token_ids = tokenizer(list(prompts), add_special_tokens=add_special_tokens)["input_ids"]
     parts = []
     for start in range(0, len(prompts), batch_size):
         stop = min(start + batch_size, len(prompts))
         guided.set_chunk(token_ids[start:stop], sasrec_probabilities(logits[start:stop]))
-        parts.append(recommend(guided, tokenizer, list(prompts[start:stop]), tree, batch_size=stop - start,
-                               length_penalty=0.0, add_special_tokens=add_special_tokens,
-                               show_progress=False, **kwargs))
+        parts.append(
+            recommend(
+                guided,
+                tokenizer,
+                list(prompts[start:stop]),
+                tree,
+                batch_size=stop - start,
+                length_penalty=0.0,
+                add_special_tokens=add_special_tokens,
+                show_progress=False,
+                **kwargs,
+            )
+        )
         if show_progress:
             print(f"d3: {stop}/{len(prompts)} prompts", file=sys.stderr, flush=True)
     titles = None if parts[0].titles is None else [row for p in parts for row in p.titles]
     return Recommendations(
-        item_ids=np.concatenate([p.item_ids for p in parts]), nodes=np.concatenate([p.nodes for p in parts]),
-        scores=np.concatenate([p.scores for p in parts]), titles=titles, tree=tree,
+        item_ids=np.concatenate([p.item_ids for p in parts]),
+        nodes=np.concatenate([p.nodes for p in parts]),
+        scores=np.concatenate([p.scores for p in parts]),
+        titles=titles,
+        tree=tree,
     )

@@ -569,8 +569,14 @@ def train_preference(
         kwargs.setdefault("loss_type", ["sigmoid"])
     args = DPOConfig(output_dir=str(output_dir), **kwargs)
     ref = load_reference_policy(ref_path if ref_path is not None else model_path)
-    common = dict(model=str(model_path), ref_model=ref, args=args, train_dataset=dataset, processing_class=tokenizer,
-                  peft_config=peft_config)
+    common = dict(
+        model=str(model_path),
+        ref_model=ref,
+        args=args,
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        peft_config=peft_config,
+    )
     if method in MULTI_NEGATIVE_LOSSES:
         trainer = MultiNegativeDPOTrainer(loss=method, **common)
     else:
@@ -652,7 +658,9 @@ def _ppo_row_scorer(reward: PrefixTreeRewardModel, pad_token_id: int, prompt_row
         def forward(self, completion_ids):
             n = len(completion_ids)
             scores = self.reward(
-                prompts=[""] * n, completions=[""] * n, completion_ids=completion_ids,
+                prompts=[""] * n,
+                completions=[""] * n,
+                completion_ids=completion_ids,
                 **{self.reward.row_column: self._rows},
             )
             return torch.tensor(scores, dtype=torch.float32, device=self.anchor.device)
@@ -739,8 +747,14 @@ def train_online_rl(
     if args.max_completion_length < int(tree.item_length.max()):
         raise ValueError(f"max_completion_length must be >= the longest item path ({int(tree.item_length.max())})")
     cls = _constrained_trainer_class(method)
-    trainer = cls(model=str(model_path), reward_funcs=reward, args=args, train_dataset=dataset,
-                  processing_class=tokenizer, peft_config=peft_config)
+    trainer = cls(
+        model=str(model_path),
+        reward_funcs=reward,
+        args=args,
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        peft_config=peft_config,
+    )
     trainer.rollout_tree = tree
     if ref_path is not None and Path(ref_path).resolve() != Path(model_path).resolve():
         set_reference_policy(trainer, ref_path)
@@ -757,8 +771,14 @@ def _make_ppo(model_path, ref_path, dataset, output_dir, reward, tokenizer, conf
     from trl_flower.chain import make_ppo_trainer
 
     kwargs = dict(
-        learning_rate=1e-7, per_device_train_batch_size=4, num_mini_batches=2, num_ppo_epochs=1, kl_coef=0.9,
-        stop_token="eos", response_length=int(reward.tree.item_length.max()), missing_eos_penalty=None,
+        learning_rate=1e-7,
+        per_device_train_batch_size=4,
+        num_mini_batches=2,
+        num_ppo_epochs=1,
+        kl_coef=0.9,
+        stop_token="eos",
+        response_length=int(reward.tree.item_length.max()),
+        missing_eos_penalty=None,
     )
     kwargs.update(config_kwargs)
     args = PPOConfig(output_dir=str(output_dir), **kwargs)
@@ -768,8 +788,11 @@ def _make_ppo(model_path, ref_path, dataset, output_dir, reward, tokenizer, conf
     for p, r in zip(ids, dataset["row_index"]):
         prompt_rows.setdefault(tuple(p), int(r))
     trainer = make_ppo_trainer(
-        args, model=str(model_path), ref_model=str(ref_path if ref_path is not None else model_path),
-        reward=PrefixTreeRewardModel(reward.tree), train_dataset=dataset.select_columns(["prompt"]),
+        args,
+        model=str(model_path),
+        ref_model=str(ref_path if ref_path is not None else model_path),
+        reward=PrefixTreeRewardModel(reward.tree),
+        train_dataset=dataset.select_columns(["prompt"]),
         processing_class=tokenizer,
     )
     scorer = _ppo_row_scorer(reward, tokenizer.pad_token_id, prompt_rows).to(trainer.accelerator.device)

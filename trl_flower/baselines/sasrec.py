@@ -359,9 +359,7 @@ def sample_negatives(targets: torch.Tensor, num_items: int, generator: torch.Gen
     return draw + (draw >= targets).long()  # skip the target: uniform over the others
 
 
-def full_ranking_metrics(
-    logits: torch.Tensor, targets: torch.Tensor, ks: Sequence[int] = EVAL_KS
-) -> dict[str, float]:
+def full_ranking_metrics(logits: torch.Tensor, targets: torch.Tensor, ks: Sequence[int] = EVAL_KS) -> dict[str, float]:
     r"""Item-level HR@K and NDCG@K by full ranking of all items (the official SASRec protocol).
 
     The 0-based rank of the target is the number of items with a higher logit, plus those with an equal logit and a
@@ -601,8 +599,7 @@ def evaluate_sasrec(
             "lower ks / list_k"
         )
     # any subset of rows can be evaluated (row_index only ties rows to exported logits)
-    split = SequenceSplit.from_dataset(dataset, model.config.num_items, model.config.max_len,
-                                       require_row_order=False)
+    split = SequenceSplit.from_dataset(dataset, model.config.num_items, model.config.max_len, require_row_order=False)
     tops, ranks = [], []
     for i in range(0, len(split), batch_size):
         logits = model._score(split.seq[i : i + batch_size], split.lengths[i : i + batch_size], batch_size)  # [b, N]

@@ -202,8 +202,10 @@ class IFairSFTTrainer(SFTTrainer):
         self.data_collator = _WeightCollator(self.data_collator)
         for name, dataset in (("train_dataset", self.train_dataset), ("eval_dataset", self.eval_dataset)):
             if dataset is not None and WEIGHT_COLUMN not in dataset.column_names:
-                raise ValueError(f"IFairSFTTrainer needs a `{WEIGHT_COLUMN}` column in {name} (build_sft_dataset "
-                                 "with weights=ifair_sample_weights(...)[0])")
+                raise ValueError(
+                    f"IFairSFTTrainer needs a `{WEIGHT_COLUMN}` column in {name} (build_sft_dataset "
+                    "with weights=ifair_sample_weights(...)[0])"
+                )
 
     def _set_signature_columns_if_needed(self):
         super()._set_signature_columns_if_needed()
@@ -269,15 +271,17 @@ def train_sft(
         weights = ifair_sample_weights(histories, target_titles)[0]
     if tokenizer is None:
         tokenizer = AutoTokenizer.from_pretrained(model_path)
-    dataset = build_sft_dataset(prompts, item_ids, tree, tokenizer, weights=weights,
-                                add_special_tokens=add_special_tokens)
+    dataset = build_sft_dataset(
+        prompts, item_ids, tree, tokenizer, weights=weights, add_special_tokens=add_special_tokens
+    )
     kwargs = {**OFFICIAL_SFT_ARGS, "completion_only_loss": True, **config_kwargs}
     if not kwargs["completion_only_loss"]:
         raise ValueError("completion_only_loss=False would train on the prompt; BIGRec's loss is on the response only")
     args = SFTConfig(output_dir=str(output_dir), **kwargs)
     cls = IFairSFTTrainer if method == "ifair" else SFTTrainer
-    trainer = cls(model=str(model_path), args=args, train_dataset=dataset, processing_class=tokenizer,
-                  peft_config=peft_config)
+    trainer = cls(
+        model=str(model_path), args=args, train_dataset=dataset, processing_class=tokenizer, peft_config=peft_config
+    )
     if train:
         train_and_save(trainer, output_dir if save else None, tokenizer, tree)
     return trainer

@@ -51,8 +51,13 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type) -> argpa
             kind = meta.get("type") or _value_type(hints[f.name])
             shown = "" if f.default is None else f" (default: {f.default})"
             parser.add_argument(
-                flag, dest=f.name, type=kind, default=f.default, choices=choices,
-                metavar=f.name.upper() if choices is None else None, help=meta["help"] + shown,
+                flag,
+                dest=f.name,
+                type=kind,
+                default=f.default,
+                choices=choices,
+                metavar=f.name.upper() if choices is None else None,
+                help=meta["help"] + shown,
             )
     return parser
 

@@ -53,9 +53,7 @@ class DemoArguments:
         default=600, metadata={"help": "Simulated users; rows are about 9 per user, split 8:1:1 by time."}
     )
     epochs: float = field(default=2.0, metadata={"help": "Training epochs over the train split (both models)."})
-    max_steps: int = field(
-        default=-1, metadata={"help": "If > 0: optimisation steps per model, overriding --epochs."}
-    )
+    max_steps: int = field(default=-1, metadata={"help": "If > 0: optimisation steps per model, overriding --epochs."})
     flow_lambda: float = field(
         default=0.005,
         metadata={"help": "λ of Flower's loss (1 − λ)·SFT + λ·SubTB; the SFT run uses λ = 0."},
@@ -70,13 +68,17 @@ class DemoArguments:
     )
     title_log_term: str = field(
         default="official",
-        metadata={"help": "Termination target at a complete title passed on the way to a longer one: official (the "
-                          "e^-15 constant) or flow (that title's own R/F); see docs/trainer.md."},
+        metadata={
+            "help": "Termination target at a complete title passed on the way to a longer one: official (the "
+            "e^-15 constant) or flow (that title's own R/F); see docs/trainer.md."
+        },
     )
     flow_policy_support: str = field(
         default="vocabulary",
-        metadata={"help": "Match the flow ratios with π over the whole vocabulary (official) or renormalised over the "
-                          "tree's children (tree); see docs/trainer.md."},
+        metadata={
+            "help": "Match the flow ratios with π over the whole vocabulary (official) or renormalised over the "
+            "tree's children (tree); see docs/trainer.md."
+        },
     )
     learning_rate: float = field(default=2e-3, metadata={"help": "AdamW learning rate (linear decay), both models."})
     batch_size: int = field(default=32, metadata={"help": "Training rows per optimisation step."})
@@ -132,8 +134,9 @@ def make_parser(subparsers=None) -> argparse.ArgumentParser:
     if subparsers is None:
         parser = argparse.ArgumentParser(prog="trl-flower demo", description=description)
     else:
-        parser = subparsers.add_parser("demo", help="SFT vs Flower on a built-in synthetic catalogue (CPU, minutes)",
-                                       description=description)
+        parser = subparsers.add_parser(
+            "demo", help="SFT vs Flower on a built-in synthetic catalogue (CPU, minutes)", description=description
+        )
     defaults = DemoArguments()
     for f in dataclasses.fields(DemoArguments):
         flag = "--" + f.name.replace("_", "-")
@@ -168,8 +171,11 @@ def _quiet_libraries() -> None:
     datasets.disable_progress_bars()  # dataset.map bars
     transformers.utils.logging.disable_progress_bar()  # "Loading weights" / "Writing model shards" (not Trainer's)
     transformers.utils.logging.set_verbosity_error()
-    for message in ("'pin_memory' argument is set as true", "`is_gradient_checkpointing` is deprecated",
-                    "`gradient_checkpointing` is deprecated"):
+    for message in (
+        "'pin_memory' argument is set as true",
+        "`is_gradient_checkpointing` is deprecated",
+        "`gradient_checkpointing` is deprecated",
+    ):
         warnings.filterwarnings("ignore", message=message)
 
 
@@ -193,8 +199,11 @@ def run_demo(cfg: DemoArguments) -> dict[str, Any]:
     torch.manual_seed(cfg.seed)
     torch.set_num_threads(cfg.num_threads or auto_num_threads())
 
-    _stage("data", f"synthetic catalogue: {cfg.num_items} items, {cfg.num_users} users (seed {cfg.seed}); "
-                   f"{torch.get_num_threads()} CPU thread(s)")
+    _stage(
+        "data",
+        f"synthetic catalogue: {cfg.num_items} items, {cfg.num_users} users (seed {cfg.seed}); "
+        f"{torch.get_num_threads()} CPU thread(s)",
+    )
     data = make_synthetic(cfg.num_items, cfg.num_users, seed=cfg.seed)
     train_split = data.splits["train"]
     popularity = popularity_from_histories(train_split["history_item_title"])
@@ -222,8 +231,9 @@ def run_demo(cfg: DemoArguments) -> dict[str, Any]:
     for name, lam in (("sft", 0.0), ("flower", cfg.flow_lambda)):
         t = time.time()
         _stage(name, f"training {labels[name]} from {init_dir}")
-        model = _train(name, lam, cfg, init_dir, tokenizer, train_tree, train_ds, out / name,
-                       popularity.item_groups(data.items))
+        model = _train(
+            name, lam, cfg, init_dir, tokenizer, train_tree, train_ds, out / name, popularity.item_groups(data.items)
+        )
         timing[f"train_{name}"] = time.time() - t
         t = time.time()
         _stage(name, f"constrained beam search on {len(eval_prompts)} {cfg.eval_split} rows (K = {cfg.top_k})")
@@ -250,12 +260,25 @@ def run_demo(cfg: DemoArguments) -> dict[str, Any]:
         "wall_time_s": {k: round(v, 1) for k, v in timing.items()},
     }
     title = f"trl-flower demo: SFT vs Flower on the synthetic catalogue ({cfg.eval_split} split)"
-    files = write_report(results, out, title, group_shares=shares, reference_shares=popularity.shares.tolist(),
-                         reference_label="data (train histories)", metadata=metadata,
-                         columns=table_columns(cfg.top_k, results), stem="report")
-    return {"title": title, "results": results, "group_shares": shares,
-            "reference_shares": popularity.shares.tolist(), **metadata,
-            "files": {k: str(v) for k, v in files.items()}}
+    files = write_report(
+        results,
+        out,
+        title,
+        group_shares=shares,
+        reference_shares=popularity.shares.tolist(),
+        reference_label="data (train histories)",
+        metadata=metadata,
+        columns=table_columns(cfg.top_k, results),
+        stem="report",
+    )
+    return {
+        "title": title,
+        "results": results,
+        "group_shares": shares,
+        "reference_shares": popularity.shares.tolist(),
+        **metadata,
+        "files": {k: str(v) for k, v in files.items()},
+    }
 
 
 def _command_line(cfg: DemoArguments) -> list[str]:
@@ -302,8 +325,11 @@ def _prepare_model(cfg: DemoArguments, data, out: Path):
         model.save_pretrained(init_dir)  # TRL reloads models from a path: save the shared initial weights once
         tokenizer.save_pretrained(init_dir)
         n_params = sum(p.numel() for p in model.parameters())
-        _stage("model", f"tiny Qwen2: hidden {cfg.hidden_size}, {cfg.num_layers} layers, vocab {len(tokenizer)}, "
-                        f"{n_params / 1e6:.2f} M parameters -> {init_dir}")
+        _stage(
+            "model",
+            f"tiny Qwen2: hidden {cfg.hidden_size}, {cfg.num_layers} layers, vocab {len(tokenizer)}, "
+            f"{n_params / 1e6:.2f} M parameters -> {init_dir}",
+        )
     else:
         init_dir = Path(cfg.model)
         if not (init_dir / "config.json").is_file():
@@ -329,8 +355,9 @@ def _training_dataset(split, builder):
     )
 
 
-def _train(name: str, flow_lambda: float, cfg: DemoArguments, init_dir: Path, tokenizer, tree, train_ds, out: Path,
-           item_groups):
+def _train(
+    name: str, flow_lambda: float, cfg: DemoArguments, init_dir: Path, tokenizer, tree, train_ds, out: Path, item_groups
+):
     """Train one model from `init_dir` with `FlowerTrainer` and save the checkpoint to `out`; return the model.
 
     Both runs share everything (initial weights, rows, batch order, steps, learning rate, seed) except λ: with
@@ -360,8 +387,14 @@ def _train(name: str, flow_lambda: float, cfg: DemoArguments, init_dir: Path, to
         report_to="none",
         disable_tqdm=False,
     )
-    trainer = FlowerTrainer(model=str(init_dir), tree=tree, args=args, train_dataset=train_ds,
-                            processing_class=tokenizer, item_groups=item_groups)
+    trainer = FlowerTrainer(
+        model=str(init_dir),
+        tree=tree,
+        args=args,
+        train_dataset=train_ds,
+        processing_class=tokenizer,
+        item_groups=item_groups,
+    )
     trainer.train()
     trainer.save_model(str(out))
     model = trainer.accelerator.unwrap_model(trainer.model)
@@ -373,8 +406,16 @@ def _evaluate_model(model, tokenizer, prompts, tree, split, popularity, data, cf
     from trl_flower.evaluation.recommend import recommend
 
     model.eval()
-    rec = recommend(model, tokenizer, prompts, tree, top_k=cfg.top_k, batch_size=cfg.eval_batch_size,
-                    titles=data.items, show_progress=True)
+    rec = recommend(
+        model,
+        tokenizer,
+        prompts,
+        tree,
+        top_k=cfg.top_k,
+        batch_size=cfg.eval_batch_size,
+        titles=data.items,
+        show_progress=True,
+    )
     return _evaluate_titles(rec.titles, split, popularity, data.items)
 
 
@@ -383,8 +424,9 @@ def _evaluate_titles(titles, split, popularity, items) -> tuple[dict[str, Any], 
     from trl_flower.evaluation.metrics import group_fairness_at_k, recommendation_metrics
 
     K = len(titles[0])
-    metrics = recommendation_metrics(titles, split["item_title"], popularity, items, ks=sorted({1, 5, K}),
-                                     fairness_ks=(K,))
+    metrics = recommendation_metrics(
+        titles, split["item_title"], popularity, items, ks=sorted({1, 5, K}), fairness_ks=(K,)
+    )
     shares = group_fairness_at_k(titles, popularity, items, ks=(K,))[f"group_shares@{K}"]
     return metrics, shares
 
@@ -415,16 +457,19 @@ def format_summary(report: dict[str, Any]) -> str:
     from trl_flower.evaluation.report import group_shares_table, markdown_table
 
     K = report["settings"]["top_k"]
-    return "\n".join([
-        report["title"],
-        "",
-        markdown_table(report["results"], table_columns(K, report["results"])),
-        "",
-        f"Popularity-group shares of the top-{K} lists (G1 = most popular); DGU/MGU measure the distance to the data:",
-        group_shares_table(report["group_shares"], report["reference_shares"], "data (train histories)"),
-        "",
-        f"Report: {report['files']['markdown']}  (JSON: {report['files']['json']}, plot: "
-        f"{report['files'].get('group_shares_plot')}); checkpoints: {report['checkpoints']['sft']}, "
-        f"{report['checkpoints']['flower']}",
-        f"Wall time: {report['wall_time_s']['total']:.0f} s",
-    ])
+    return "\n".join(
+        [
+            report["title"],
+            "",
+            markdown_table(report["results"], table_columns(K, report["results"])),
+            "",
+            f"Popularity-group shares of the top-{K} lists (G1 = most popular); "
+            "DGU/MGU measure the distance to the data:",
+            group_shares_table(report["group_shares"], report["reference_shares"], "data (train histories)"),
+            "",
+            f"Report: {report['files']['markdown']}  (JSON: {report['files']['json']}, plot: "
+            f"{report['files'].get('group_shares_plot')}); checkpoints: {report['checkpoints']['sft']}, "
+            f"{report['checkpoints']['flower']}",
+            f"Wall time: {report['wall_time_s']['total']:.0f} s",
+        ]
+    )

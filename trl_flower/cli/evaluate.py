@@ -47,40 +47,62 @@ OFFICIAL_JSON = "predictions.json"
 class EvaluateArguments:
     """Options of `trl-flower evaluate` (each field's ``help`` is the command-line help)."""
 
-    model: str = field(metadata={"help": "Local model directory (weights, config and tokenizer; a trained "
-                                         "FlowerTrainer output also holds the prefix tree)."})
+    model: str = field(
+        metadata={
+            "help": "Local model directory (weights, config and tokenizer; a trained "
+            "FlowerTrainer output also holds the prefix tree)."
+        }
+    )
     task: str = field(
         default="recommend",
-        metadata={"help": "'recommend': top-K beam search on a data split, the paper's Table 4 metrics. "
-                          "'distribution': history-free constrained sampling against --target, Table 3 metrics.",
-                  "choices": TASKS},
+        metadata={
+            "help": "'recommend': top-K beam search on a data split, the paper's Table 4 metrics. "
+            "'distribution': history-free constrained sampling against --target, Table 3 metrics.",
+            "choices": TASKS,
+        },
     )
     data: str | None = field(
         default=None,
-        metadata={"help": "Dataset for --task recommend: a category name under <data-root>/amazon/ "
-                          "(Movies_and_TV, CDs_and_Vinyl) or a directory with items.tsv and train/valid/test.csv."},
+        metadata={
+            "help": "Dataset for --task recommend: a category name under <data-root>/amazon/ "
+            "(Movies_and_TV, CDs_and_Vinyl) or a directory with items.tsv and train/valid/test.csv."
+        },
     )
     data_root: str | None = field(
         default=None,
-        metadata={"help": "Root holding amazon/<category>/ and movies_popularity/ (default: $TRL_FLOWER_DATA, "
-                          "else ../shared/data)."},
+        metadata={
+            "help": "Root holding amazon/<category>/ and movies_popularity/ (default: $TRL_FLOWER_DATA, "
+            "else ../shared/data)."
+        },
     )
     split: str = field(default="test", metadata={"help": "Split whose rows are evaluated.", "choices": EVAL_SPLITS})
-    max_rows: int = field(default=0, metadata={"help": "Evaluate only N rows of the split (the first N, or a random "
-                                                       "sample with --row-sample-seed); 0 = all."})
+    max_rows: int = field(
+        default=0,
+        metadata={
+            "help": "Evaluate only N rows of the split (the first N, or a random "
+            "sample with --row-sample-seed); 0 = all."
+        },
+    )
     row_sample_seed: int | None = field(
-        default=None, metadata={"help": "With --max-rows: evaluate a random sample of N rows drawn with this seed "
-                                        "instead of the first N (the splits are sorted by time, so the first rows are "
-                                        "not a fair sample).", "type": int})
+        default=None,
+        metadata={
+            "help": "With --max-rows: evaluate a random sample of N rows drawn with this seed "
+            "instead of the first N (the splits are sorted by time, so the first rows are "
+            "not a fair sample).",
+            "type": int,
+        },
+    )
     top_k: int = field(default=10, metadata={"help": "K: recommendations per row (num_return_sequences)."})
     num_beams: int | None = field(
         default=None, metadata={"help": "Beams per row, >= K (default: K, as the paper).", "type": int}
     )
     batch_size: int | None = field(
         default=None,
-        metadata={"help": "Rows per generate call: prompts for beam search (each with num_beams beams; default 16), "
-                          "samples for --task distribution (default 64). Results do not depend on it.",
-                  "type": int},
+        metadata={
+            "help": "Rows per generate call: prompts for beam search (each with num_beams beams; default 16), "
+            "samples for --task distribution (default 64). Results do not depend on it.",
+            "type": int,
+        },
     )
     length_penalty: float = field(
         default=1.0, metadata={"help": "Beam score = sum of log-probs / length ** this (paper 1.0; D3 uses 0.0)."}
@@ -90,49 +112,63 @@ class EvaluateArguments:
     )
     decoding: str = field(
         default="beam",
-        metadata={"help": "Beam-search variant for --task recommend: 'beam' (the paper's decoding), 'temp' (the "
-                          "Temp baseline: needs --temperature != 1, paper 1.5), 'd3' (D3: length penalty 0 plus "
-                          "SASRec guidance; needs --sasrec-logits and --guidance-scale).",
-                  "choices": DECODINGS},
+        metadata={
+            "help": "Beam-search variant for --task recommend: 'beam' (the paper's decoding), 'temp' (the "
+            "Temp baseline: needs --temperature != 1, paper 1.5), 'd3' (D3: length penalty 0 plus "
+            "SASRec guidance; needs --sasrec-logits and --guidance-scale).",
+            "choices": DECODINGS,
+        },
     )
     sasrec_logits: str | None = field(
         default=None,
-        metadata={"help": "--decoding d3: SASRec logits of the evaluated split (.npy [split rows, items], e.g. "
-                          "test_logits.npy of `trl-flower sasrec`); row = the CSV row of the split."},
+        metadata={
+            "help": "--decoding d3: SASRec logits of the evaluated split (.npy [split rows, items], e.g. "
+            "test_logits.npy of `trl-flower sasrec`); row = the CSV row of the split."
+        },
     )
     guidance_scale: float | None = field(
         default=None,
-        metadata={"help": "--decoding d3: guidance g in g*(score - cf) + cf. 1 = no guidance (the official script's "
-                          "default, which makes D3 only the length-penalty removal); < 1 moves towards SASRec.",
-                  "type": float},
+        metadata={
+            "help": "--decoding d3: guidance g in g*(score - cf) + cf. 1 = no guidance (the official script's "
+            "default, which makes D3 only the length-penalty removal); < 1 moves towards SASRec.",
+            "type": float,
+        },
     )
     max_new_tokens: int | None = field(
-        default=None, metadata={"help": "Decoding budget (default: the longest item path, so every title can end).",
-                                "type": int}
+        default=None,
+        metadata={"help": "Decoding budget (default: the longest item path, so every title can end).", "type": int},
     )
     prompt_mode: str = field(
         default="reference",
-        metadata={"help": "'reference': the paper's plain-text prompt (base models). 'chat': the same text as a user "
-                          "message through the tokenizer's chat template (instruct models).",
-                  "choices": PROMPT_MODES},
+        metadata={
+            "help": "'reference': the paper's plain-text prompt (base models). 'chat': the same text as a user "
+            "message through the tokenizer's chat template (instruct models).",
+            "choices": PROMPT_MODES,
+        },
     )
     category: str | None = field(
         default=None,
-        metadata={"help": "Category words in the prompt, e.g. 'books' (default: from the dataset name: Movies_and_TV "
-                          "-> 'movies and TV', CDs_and_Vinyl -> 'musics', Video_Games -> 'video games')."},
+        metadata={
+            "help": "Category words in the prompt, e.g. 'books' (default: from the dataset name: Movies_and_TV "
+            "-> 'movies and TV', CDs_and_Vinyl -> 'musics', Video_Games -> 'video games')."
+        },
     )
     tree: str | None = field(
         default=None,
-        metadata={"help": "A PrefixTree .npz to decode with (default: the tree saved in --model if present, else "
-                          "one built from the catalogue titles with the model's tokenizer and EOS terminator)."},
+        metadata={
+            "help": "A PrefixTree .npz to decode with (default: the tree saved in --model if present, else "
+            "one built from the catalogue titles with the model's tokenizer and EOS terminator)."
+        },
     )
     rebuild_tree: bool = field(
         default=False, metadata={"help": "Ignore a tree saved in --model and build one from the titles."}
     )
     target: str | None = field(
         default=None,
-        metadata={"help": "Target distribution for --task distribution: a JSON file {title: count}, or the name of "
-                          "one in the data root's movies_popularity folder (movies_100.json, movies_1500.json)."},
+        metadata={
+            "help": "Target distribution for --task distribution: a JSON file {title: count}, or the name of "
+            "one in the data root's movies_popularity folder (movies_100.json, movies_1500.json)."
+        },
     )
     num_samples: int = field(
         default=2000, metadata={"help": "Constrained samples for --task distribution (paper: 2000)."}
@@ -142,8 +178,10 @@ class EvaluateArguments:
     )
     response_space: bool = field(
         default=False,
-        metadata={"help": "History-free prompt ends '### Response: \\n' (the SFT/DPO/PPO baselines of RQ1) instead "
-                          "of '### Response:\\n' (the GFlowNet runs)."},
+        metadata={
+            "help": "History-free prompt ends '### Response: \\n' (the SFT/DPO/PPO baselines of RQ1) instead "
+            "of '### Response:\\n' (the GFlowNet runs)."
+        },
     )
     seed: int = field(default=0, metadata={"help": "Torch seed (sampling draws; beam search is deterministic)."})
     device: str = field(default="auto", metadata={"help": "'auto' (CUDA if available), 'cpu', 'cuda', 'cuda:1', ..."})
@@ -158,8 +196,10 @@ class EvaluateArguments:
     )
     export_official_json: bool = field(
         default=False,
-        metadata={"help": f"Also write {OFFICIAL_JSON}: per row the K titles ('predict'), the target ('output'), "
-                          "the beam scores and the prompt, readable by the authors' calc.py."},
+        metadata={
+            "help": f"Also write {OFFICIAL_JSON}: per row the K titles ('predict'), the target ('output'), "
+            "the beam scores and the prompt, readable by the authors' calc.py."
+        },
     )
     no_progress: bool = field(default=False, metadata={"help": "Hide the progress bar and stage messages."})
 
@@ -220,8 +260,12 @@ def check_arguments(args: EvaluateArguments) -> None:
             raise ValueError("--task distribution needs --target (a {title: count} JSON, e.g. movies_100.json)")
         if args.data is not None or args.export_official_json:
             raise ValueError("--data and --export-official-json are only used with --task recommend; drop them")
-    positive = {"top_k": args.top_k, "num_samples": args.num_samples, "batch_size": args.batch_size,
-                "max_new_tokens": args.max_new_tokens}
+    positive = {
+        "top_k": args.top_k,
+        "num_samples": args.num_samples,
+        "batch_size": args.batch_size,
+        "max_new_tokens": args.max_new_tokens,
+    }
     for name, value in positive.items():
         if value is not None and value < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
@@ -246,8 +290,10 @@ def check_decoding(args: EvaluateArguments) -> None:
         raise ValueError("--decoding temp needs --temperature != 1 (the paper tunes 1.2, 1.5, 2.0)")
     if args.decoding == "d3":
         if args.sasrec_logits is None or args.guidance_scale is None:
-            raise ValueError("--decoding d3 needs --sasrec-logits (the split's SASRec logits .npy) and "
-                             "--guidance-scale (1 = the official script's no-op guidance, < 1 follows SASRec more)")
+            raise ValueError(
+                "--decoding d3 needs --sasrec-logits (the split's SASRec logits .npy) and "
+                "--guidance-scale (1 = the official script's no-op guidance, < 1 follows SASRec more)"
+            )
         if not Path(args.sasrec_logits).expanduser().is_file():
             raise FileNotFoundError(f"--sasrec-logits {args.sasrec_logits}: no such file")
         if args.guidance_scale < 0:
@@ -369,19 +415,25 @@ def check_tree_matches(tree, titles: list[str], tokenizer, where: str) -> None:
 
     fix = "pass --rebuild-tree to build one from the titles, or --tree with the matching tree"
     if tree.num_items != len(titles):
-        raise ValueError(f"the prefix tree {where} has {tree.num_items} items but the catalogue has {len(titles)}; "
-                         f"it was built for another catalogue: {fix}")
+        raise ValueError(
+            f"the prefix tree {where} has {tree.num_items} items but the catalogue has {len(titles)}; "
+            f"it was built for another catalogue: {fix}"
+        )
     if tree.vocab_bound > len(tokenizer):
-        raise ValueError(f"the prefix tree {where} uses token ids up to {tree.vocab_bound - 1} but the tokenizer has "
-                         f"{len(tokenizer)}: it was built with another tokenizer; {fix}")
+        raise ValueError(
+            f"the prefix tree {where} uses token ids up to {tree.vocab_bound - 1} but the tokenizer has "
+            f"{len(tokenizer)}: it was built with another tokenizer; {fix}"
+        )
     paths, lengths = tree.item_paths(torch.arange(tree.num_items))  # [N, L], [N]
     rows = [p[: n - 1] for p, n in zip(paths.tolist(), lengths.tolist())]  # title tokens, terminator dropped
     decoded = tokenizer.batch_decode(rows, skip_special_tokens=False, clean_up_tokenization_spaces=False)
     bad = [i for i, (d, t) in enumerate(zip(decoded, titles)) if d.strip() != t.strip()]
     if bad:
         shown = "; ".join(f"item {i}: tree {decoded[i]!r} vs catalogue {titles[i]!r}" for i in bad[:3])
-        raise ValueError(f"the prefix tree {where} does not match the catalogue for {len(bad)} of {len(titles)} "
-                         f"items ({shown}); {fix}")
+        raise ValueError(
+            f"the prefix tree {where} does not match the catalogue for {len(bad)} of {len(titles)} "
+            f"items ({shown}); {fix}"
+        )
 
 
 def _check_sample(prompts: list[str]) -> list[str]:
@@ -414,33 +466,47 @@ def _run_recommend(args: EvaluateArguments, stages: _Stages) -> dict[str, Any]:
     info = _read_info(Path(args.model).expanduser())
     tree, tree_source = stages.run("prefix tree", catalogue_tree, args, data.items, tokenizer, info)
 
-    builder = (PromptBuilder(category=args.category, mode=args.prompt_mode, tokenizer=tokenizer)
-               if args.category else PromptBuilder.from_dataset(data.name, mode=args.prompt_mode, tokenizer=tokenizer))
+    builder = (
+        PromptBuilder(category=args.category, mode=args.prompt_mode, tokenizer=tokenizer)
+        if args.category
+        else PromptBuilder.from_dataset(data.name, mode=args.prompt_mode, tokenizer=tokenizer)
+    )
     prompts = [builder(h) for h in rows["history_item_title"]]
     terminator = None if info.get("tokenization_mode") == "reference" else tree.terminator_id
-    stages.run("tokenisation check", check_prompt_tokenization, tokenizer, _check_sample(prompts),
-               data.items, terminator)
+    stages.run(
+        "tokenisation check", check_prompt_tokenization, tokenizer, _check_sample(prompts), data.items, terminator
+    )
 
     K = args.top_k
-    common = dict(top_k=K, num_beams=args.num_beams, batch_size=args.batch_size or 16,
-                  max_new_tokens=args.max_new_tokens, temperature=args.temperature, titles=data.items,
-                  add_special_tokens=args.prompt_mode == "reference", show_progress=not args.no_progress)
+    common = dict(
+        top_k=K,
+        num_beams=args.num_beams,
+        batch_size=args.batch_size or 16,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        titles=data.items,
+        add_special_tokens=args.prompt_mode == "reference",
+        show_progress=not args.no_progress,
+    )
     if args.decoding == "d3":
         from trl_flower.baselines.d3 import recommend_d3
 
         logits = _split_logits(args.sasrec_logits, rows["row_index"], data.num_items)
-        recs = stages.run("D3 beam search", recommend_d3, model, tokenizer, prompts, tree, logits,
-                          args.guidance_scale, **common)
+        recs = stages.run(
+            "D3 beam search", recommend_d3, model, tokenizer, prompts, tree, logits, args.guidance_scale, **common
+        )
     else:
-        recs = stages.run("beam search", recommend, model, tokenizer, prompts, tree,
-                          length_penalty=args.length_penalty, **common)
+        recs = stages.run(
+            "beam search", recommend, model, tokenizer, prompts, tree, length_penalty=args.length_penalty, **common
+        )
 
     def score():
         popularity = popularity_from_histories(data.splits["train"]["history_item_title"])
         ks = sorted({k for k in TOPKS if k <= K} | {K})
         fairness_ks = sorted({k for k in (10,) if k <= K} | {K})
-        metrics = recommendation_metrics(recs.titles, rows["item_title"], popularity, data.items, ks=ks,
-                                         fairness_ks=fairness_ks)
+        metrics = recommendation_metrics(
+            recs.titles, rows["item_title"], popularity, data.items, ks=ks, fairness_ks=fairness_ks
+        )
         metrics["unfinished"] = int((recs.item_ids < 0).sum())
         shares = group_fairness_at_k(recs.titles, popularity, data.items, ks=(K,))[f"group_shares@{K}"]
         return metrics, shares, popularity
@@ -469,12 +535,22 @@ def _run_recommend(args: EvaluateArguments, stages: _Stages) -> dict[str, Any]:
         export_official_json(recs, rows["item_title"], extra["predictions"], prompts=prompts)
     metadata = _metadata(args, settings, stages)
     files = write_report(
-        {label: metrics}, out, title=f"{label} on {data.name} ({args.split}, {rows.num_rows} rows, top-{K})",
-        group_shares={label: shares}, reference_shares=np.asarray(popularity.shares).tolist(),
-        reference_label=f"{data.name} train histories", metadata=metadata,
+        {label: metrics},
+        out,
+        title=f"{label} on {data.name} ({args.split}, {rows.num_rows} rows, top-{K})",
+        group_shares={label: shares},
+        reference_shares=np.asarray(popularity.shares).tolist(),
+        reference_label=f"{data.name} train histories",
+        metadata=metadata,
     )
-    return {"metrics": metrics, "group_shares": shares, "table": markdown_table({label: metrics}),
-            "files": {**files, **extra}, "recommendations": recs, "metadata": metadata}
+    return {
+        "metrics": metrics,
+        "group_shares": shares,
+        "table": markdown_table({label: metrics}),
+        "files": {**files, **extra},
+        "recommendations": recs,
+        "metadata": metadata,
+    }
 
 
 def _split_logits(path: str, row_index, num_items: int):
@@ -484,8 +560,10 @@ def _split_logits(path: str, row_index, num_items: int):
     logits = np.load(Path(path).expanduser(), mmap_mode="r")
     rows = np.asarray(row_index, dtype=np.int64)
     if logits.ndim != 2 or logits.shape[1] != num_items or logits.shape[0] <= int(rows.max()):
-        raise ValueError(f"--sasrec-logits {path}: shape {logits.shape}, expected [rows of the split (> "
-                         f"{int(rows.max())}), {num_items} items]; pass the logits of the evaluated split")
+        raise ValueError(
+            f"--sasrec-logits {path}: shape {logits.shape}, expected [rows of the split (> "
+            f"{int(rows.max())}), {num_items} items]; pass the logits of the evaluated split"
+        )
     return np.asarray(logits[rows], dtype=np.float64)
 
 
@@ -502,8 +580,9 @@ def load_target(target: str, data_root: str | None) -> tuple[Path, dict[str, flo
         path = next((p for p in candidates if p.is_file()), path)
         if not path.is_file():
             available = sorted(p.name for p in (root / TARGET_DIR).glob("*.json"))
-            raise FileNotFoundError(f"--target {target}: no such file, nor in {root / TARGET_DIR} (available: "
-                                    f"{available or 'none'})")
+            raise FileNotFoundError(
+                f"--target {target}: no such file, nor in {root / TARGET_DIR} (available: {available or 'none'})"
+            )
     if not path.is_file():
         raise FileNotFoundError(f"--target {target}: no such file")
     try:
@@ -528,8 +607,9 @@ def history_free(args: EvaluateArguments, tokenizer) -> str:
     if not getattr(tokenizer, "chat_template", None):
         raise ValueError("--prompt-mode chat needs a tokenizer with a chat template; use --prompt-mode reference")
     message = text.rsplit("### Response:", 1)[0].rstrip("\n")
-    return tokenizer.apply_chat_template([{"role": "user", "content": message}], tokenize=False,
-                                         add_generation_prompt=True)
+    return tokenizer.apply_chat_template(
+        [{"role": "user", "content": message}], tokenize=False, add_generation_prompt=True
+    )
 
 
 def _run_distribution(args: EvaluateArguments, stages: _Stages) -> dict[str, Any]:
@@ -549,9 +629,18 @@ def _run_distribution(args: EvaluateArguments, stages: _Stages) -> dict[str, Any
     terminator = None if info.get("tokenization_mode") == "reference" else tree.terminator_id
     stages.run("tokenisation check", check_prompt_tokenization, tokenizer, [prompt], titles, terminator)
     items = stages.run(
-        "sampling", sample_items, model, tokenizer, [prompt], tree, num_samples=args.num_samples,
-        temperature=args.temperature, batch_size=args.batch_size or 64, seed=args.seed,
-        max_new_tokens=args.max_new_tokens, add_special_tokens=args.prompt_mode == "reference",
+        "sampling",
+        sample_items,
+        model,
+        tokenizer,
+        [prompt],
+        tree,
+        num_samples=args.num_samples,
+        temperature=args.temperature,
+        batch_size=args.batch_size or 64,
+        seed=args.seed,
+        max_new_tokens=args.max_new_tokens,
+        add_special_tokens=args.prompt_mode == "reference",
         show_progress=not args.no_progress,
     )[0]  # [S]
     generated = [titles[i] if i >= 0 else "" for i in items.tolist()]  # "" = a title cut by max_new_tokens
@@ -572,12 +661,20 @@ def _run_distribution(args: EvaluateArguments, stages: _Stages) -> dict[str, Any
     }
     metadata = _metadata(args, settings, stages)
     files = write_report(
-        {label: metrics}, args.output_dir,
+        {label: metrics},
+        args.output_dir,
         title=f"{label}: distribution fitting on {target_path.name} ({args.num_samples} samples)",
-        generated_counts={label: dict(Counter(generated))}, target_counts=target, metadata=metadata,
+        generated_counts={label: dict(Counter(generated))},
+        target_counts=target,
+        metadata=metadata,
     )
-    return {"metrics": metrics, "table": markdown_table({label: metrics}), "files": files, "generated": generated,
-            "metadata": metadata}
+    return {
+        "metrics": metrics,
+        "table": markdown_table({label: metrics}),
+        "files": files,
+        "generated": generated,
+        "metadata": metadata,
+    }
 
 
 def _metadata(args: EvaluateArguments, settings: dict[str, Any], stages: _Stages) -> dict[str, Any]:
@@ -592,8 +689,13 @@ def _metadata(args: EvaluateArguments, settings: dict[str, Any], stages: _Stages
             versions[package] = version(package)
         except PackageNotFoundError:
             versions[package] = None
-    return {"command": command_line(args), "seed": args.seed, "wall_time_s": stages.total(),
-            "settings": settings, "versions": versions}
+    return {
+        "command": command_line(args),
+        "seed": args.seed,
+        "wall_time_s": stages.total(),
+        "settings": settings,
+        "versions": versions,
+    }
 
 
 if __name__ == "__main__":

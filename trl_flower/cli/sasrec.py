@@ -27,14 +27,18 @@ class ScriptArguments:
     """Arguments of `trl-flower sasrec` (each field's ``help`` is its command-line help)."""
 
     data: str = field(
-        metadata={"help": "Dataset directory with items.tsv and train/valid/test.csv, or a category name such as "
-                  "Movies_and_TV looked up under --data-root."}
+        metadata={
+            "help": "Dataset directory with items.tsv and train/valid/test.csv, or a category name such as "
+            "Movies_and_TV looked up under --data-root."
+        }
     )
     output_dir: str = field(metadata={"help": "Directory for the model, the logits .npy files and metrics.json."})
     data_root: str | None = field(
         default=None,
-        metadata={"help": "Root holding amazon/<category>/ for category names (default: $TRL_FLOWER_DATA, "
-                  "else ../shared/data)."},
+        metadata={
+            "help": "Root holding amazon/<category>/ for category names (default: $TRL_FLOWER_DATA, "
+            "else ../shared/data)."
+        },
     )
     epochs: int = field(
         default=DEFAULT_EPOCHS,
@@ -121,8 +125,10 @@ def main(args: argparse.Namespace | ScriptArguments) -> int:
     }
     (out / "metrics.json").write_text(json.dumps(report, indent=2) + "\n")
     shown = ("HR@5", "NDCG@5", "item_HR@5", "item_NDCG@5", "DGU@10", "MGU@10", "H", "TTR")
-    print(f"SASRec on {data.name}: best epoch {result.best_epoch} of {result.epochs_run}, "
-          f"valid NDCG@20 {result.best_valid_ndcg:.4f}")
+    print(
+        f"SASRec on {data.name}: best epoch {result.best_epoch} of {result.epochs_run}, "
+        f"valid NDCG@20 {result.best_valid_ndcg:.4f}"
+    )
     print("test: " + ", ".join(f"{k} {test[k]:.4f}" for k in shown))
     print(f"wrote {out}")
     return 0

@@ -47,62 +47,110 @@ class TrainArguments:
 
     method: str = field(metadata={"help": "Training method.", "choices": METHODS})
     model: str = field(metadata={"help": "Local model directory to start from (weights, config and tokenizer)."})
-    data: str = field(metadata={"help": "A category name under <data-root>/amazon/ (e.g. CDs_and_Vinyl) or a "
-                                        "directory with items.tsv and train/valid/test.csv."})
+    data: str = field(
+        metadata={
+            "help": "A category name under <data-root>/amazon/ (e.g. CDs_and_Vinyl) or a "
+            "directory with items.tsv and train/valid/test.csv."
+        }
+    )
     output_dir: str = field(metadata={"help": "Where the trained model, tokenizer and prefix_tree.npz are saved."})
     data_root: str | None = field(
-        default=None, metadata={"help": "Root holding amazon/<category>/ (default: $TRL_FLOWER_DATA, else "
-                                        "../shared/data)."})
+        default=None,
+        metadata={"help": "Root holding amazon/<category>/ (default: $TRL_FLOWER_DATA, else ../shared/data)."},
+    )
     max_rows: int = field(default=0, metadata={"help": "Train on the first N training rows only; 0 = all."})
     prompt_mode: str = field(
         default="reference",
-        metadata={"help": "'reference': the paper's plain-text prompt. 'chat': the same text as a user message "
-                          "through the tokenizer's chat template.", "choices": PROMPT_MODES})
+        metadata={
+            "help": "'reference': the paper's plain-text prompt. 'chat': the same text as a user message "
+            "through the tokenizer's chat template.",
+            "choices": PROMPT_MODES,
+        },
+    )
     category: str | None = field(
-        default=None, metadata={"help": "Category words in the prompt (default: from the dataset name)."})
+        default=None, metadata={"help": "Category words in the prompt (default: from the dataset name)."}
+    )
     learning_rate: float | None = field(
-        default=None, metadata={"help": "Learning rate (default: the method's official value: sft/ifair 3e-4, "
-                                        "DPO family 1e-6, flower FlowerConfig's default).", "type": float})
+        default=None,
+        metadata={
+            "help": "Learning rate (default: the method's official value: sft/ifair 3e-4, "
+            "DPO family 1e-6, flower FlowerConfig's default).",
+            "type": float,
+        },
+    )
     num_train_epochs: float | None = field(
-        default=None, metadata={"help": "Epochs (default: the method's official value, e.g. 7 for sft/ifair).",
-                                "type": float})
+        default=None,
+        metadata={"help": "Epochs (default: the method's official value, e.g. 7 for sft/ifair).", "type": float},
+    )
     max_steps: int = field(default=-1, metadata={"help": "Stop after this many optimiser steps; -1 = use epochs."})
     per_device_train_batch_size: int = field(default=8, metadata={"help": "Rows per device per micro-step."})
     gradient_accumulation_steps: int = field(default=1, metadata={"help": "Micro-steps per optimiser step."})
     flow_lambda: float = field(
-        default=0.005, metadata={"help": "flower: weight λ of the flow loss, loss = (1 − λ)·SFT + λ·flow."})
+        default=0.005, metadata={"help": "flower: weight λ of the flow loss, loss = (1 − λ)·SFT + λ·flow."}
+    )
     flow_loss: str = field(
-        default="flower_subtb", metadata={"help": "flower: flow-balance loss (flower_subtb, db, tb, "
-                                                  "full_distribution)."})
+        default="flower_subtb",
+        metadata={"help": "flower: flow-balance loss (flower_subtb, db, tb, full_distribution)."},
+    )
     title_log_term: str = field(
-        default="official", metadata={"help": "flower: termination target at a complete title passed on the way to "
-                                               "a longer one: official (the e^-15 constant) or flow (its own R/F).",
-                                       "choices": ("official", "flow")})
+        default="official",
+        metadata={
+            "help": "flower: termination target at a complete title passed on the way to "
+            "a longer one: official (the e^-15 constant) or flow (its own R/F).",
+            "choices": ("official", "flow"),
+        },
+    )
     flow_policy_support: str = field(
-        default="vocabulary", metadata={"help": "flower: match the flow ratios with π over the whole vocabulary "
-                                                "(official) or renormalised over the tree's children (tree).",
-                                        "choices": ("vocabulary", "tree")})
+        default="vocabulary",
+        metadata={
+            "help": "flower: match the flow ratios with π over the whole vocabulary "
+            "(official) or renormalised over the tree's children (tree).",
+            "choices": ("vocabulary", "tree"),
+        },
+    )
     offline_trajectory_prob: float = field(
-        default=0.0, metadata={"help": "flower: probability that a batch trains the flow loss on its target items "
-                                       "(teacher-forced) instead of on-policy samples; 0 = always on-policy."})
+        default=0.0,
+        metadata={
+            "help": "flower: probability that a batch trains the flow loss on its target items "
+            "(teacher-forced) instead of on-policy samples; 0 = always on-policy."
+        },
+    )
     offline_trajectory_prob_final: float | None = field(
-        default=None, metadata={"help": "flower: if set, the offline probability moves linearly to this value over "
-                                        "training.", "type": float})
+        default=None,
+        metadata={
+            "help": "flower: if set, the offline probability moves linearly to this value over training.",
+            "type": float,
+        },
+    )
     reward_variant: str = field(
-        default="none", metadata={"help": "flower: personalisation of the rewards by SASRec scores (none, div_s, "
-                                          "add_logs, exact); all but none need --sasrec-logits."})
+        default="none",
+        metadata={
+            "help": "flower: personalisation of the rewards by SASRec scores (none, div_s, "
+            "add_logs, exact); all but none need --sasrec-logits."
+        },
+    )
     reward_smoothing: float = field(
-        default=1.0, metadata={"help": "flower: item reward R(i) = training-history count + this (keeps items "
-                                       "that never occur reachable; 0 = raw counts)."})
+        default=1.0,
+        metadata={
+            "help": "flower: item reward R(i) = training-history count + this (keeps items "
+            "that never occur reachable; 0 = raw counts)."
+        },
+    )
     sasrec_logits: str | None = field(
-        default=None, metadata={"help": "SASRec logits of the training rows (.npy [train rows, items], from "
-                                        "`trl-flower sasrec`: train_logits.npy): flower's personalised rewards and "
-                                        "the rloo/grpo/ppo reward."})
+        default=None,
+        metadata={
+            "help": "SASRec logits of the training rows (.npy [train rows, items], from "
+            "`trl-flower sasrec`: train_logits.npy): flower's personalised rewards and "
+            "the rloo/grpo/ppo reward."
+        },
+    )
     ref_model: str | None = field(
-        default=None, metadata={"help": "DPO family / online RL: the frozen reference policy (default: --model)."})
+        default=None, metadata={"help": "DPO family / online RL: the frozen reference policy (default: --model)."}
+    )
     num_negatives: int | None = field(
-        default=None, metadata={"help": "DPO family: negatives per row (default: dpo/rosepo 1, sdpo/dmpo 3).",
-                                "type": int})
+        default=None,
+        metadata={"help": "DPO family: negatives per row (default: dpo/rosepo 1, sdpo/dmpo 3).", "type": int},
+    )
     seed: int = field(default=0, metadata={"help": "Seed of initialisation order, shuffling and sampling."})
     bf16: bool = field(default=False, metadata={"help": "Train in bf16 mixed precision (GPU)."})
     num_threads: int = field(default=0, metadata={"help": "CPU threads for torch; 0 = torch's default."})
@@ -116,7 +164,9 @@ def make_parser(subparsers: argparse._SubParsersAction | None = None) -> argpars
         description=textwrap.fill(
             "Fine-tune a local causal LM as a recommender on an Amazon-format dataset with Flower or a baseline "
             "(BIGRec SFT, IFairLRS, DPO/S-DPO/DMPO/RosePO, RLOO/GRPO/PPO with a SASRec reward), and save it for "
-            "`trl-flower evaluate`.", width=100),
+            "`trl-flower evaluate`.",
+            width=100,
+        ),
         epilog="examples:\n" + __doc__.split("Examples::\n\n")[1].split("\n\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -140,17 +190,25 @@ def check_arguments(args: TrainArguments) -> None:
         raise FileNotFoundError(f"--sasrec-logits {args.sasrec_logits}: no such file")
     needs_logits = args.method in ONLINE_METHODS or (args.method == "flower" and args.reward_variant != "none")
     if needs_logits and args.sasrec_logits is None:
-        raise ValueError(f"--method {args.method} (reward variant {args.reward_variant!r}) needs --sasrec-logits "
-                         "(train_logits.npy of `trl-flower sasrec`)")
+        raise ValueError(
+            f"--method {args.method} (reward variant {args.reward_variant!r}) needs --sasrec-logits "
+            "(train_logits.npy of `trl-flower sasrec`)"
+        )
     if args.ref_model is not None and args.method not in (*PREFERENCE_METHODS, *ONLINE_METHODS):
         raise ValueError(f"--ref-model is only used by {PREFERENCE_METHODS + ONLINE_METHODS}; drop it")
     if args.num_negatives is not None and args.method not in PREFERENCE_METHODS:
         raise ValueError(f"--num-negatives is only used by {PREFERENCE_METHODS}; drop it")
     if args.method != "flower":
-        for name, default in (("flow_lambda", 0.005), ("flow_loss", "flower_subtb"), ("reward_variant", "none"),
-                              ("reward_smoothing", 1.0), ("title_log_term", "official"),
-                              ("flow_policy_support", "vocabulary"), ("offline_trajectory_prob", 0.0),
-                              ("offline_trajectory_prob_final", None)):
+        for name, default in (
+            ("flow_lambda", 0.005),
+            ("flow_loss", "flower_subtb"),
+            ("reward_variant", "none"),
+            ("reward_smoothing", 1.0),
+            ("title_log_term", "official"),
+            ("flow_policy_support", "vocabulary"),
+            ("offline_trajectory_prob", 0.0),
+            ("offline_trajectory_prob_final", None),
+        ):
             if getattr(args, name) != default:
                 raise ValueError(f"--{name.replace('_', '-')} is only used by --method flower; drop it")
 
@@ -170,9 +228,15 @@ def main(args: argparse.Namespace | TrainArguments) -> int:
 
 def _common_config(args: TrainArguments) -> dict[str, Any]:
     config: dict[str, Any] = dict(
-        max_steps=args.max_steps, per_device_train_batch_size=args.per_device_train_batch_size,
-        gradient_accumulation_steps=args.gradient_accumulation_steps, seed=args.seed, bf16=args.bf16,
-        logging_steps=args.logging_steps, save_strategy="no", report_to="none", disable_tqdm=args.no_progress,
+        max_steps=args.max_steps,
+        per_device_train_batch_size=args.per_device_train_batch_size,
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        seed=args.seed,
+        bf16=args.bf16,
+        logging_steps=args.logging_steps,
+        save_strategy="no",
+        report_to="none",
+        disable_tqdm=args.no_progress,
     )
     if args.learning_rate is not None:
         config["learning_rate"] = args.learning_rate
@@ -198,8 +262,11 @@ def run_training(args: TrainArguments) -> Path:
     if args.max_rows:
         rows = rows.select(range(min(args.max_rows, rows.num_rows)))
     tokenizer = AutoTokenizer.from_pretrained(args.model)
-    builder = (PromptBuilder(category=args.category, mode=args.prompt_mode, tokenizer=tokenizer) if args.category
-               else PromptBuilder.from_dataset(data.name, mode=args.prompt_mode, tokenizer=tokenizer))
+    builder = (
+        PromptBuilder(category=args.category, mode=args.prompt_mode, tokenizer=tokenizer)
+        if args.category
+        else PromptBuilder.from_dataset(data.name, mode=args.prompt_mode, tokenizer=tokenizer)
+    )
     prompts = [builder(h) for h in rows["history_item_title"]]
     tree = PrefixTree.from_titles(data.items, tokenizer)
     out = Path(args.output_dir)
@@ -208,9 +275,19 @@ def run_training(args: TrainArguments) -> Path:
     if args.method in SFT_METHODS:
         from trl_flower.baselines.sft import train_sft
 
-        train_sft(args.method, args.model, prompts, rows["item_id"], out, tree=tree, tokenizer=tokenizer,
-                  histories=rows["history_item_title"], target_titles=rows["item_title"],
-                  add_special_tokens=args.prompt_mode == "reference", **config)
+        train_sft(
+            args.method,
+            args.model,
+            prompts,
+            rows["item_id"],
+            out,
+            tree=tree,
+            tokenizer=tokenizer,
+            histories=rows["history_item_title"],
+            target_titles=rows["item_title"],
+            add_special_tokens=args.prompt_mode == "reference",
+            **config,
+        )
         return out
 
     dataset = rows.add_column("prompt", prompts)
@@ -222,16 +299,26 @@ def run_training(args: TrainArguments) -> Path:
         train_tree = tree.with_rewards(counts.astype(np.float64) + args.reward_smoothing)
         popularity = popularity_from_histories(rows["history_item_title"])
         flower_args = FlowerConfig(
-            output_dir=str(out), flow_lambda=args.flow_lambda, flow_loss=args.flow_loss,
-            title_log_term=args.title_log_term, flow_policy_support=args.flow_policy_support,
+            output_dir=str(out),
+            flow_lambda=args.flow_lambda,
+            flow_loss=args.flow_loss,
+            title_log_term=args.title_log_term,
+            flow_policy_support=args.flow_policy_support,
             offline_trajectory_prob=args.offline_trajectory_prob,
-            offline_trajectory_prob_final=args.offline_trajectory_prob_final, reward_variant=args.reward_variant,
+            offline_trajectory_prob_final=args.offline_trajectory_prob_final,
+            reward_variant=args.reward_variant,
             preference_scores_path=args.sasrec_logits,
-            max_completion_length=int(tree.item_length.max()), **config,
+            max_completion_length=int(tree.item_length.max()),
+            **config,
         )
-        trainer = FlowerTrainer(model=args.model, tree=train_tree, args=flower_args,
-                                train_dataset=dataset.select_columns(["prompt", "item_id", "row_index"]),
-                                processing_class=tokenizer, item_groups=popularity.item_groups(data.items))
+        trainer = FlowerTrainer(
+            model=args.model,
+            tree=train_tree,
+            args=flower_args,
+            train_dataset=dataset.select_columns(["prompt", "item_id", "row_index"]),
+            processing_class=tokenizer,
+            item_groups=popularity.item_groups(data.items),
+        )
         trainer.train()
         trainer.save_model(str(out))
         tokenizer.save_pretrained(str(out))
@@ -239,12 +326,22 @@ def run_training(args: TrainArguments) -> Path:
 
     preference = _preference_module()
     if args.method in PREFERENCE_METHODS:
-        preference.train_preference(args.method, args.model, args.ref_model, dataset, out, tree=tree,
-                                    tokenizer=tokenizer, num_negatives=args.num_negatives, **config)
+        preference.train_preference(
+            args.method,
+            args.model,
+            args.ref_model,
+            dataset,
+            out,
+            tree=tree,
+            tokenizer=tokenizer,
+            num_negatives=args.num_negatives,
+            **config,
+        )
     else:
         scores = np.load(args.sasrec_logits, mmap_mode="r")
-        preference.train_online_rl(args.method, args.model, args.ref_model, dataset, out,
-                                   preference_scores=scores, tree=tree, **config)
+        preference.train_online_rl(
+            args.method, args.model, args.ref_model, dataset, out, preference_scores=scores, tree=tree, **config
+        )
     return out
 
 
@@ -255,9 +352,10 @@ def _preference_module():
     except ModuleNotFoundError as err:
         if err.name != "trl_flower.baselines.preference":
             raise
-        raise ImportError("the DPO-family and online RL methods are not available in this build "
-                          f"(trl_flower.baselines.preference is missing); available: {SFT_METHODS + ('flower',)}") \
-            from None
+        raise ImportError(
+            "the DPO-family and online RL methods are not available in this build "
+            f"(trl_flower.baselines.preference is missing); available: {SFT_METHODS + ('flower',)}"
+        ) from None
     return preference
 
 

@@ -311,8 +311,12 @@ def write_dataset(out_dir: str | Path, items: Sequence[str], splits: dict[str, l
             writer.writerow(["history_item_id", "history_item_title", "item_id", "item_title"])
             writer.writerows(
                 # "[" + ", ".join(...) + "]" is exactly json.dumps(list) with its default separators
-                ["[" + ", ".join(map(str, history)) + "]", "[" + ", ".join([quoted[i] for i in history]) + "]",
-                 target, items[target]]  # fmt: skip
+                [
+                    "[" + ", ".join(map(str, history)) + "]",
+                    "[" + ", ".join([quoted[i] for i in history]) + "]",
+                    target,
+                    items[target],
+                ]  # fmt: skip
                 for history, target in rows
             )
 

@@ -60,10 +60,31 @@ GENRES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
         ("Guitars", "Highway", "Thunder", "Riot", "Engine", "Amplifier", "Garage", "Rebels", "Stones", "Fire"),
     ),
     "classical": (
-        ("Grand", "Royal", "Baroque", "Serene", "Noble", "Eternal", "Pastoral", "Solemn", "Gentle", "Majestic",
-         "Sacred"),
-        ("Sonatas", "Concerto", "Symphony", "Requiem", "Nocturnes", "Quartets", "Preludes", "Overture", "Fugue",
-         "Variations"),
+        (
+            "Grand",
+            "Royal",
+            "Baroque",
+            "Serene",
+            "Noble",
+            "Eternal",
+            "Pastoral",
+            "Solemn",
+            "Gentle",
+            "Majestic",
+            "Sacred",
+        ),
+        (
+            "Sonatas",
+            "Concerto",
+            "Symphony",
+            "Requiem",
+            "Nocturnes",
+            "Quartets",
+            "Preludes",
+            "Overture",
+            "Fugue",
+            "Variations",
+        ),
     ),
     "electronic": (
         ("Neon", "Digital", "Cosmic", "Synthetic", "Pulsing", "Hyper", "Binary", "Orbital", "Liquid", "Laser", "Deep"),
@@ -78,14 +99,35 @@ GENRES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
         ("Rhymes", "Block", "Flow", "Hustle", "Cypher", "Corner", "Mixtape", "Bounce", "Verses", "Crown"),
     ),
     "country": (
-        ("Dusty", "Lonesome", "Southern", "Whiskey", "Sweet", "Rolling", "Honest", "Prairie", "Cotton", "Sunset",
-         "Rodeo"),
+        (
+            "Dusty",
+            "Lonesome",
+            "Southern",
+            "Whiskey",
+            "Sweet",
+            "Rolling",
+            "Honest",
+            "Prairie",
+            "Cotton",
+            "Sunset",
+            "Rodeo",
+        ),
         ("Roads", "Boots", "Saloon", "Heartache", "Pickup", "Ranch", "Tumbleweed", "Canyon", "Creek", "Outlaws"),
     ),
     "soul": (
         ("Silky", "Warm", "Tender", "Soulful", "Sweet", "Deep", "Honey", "Gospel", "Burning", "Sunday", "Rich"),
-        ("Harmony", "Rhythm", "Heartbeat", "Devotion", "Embrace", "Testimony", "Feeling", "Serenade", "Moments",
-         "Affection"),
+        (
+            "Harmony",
+            "Rhythm",
+            "Heartbeat",
+            "Devotion",
+            "Embrace",
+            "Testimony",
+            "Feeling",
+            "Serenade",
+            "Moments",
+            "Affection",
+        ),
     ),
     "metal": (
         ("Dark", "Black", "Infernal", "Crushing", "Frozen", "Brutal", "Cursed", "Molten", "Grim", "Howling", "Steel"),
@@ -96,13 +138,35 @@ GENRES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
         ("Horizons", "Clouds", "Tides", "Echoes", "Dunes", "Glacier", "Mist", "Silence", "Dreams", "Shores"),
     ),
     "latin": (
-        ("Tropical", "Caliente", "Havana", "Festive", "Sunny", "Vivid", "Carnival", "Salsa", "Rhythmic", "Ocean",
-         "Fiery"),
+        (
+            "Tropical",
+            "Caliente",
+            "Havana",
+            "Festive",
+            "Sunny",
+            "Vivid",
+            "Carnival",
+            "Salsa",
+            "Rhythmic",
+            "Ocean",
+            "Fiery",
+        ),
         ("Fiesta", "Mambo", "Tango", "Plaza", "Guitarra", "Corazon", "Bongos", "Paradise", "Noches", "Samba"),
     ),
     "blues": (
-        ("Muddy", "Weary", "Crossroad", "Rambling", "Lowdown", "Bottleneck", "Delta", "Worried", "Midnight", "Slow",
-         "Gritty"),
+        (
+            "Muddy",
+            "Weary",
+            "Crossroad",
+            "Rambling",
+            "Lowdown",
+            "Bottleneck",
+            "Delta",
+            "Worried",
+            "Midnight",
+            "Slow",
+            "Gritty",
+        ),
         ("Shuffle", "Harmonica", "Train", "Juke", "Bayou", "Levee", "Porchlight", "Moan", "Boogie", "Jukebox"),
     ),
 }
@@ -162,8 +226,9 @@ class SyntheticSequenceModel:
     genre_popularity_power: float = 1.0
 
     def __post_init__(self) -> None:
-        probs = {k: getattr(self, k) for k in ("p_stay", "p_successor", "p_preferred", "p_global", "p_variant",
-                                                "p_drift")}
+        probs = {
+            k: getattr(self, k) for k in ("p_stay", "p_successor", "p_preferred", "p_global", "p_variant", "p_drift")
+        }
         bad = {k: v for k, v in probs.items() if not 0.0 <= v <= 1.0}
         if bad:
             raise ValueError(f"probabilities must lie in [0, 1], got {bad}")
@@ -434,7 +499,11 @@ def save_synthetic(data: AmazonData, out_dir: str | os.PathLike) -> Path:
             writer.writerow(["history_item_id", "history_item_title", "item_id", "item_title"])
             for row in split:
                 writer.writerow(
-                    [json.dumps(row["history_item_id"]), json.dumps(row["history_item_title"]), row["item_id"],
-                     row["item_title"]]
+                    [
+                        json.dumps(row["history_item_id"]),
+                        json.dumps(row["history_item_title"]),
+                        row["item_id"],
+                        row["item_title"],
+                    ]
                 )
     return out

@@ -140,10 +140,7 @@ def _title_codes(rec: np.ndarray, popularity: PopularityGroups, catalogue: set[s
     """Group code of every recommended title: 0..G-1, `_UNGROUPED` (valid, no group) or `_INVALID`. Shape of rec."""
     unique, inverse = np.unique(rec, return_inverse=True)  # [V], [U*K]
     code_of_unique = np.array(
-        [
-            popularity.title_to_group.get(t, _UNGROUPED) if t in catalogue else _INVALID
-            for t in unique.tolist()
-        ],
+        [popularity.title_to_group.get(t, _UNGROUPED) if t in catalogue else _INVALID for t in unique.tolist()],
         dtype=np.int64,
     )  # [V]
     return code_of_unique[inverse.reshape(-1)].reshape(rec.shape)  # [U, K]

@@ -165,9 +165,17 @@ def plot_item_frequencies(
         label = f"{name} (outside target: {out_of_set:.1%})" if out_of_set > 0 else str(name)
         dense = X > 200  # markers would merge into a band
         color, linestyle = _method_style(i, METHOD_LINESTYLES)
-        ax.plot(x, r, color=color, marker=None if dense else "o", linestyle=linestyle,
-                markersize=2.5 if X > 50 else 3.5, linewidth=0.6 if dense else 1.0, alpha=0.85 if dense else 1.0,
-                label=label)
+        ax.plot(
+            x,
+            r,
+            color=color,
+            marker=None if dense else "o",
+            linestyle=linestyle,
+            markersize=2.5 if X > 50 else 3.5,
+            linewidth=0.6 if dense else 1.0,
+            alpha=0.85 if dense else 1.0,
+            label=label,
+        )
     if X <= MAX_LABELLED_ITEMS:
         ax.set_xticks(x, [k if len(k) <= 28 else k[:27] + "…" for k in titles], rotation=60, ha="right", fontsize=7)
     else:

@@ -304,7 +304,12 @@ def recommend(
     token_ids = _tokenize(tokenizer, prompts, add_special_tokens)
     pad_id, device = _pad_id(tokenizer, tree), _device(model)
     config = _generation_config(
-        tree, pad_id, max_new_tokens, False, num_beams=num_beams, num_return_sequences=top_k,
+        tree,
+        pad_id,
+        max_new_tokens,
+        False,
+        num_beams=num_beams,
+        num_return_sequences=top_k,
         length_penalty=float(length_penalty),
     )
 

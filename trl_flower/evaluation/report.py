@@ -55,8 +55,9 @@ DISTRIBUTION_METRICS = (
 )
 """The distribution-fitting metrics (`distribution.distribution_metrics`, the paper's Table 3), in table order."""
 
-COUNT_METRICS = frozenset({"invalid", "distinct_titles", "num_users", "out_of_set", "distinct_generated",
-                           "num_generated", "unfinished"})
+COUNT_METRICS = frozenset(
+    {"invalid", "distinct_titles", "num_users", "out_of_set", "distinct_generated", "num_generated", "unfinished"}
+)
 """Metrics shown as integers."""
 
 RESERVED_KEYS = ("title", "results", "group_shares", "reference_shares", "item_frequencies")
@@ -159,8 +160,11 @@ def _metadata_lines(metadata: Mapping[str, Any]) -> list[str]:
         if key == "command":
             continue
         if isinstance(value, Mapping):
-            shown = ", ".join(f"{k}={v!r}" if isinstance(v, str) and "\n" in v else f"{k}={v}"
-                              for k, v in value.items() if not isinstance(v, (Mapping, list, tuple)))
+            shown = ", ".join(
+                f"{k}={v!r}" if isinstance(v, str) and "\n" in v else f"{k}={v}"
+                for k, v in value.items()
+                if not isinstance(v, (Mapping, list, tuple))
+            )
         elif isinstance(value, (list, tuple)):
             continue
         elif isinstance(value, float):
@@ -236,17 +240,32 @@ def write_report(
 
     if group_shares is not None:
         files["group_shares_plot"] = out / GROUP_SHARES_PNG
-        plot_group_shares(group_shares, reference_shares, reference_label=reference_label,
-                          title="Popularity-group shares of the recommendations", path=files["group_shares_plot"])
-        md += ["## Popularity-group shares", "", group_shares_table(group_shares, reference_shares, reference_label),
-               "", f"![popularity-group shares]({GROUP_SHARES_PNG})", ""]
+        plot_group_shares(
+            group_shares,
+            reference_shares,
+            reference_label=reference_label,
+            title="Popularity-group shares of the recommendations",
+            path=files["group_shares_plot"],
+        )
+        md += [
+            "## Popularity-group shares",
+            "",
+            group_shares_table(group_shares, reference_shares, reference_label),
+            "",
+            f"![popularity-group shares]({GROUP_SHARES_PNG})",
+            "",
+        ]
         payload["group_shares"] = group_shares
         if reference_shares is not None:
             payload["reference_shares"] = reference_shares
     if generated_counts is not None and target_counts is not None:
         files["item_frequency_plot"] = out / ITEM_FREQUENCY_PNG
-        plot_item_frequencies(target_counts, generated_counts, title="Generated vs target item frequencies",
-                              path=files["item_frequency_plot"])
+        plot_item_frequencies(
+            target_counts,
+            generated_counts,
+            title="Generated vs target item frequencies",
+            path=files["item_frequency_plot"],
+        )
         md += ["## Item frequencies", "", f"![generated vs target item frequencies]({ITEM_FREQUENCY_PNG})", ""]
         payload["item_frequencies"] = {"target": target_counts, "generated": generated_counts}
 

@@ -86,8 +86,14 @@ class GFlowGRConfig(TrainingArguments):
 
     def __post_init__(self):
         super().__post_init__()
-        choices = {"gfn_loss": GFN_LOSSES, "log_z": LOG_Z_MODES, "sampling_strategy": STRATEGIES,
-                   "score_source": SCORE_SOURCES, "reward_fusion": FUSIONS, "reward_similarity": SIMILARITIES}
+        choices = {
+            "gfn_loss": GFN_LOSSES,
+            "log_z": LOG_Z_MODES,
+            "sampling_strategy": STRATEGIES,
+            "score_source": SCORE_SOURCES,
+            "reward_fusion": FUSIONS,
+            "reward_similarity": SIMILARITIES,
+        }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"`{name}` must be one of {allowed}, got {getattr(self, name)!r}")

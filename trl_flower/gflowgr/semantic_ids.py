@@ -218,8 +218,12 @@ class SemanticIDs:
         if self.token_ids is not None:
             arrays["token_ids"] = self.token_ids
         np.savez_compressed(out / CODES_FILE, **arrays)
-        info = {"format": "trl-flower-gflowgr-semantic-ids/1", "codebook_size": self.codebook_size,
-                "seed": self.seed, "report": self.usage_report()}
+        info = {
+            "format": "trl-flower-gflowgr-semantic-ids/1",
+            "codebook_size": self.codebook_size,
+            "seed": self.seed,
+            "report": self.usage_report(),
+        }
         (out / INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
         return out
 
@@ -279,8 +283,12 @@ def fit_semantic_ids(
         codes.append(assign.numpy())
         books.append(c.to(torch.float32).numpy())
     sem = np.stack(codes, axis=1).astype(np.int64)  # [M, L]
-    return SemanticIDs(codes=np.concatenate([sem, collision_codes(sem)[:, None]], 1), codebooks=books,
-                       codebook_size=codebook_size, seed=seed)
+    return SemanticIDs(
+        codes=np.concatenate([sem, collision_codes(sem)[:, None]], 1),
+        codebooks=books,
+        codebook_size=codebook_size,
+        seed=seed,
+    )
 
 
 def collision_codes(sem: np.ndarray) -> np.ndarray:
@@ -321,8 +329,13 @@ def embed_titles(
     out = []
     with torch.no_grad():
         for i in range(0, len(texts), batch_size):
-            batch = tok(list(texts[i : i + batch_size]), padding=True, truncation=True, max_length=max_length,
-                        return_tensors="pt")
+            batch = tok(
+                list(texts[i : i + batch_size]),
+                padding=True,
+                truncation=True,
+                max_length=max_length,
+                return_tensors="pt",
+            )
             h = enc(**batch).last_hidden_state  # [b, T, d]
             m = batch["attention_mask"].unsqueeze(-1).to(h.dtype)  # [b, T, 1]
             e = (h * m).sum(1) / m.sum(1).clamp(min=1e-9)  # [b, d]

@@ -115,8 +115,9 @@ class GFlowGRTrainer(Trainer):
         self.semantic_ids = semantic_ids
         self.terminator_id = tok.eos_token_id
         self.tree = semantic_ids.build_tree(self.terminator_id)
-        paths = np.concatenate([semantic_ids.item_token_ids(), np.full((semantic_ids.num_items, 1),
-                                                                        self.terminator_id)], axis=1)
+        paths = np.concatenate(
+            [semantic_ids.item_token_ids(), np.full((semantic_ids.num_items, 1), self.terminator_id)], axis=1
+        )
         self.item_paths = torch.as_tensor(paths, dtype=torch.long)  # [M, T]: L + 1 codes and ⊤
         self.cm_scores = None if cm_scores is None else torch.as_tensor(np.asarray(cm_scores), dtype=torch.float32)
         if self.cm_scores is not None and self.cm_scores.shape[1] != semantic_ids.num_items:
@@ -124,21 +125,38 @@ class GFlowGRTrainer(Trainer):
                 f"`cm_scores` must have one column per item ({semantic_ids.num_items}), "
                 f"got {tuple(self.cm_scores.shape)}"
             )
-        self.sampler = TrajectorySampler(semantic_ids.num_items, args.num_augmented, args.sampling_strategy,
-                                         seed=args.seed, curriculum_window=args.curriculum_window)
+        self.sampler = TrajectorySampler(
+            semantic_ids.num_items,
+            args.num_augmented,
+            args.sampling_strategy,
+            seed=args.seed,
+            curriculum_window=args.curriculum_window,
+        )
         reward = GFlowGRReward(
-            semantic_ids.codes, num_levels=semantic_ids.num_levels, reward_positive=args.reward_positive,
-            reward_logged=args.reward_logged, reward_unobserved=args.reward_unobserved,
-            score_source=args.score_source, fusion=args.reward_fusion, epsilon=args.reward_epsilon,
+            semantic_ids.codes,
+            num_levels=semantic_ids.num_levels,
+            reward_positive=args.reward_positive,
+            reward_logged=args.reward_logged,
+            reward_unobserved=args.reward_unobserved,
+            score_source=args.score_source,
+            fusion=args.reward_fusion,
+            epsilon=args.reward_epsilon,
             similarity=args.reward_similarity,
         )
-        heads = GFlowGRHeads(model.config.hidden_size, args.log_z if args.gfn_loss == "tb" else None,
-                             flow=args.gfn_loss == "db")
+        heads = GFlowGRHeads(
+            model.config.hidden_size, args.log_z if args.gfn_loss == "tb" else None, flow=args.gfn_loss == "db"
+        )
         self.gfn_modules = nn.ModuleDict({"heads": heads, "reward": reward})
         self._gfn_metrics: dict[str, list[float]] = defaultdict(list)
         kwargs.setdefault("data_collator", self._collate)
-        super().__init__(model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
-                         processing_class=tok, **kwargs)
+        super().__init__(
+            model=model,
+            args=args,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=tok,
+            **kwargs,
+        )
         self.gfn_modules.to(self.args.device)
         self.model_accepts_loss_kwargs = False  # our loss is already a per-row mean
 
@@ -174,9 +192,16 @@ class GFlowGRTrainer(Trainer):
         was_training = unwrapped.training
         unwrapped.eval()
         try:
-            recs = recommend(unwrapped, self.processing_class, prompts, self.tree, top_k=k,
-                             num_beams=max(self.args.beam_width or k, k), batch_size=len(prompts),
-                             show_progress=False)
+            recs = recommend(
+                unwrapped,
+                self.processing_class,
+                prompts,
+                self.tree,
+                top_k=k,
+                num_beams=max(self.args.beam_width or k, k),
+                batch_size=len(prompts),
+                show_progress=False,
+            )
         finally:
             unwrapped.train(was_training)
         return torch.as_tensor(recs.item_ids)
@@ -198,16 +223,24 @@ class GFlowGRTrainer(Trainer):
 
         # one forward over B·K rows: left-padded prompt (P tokens) followed by the item path (T tokens)
         device = self.args.device
-        enc = self.processing_class(prompts, padding=True, padding_side="left", truncation=True,
-                                    max_length=a.max_prompt_length, truncation_side="left", return_tensors="pt")
+        enc = self.processing_class(
+            prompts,
+            padding=True,
+            padding_side="left",
+            truncation=True,
+            max_length=a.max_prompt_length,
+            truncation_side="left",
+            return_tensors="pt",
+        )
         P, T = enc["input_ids"].shape[1], self.item_paths.shape[1]
         paths = self.item_paths[items.reshape(-1)]  # [B*K, T]
         input_ids = torch.cat([enc["input_ids"].repeat_interleave(K, 0), paths], 1).to(device)  # [B*K, P+T]
         attention = torch.cat([enc["attention_mask"].repeat_interleave(K, 0), torch.ones_like(paths)], 1).to(device)
         position_ids = (attention.cumsum(-1) - 1).clamp(min=0)  # as in generate(): left padding does not shift
         need_h = a.gfn_loss != "none" and (a.gfn_loss == "db" or a.log_z == "prompt")
-        out = model(input_ids=input_ids, attention_mask=attention, position_ids=position_ids,
-                    output_hidden_states=need_h)
+        out = model(
+            input_ids=input_ids, attention_mask=attention, position_ids=position_ids, output_hidden_states=need_h
+        )
         logits = out.logits[:, P - 1 : P + T - 1].float()  # [B*K, T]: the states s_0 … s_{T-1}
         log_pf = torch.log_softmax(logits, -1).gather(-1, paths.to(device)[..., None]).squeeze(-1)  # [B*K, T]
         traj = log_pf.sum(-1).view(B, K)  # [B, K] log P_GR(τ)
@@ -215,8 +248,9 @@ class GFlowGRTrainer(Trainer):
         loss = sft
         self._gfn_metrics["sft_loss"].append(sft.item())
         if a.gfn_loss != "none":
-            log_r, parts = self.gfn_modules["reward"](items.to(device), positives.to(device), histories.to(device),
-                                                      scores=scores, traj_log_probs=traj)
+            log_r, parts = self.gfn_modules["reward"](
+                items.to(device), positives.to(device), histories.to(device), scores=scores, traj_log_probs=traj
+            )
             heads = self.gfn_modules["heads"]
             hidden = out.hidden_states[-1] if need_h else None
             if hidden is not None and a.detach_head_inputs:
@@ -255,10 +289,27 @@ class GFlowGRTrainer(Trainer):
         torch.save({k: v.detach().cpu() for k, v in self.gfn_modules.state_dict().items()}, out / HEADS_FILE)
         self.semantic_ids.save(out)
         self.tree.save(out / TREE_FILE)
-        keys = ("gfn_loss", "gfn_lambda", "log_z", "detach_head_inputs", "num_augmented", "sampling_strategy",
-                "curriculum_window",
-                "reward_positive", "reward_logged", "reward_unobserved", "score_source", "reward_fusion",
-                "reward_epsilon", "reward_similarity")
-        info = {"format": "trl-flower-gflowgr/1", "heads_file": HEADS_FILE, "tree_file": TREE_FILE,
-                "terminator_id": self.terminator_id, **{k: getattr(self.args, k) for k in keys}}
+        keys = (
+            "gfn_loss",
+            "gfn_lambda",
+            "log_z",
+            "detach_head_inputs",
+            "num_augmented",
+            "sampling_strategy",
+            "curriculum_window",
+            "reward_positive",
+            "reward_logged",
+            "reward_unobserved",
+            "score_source",
+            "reward_fusion",
+            "reward_epsilon",
+            "reward_similarity",
+        )
+        info = {
+            "format": "trl-flower-gflowgr/1",
+            "heads_file": HEADS_FILE,
+            "tree_file": TREE_FILE,
+            "terminator_id": self.terminator_id,
+            **{k: getattr(self.args, k) for k in keys},
+        }
         (out / INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")

@@ -78,9 +78,11 @@ def cache_dir(cache_root: str | os.PathLike | None = None, dtype: str = "float32
 
 
 def _is_converted(path: Path) -> bool:
-    return (path / "config.json").is_file() and (path / "model.safetensors").is_file() and (
-        path / "tokenizer.json"
-    ).is_file()
+    return (
+        (path / "config.json").is_file()
+        and (path / "model.safetensors").is_file()
+        and (path / "tokenizer.json").is_file()
+    )
 
 
 def _check_dtype(dtype: str) -> str:
@@ -182,5 +184,10 @@ def smollm2_lora_config(rank: int = 16) -> Any:
     alpha = 2 × rank, no dropout. Returns a ``peft.LoraConfig`` for the trainers' ``peft_config``."""
     from peft import LoraConfig
 
-    return LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, task_type="CAUSAL_LM",
-                      target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    return LoraConfig(
+        r=rank,
+        lora_alpha=2 * rank,
+        lora_dropout=0.0,
+        task_type="CAUSAL_LM",
+        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    )
