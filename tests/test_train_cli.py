@@ -264,3 +264,16 @@ def test_the_old_train_arguments_still_build_a_run_for_bench():
     assert (script_args.method, script_args.max_train_rows, model_args.model_name_or_path) == ("sft", 64, "m")
     assert (args.learning_rate, args.num_train_epochs, args.seed) == (2e-3, 7, 0)  # official epochs, the old seed
     assert (str(args.save_strategy.value), args.bf16) == ("no", False)
+
+
+@pytest.mark.trl112
+def test_ppo_through_the_command_line(tiny_model_dir, dataset_dir, scores, tmp_path):
+    """PPO (trl 1.11/1.12's experimental trainer) from the same command: constrained rollouts, SASRec reward."""
+    out = tmp_path / "ppo"
+    argv = ["--method", "ppo", *base_argv(tiny_model_dir, dataset_dir, out), "--sasrec_logits", str(scores)]
+    argv += ["--category", "items", "--num_threads", "1", "--total_episodes", "4", "--per_device_train_batch_size", "4"]
+    argv += ["--per_device_eval_batch_size", "2", "--num_mini_batches", "1", "--local_rollout_forward_batch_size", "4"]
+    argv += ["--num_sample_generations", "0", "--learning_rate", "1e-3", "--gradient_checkpointing", "false"]
+    run([*argv, "--save_strategy", "no", "--disable_tqdm", "true", "--report_to", "none"])
+    assert checkpoint.has_tree(out) and changed_weights(tiny_model_dir, out) > 8
+    assert "| `method` | ppo |" in checkpoint.model_card_path(out).read_text()
