@@ -144,25 +144,39 @@ def test_recipes_parse_into_the_paper_settings():
         assert (args.learning_rate, args.warmup_steps, args.num_train_epochs, args.seed) == (3e-4, 20, 7, 42)
         assert args.per_device_train_batch_size * args.gradient_accumulation_steps * 8 == 128  # 8 GPUs
         assert args.reward_variant == "div_s" and args.preference_scores_path.endswith("train_logits.npy")
-        assert args.load_best_model_at_end and script_args.early_stopping_patience == 2
+        assert str(args.save_strategy.value) == "epoch" and str(args.eval_strategy.value) == "no"  # pick on valid
         lambdas[script_args.dataset_name] = args.flow_lambda
     assert lambdas == {"CDs_and_Vinyl": 0.005, "Movies_and_TV": 0.005, "Video_Games": 0.0005}
 
 
 def test_cds_recipe_on_cpu_with_a_tiny_stand_in(tiny_model_dir, dataset_dir, scores, tmp_path):
-    """The paper's recipe, model and sizes overridden: one epoch of 2 steps, evaluated on 4 validation rows, a
-    checkpoint per epoch, early stopping armed, the best checkpoint loaded at the end."""
+    """The paper's recipe with the model and the sizes overridden (tiny model, stand-in SASRec scores): one epoch of 2
+    steps, a checkpoint per epoch, the div_s rewards, a saved run with its card."""
     out = tmp_path / "recipe"
     argv = ["--config", str(REPO / "examples" / "recipes" / "flower_cds.yaml"), "--bf16", "false", "--dtype", "float32"]
     argv += [*base_argv(tiny_model_dir, dataset_dir, out), "--category", "items", "--num_threads", "1"]
-    argv += ["--preference_scores_path", str(scores), "--max_train_rows", "8", "--max_eval_rows", "4"]
+    argv += ["--preference_scores_path", str(scores), "--max_train_rows", "8"]
     argv += ["--max_steps", "2", "--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "1"]
     run([*argv, "--disable_tqdm", "true"])
+    state = json.loads((out / "checkpoint-2" / "trainer_state.json").read_text())
+    assert state["global_step"] == 2 and state["epoch"] == 1.0  # the epoch checkpoint
+    assert checkpoint.has_tree(out / "checkpoint-2") and checkpoint.read_record(out)["reward_variant"] == "div_s"
+    assert checkpoint.read_record(out)["flow_lambda"] == 0.005  # the recipe's λ
+    assert "## Flower settings" in checkpoint.model_card_path(out).read_text()
+
+
+def test_evaluation_and_early_stopping_during_training(tiny_model_dir, dataset_dir, tmp_path):
+    """--eval_strategy epoch on --dataset_test_split, the best checkpoint loaded, early stopping armed (popularity
+    rewards: the validation rows need no scores)."""
+    out = tmp_path / "eval"
+    argv = [*base_argv(tiny_model_dir, dataset_dir, out), *FAST, "--max_train_rows", "8", "--max_eval_rows", "4"]
+    argv += ["--eval_strategy", "epoch", "--save_strategy", "epoch", "--load_best_model_at_end", "true"]
+    run([*argv, "--metric_for_best_model", "eval_loss", "--early_stopping_patience", "2"])
     state = json.loads((out / "checkpoint-2" / "trainer_state.json").read_text())
     evals = [e for e in state["log_history"] if "eval_loss" in e]
     assert len(evals) == 1 and np.isfinite(evals[0]["eval_loss"]) and evals[0]["eval_sampled/valid_share"] == 1.0
     assert state["best_model_checkpoint"].endswith("checkpoint-2")
-    assert checkpoint.read_record(out)["reward_variant"] == "div_s" and checkpoint.has_tree(out / "checkpoint-2")
+    assert "| `evaluation rows` | 4 |" in checkpoint.model_card_path(out).read_text()
 
 
 def test_resume_from_checkpoint_continues_to_the_same_weights(tiny_model_dir, dataset_dir, tmp_path):
@@ -250,6 +264,10 @@ def test_errors_are_one_line_exit_2(tiny_model_dir, dataset_dir, tmp_path, capsy
         (["--model_name_or_path", str(tiny_model_dir)], "--dataset_name is required"),
         ([*base, "--early_stopping_patience", "2"], "--eval_strategy epoch"),
         ([*base, "--reward_variant", "div_s"], "preference_scores_path is not set"),
+        (
+            [*base, "--eval_strategy", "epoch", "--reward_variant", "div_s", "--preference_scores_path", "s.npy"],
+            "the valid rows would look up their scores",
+        ),
     ]
     for argv, message in cases:
         assert train_main(argv) == 2, argv

@@ -119,8 +119,8 @@ class FlowerTrainer(TrieRolloutMixin, GRPOTrainer):
     from it, so the samples of a prompt do not depend on how the batch is cut into micro-batches: gradient
     accumulation still equals the full batch. The policy is the same in every micro-batch of an optimiser step, so
     the samples have the same distribution as in the `generate` path, and the gradient is the same (samples are not
-    differentiated). The logs keep their names (`completions/*`, `rewards/*`, `reward`, `num_tokens`,
-    `sampled/*`); they are logged per micro-batch instead of per generation batch.
+    differentiated). Flower's `sampled/*` logs and `num_tokens` are the same on both paths, logged per micro-batch
+    instead of per generation batch; GRPO's `completions/*` and `rewards/*` logs exist on its `generate` path only.
     Off (set ``trainer.sample_in_loss_step = False``), or when a condition above fails: TRL's `generate` path.
     """
 

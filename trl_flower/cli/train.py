@@ -242,6 +242,14 @@ def check_arguments(script_args: TrainScriptArguments, training_args: Any, model
         raise ValueError(f"--num_negatives is only used by {PREFERENCE_METHODS}; drop it")
     if script_args.reward_smoothing != 1.0 and method != "flower":
         raise ValueError("--reward_smoothing is only used by --method flower; drop it")
+    if method == "flower" and evaluates(training_args) and training_args.reward_variant != "none":
+        raise ValueError(
+            f"--eval_strategy {training_args.eval_strategy.value} with --reward_variant "
+            f"{training_args.reward_variant}: the {script_args.dataset_test_split} rows would look up their scores "
+            "in --preference_scores_path, the training rows' SASRec logits (row_index counts the rows of each "
+            "split). Set --eval_strategy no and pick a checkpoint with `trl-flower evaluate --split valid`, or "
+            "evaluate with --reward_variant none"
+        )
     if script_args.early_stopping_patience is not None:
         if method != "flower":
             raise ValueError("--early_stopping_patience is only used by --method flower (the one that evaluates)")
