@@ -6,6 +6,7 @@ logits processor (`decoding.py`) hold the math. The TRL internals this file reli
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -22,6 +23,7 @@ from trl_flower._trl_compat import completion_eos_ids, constrained_generate
 from trl_flower.config import FlowerConfig
 from trl_flower.decoding import TrieLogitsProcessor
 from trl_flower.losses import (
+    chunk_path_states,
     combine_losses,
     detailed_balance_loss,
     flow_log_probs,
@@ -476,6 +478,8 @@ class FlowerTrainer(GRPOTrainer):
             inputs["flow_log_term_target"][keep],  # [B', T+1]
             inputs["flow_lengths"][keep],  # [B']
         )
+        if self.args.state_granularity > 1:  # states every n tokens (RQ4): chunk the path before the loss
+            args = chunk_path_states(*args, n=self.args.state_granularity)
         if self.args.flow_loss == "flower_subtb":
             return flower_subtb_loss(*args, subtb_lambda=self.args.subtb_lambda)
         return _PATH_LOSSES[self.args.flow_loss](*args)
@@ -614,6 +618,8 @@ class FlowerTrainer(GRPOTrainer):
             "flow_loss": self.args.flow_loss,
             "flow_lambda": self.args.flow_lambda,
             "subtb_lambda": self.args.subtb_lambda,
+            "state_granularity": self.args.state_granularity,
+            "distill": dataclasses.asdict(self.reward_model.distill) if self.reward_model.distill else None,
         }
         (out / INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
 
@@ -636,6 +642,7 @@ def _resolve_reward_model(
             nonterminal_log_term=args.nonterminal_log_term,
             row_column=args.row_index_column,
             title_log_term=args.title_log_term,
+            distill=args.distilled_reward(),
         )
     if not isinstance(reward_model, PrefixTreeRewardModel):
         raise TypeError(
