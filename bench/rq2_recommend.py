@@ -441,6 +441,12 @@ def distill_logits_path(args: argparse.Namespace, source: str) -> Path:
     if not path.is_file():
         hint = " (run `trl-flower sasrec ... --oof-folds 5`)" if source == "oof" else ""
         raise SystemExit(f"--distill-grid needs {path}{hint}")
+    metrics = Path(args.sasrec_dir) / "metrics.json"
+    if source == "oof" and "train_oof" not in json.loads(metrics.read_text() if metrics.is_file() else "{}").get(
+        "logits", {}
+    ):
+        # the out-of-fold file is written fold by fold; metrics.json lists it only once every fold is in
+        raise SystemExit(f"{path} is not finished ({metrics} does not list it yet): wait for `trl-flower sasrec`")
     return path
 
 
