@@ -32,7 +32,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import fields
+from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any
 
@@ -100,7 +100,8 @@ def flower_record(
     Returns:
         A JSON-serialisable dict with the keys ``format``, ``tree_file``, ``item_groups_file``, ``terminator_id``,
         ``num_items``, ``finished_token_id``, the Flower fields, and the reward model's ``reward_variant``,
-        ``row_index_column``, ``nonterminal_log_term`` and ``title_log_term``.
+        ``row_index_column``, ``nonterminal_log_term``, ``title_log_term`` and ``distill`` (its resolved distilled
+        reward settings, or None).
     """
     from trl import GRPOConfig  # the record is written by the trainer, which has TRL loaded already
 
@@ -118,6 +119,7 @@ def flower_record(
         "row_index_column": reward_model.row_column,
         "nonterminal_log_term": reward_model.nonterminal_log_term,
         "title_log_term": reward_model.title_log_term,
+        "distill": asdict(reward_model.distill) if getattr(reward_model, "distill", None) else None,
         "num_generations": args.num_generations,
         "temperature": args.temperature,
     }

@@ -19,6 +19,7 @@ from trl_flower import checkpoint
 from trl_flower._trl_compat import completion_eos_ids
 from trl_flower.config import FlowerConfig
 from trl_flower.losses import (
+    chunk_path_states,
     combine_losses,
     detailed_balance_loss,
     flow_log_probs,
@@ -466,6 +467,8 @@ class FlowerTrainer(TrieRolloutMixin, GRPOTrainer):
             inputs["flow_log_term_target"][keep],  # [B', T+1]
             inputs["flow_lengths"][keep],  # [B']
         )
+        if self.args.state_granularity > 1:  # states every n tokens (RQ4): chunk the path before the loss
+            args = chunk_path_states(*args, n=self.args.state_granularity)
         if self.args.flow_loss == "flower_subtb":
             return flower_subtb_loss(*args, subtb_lambda=self.args.subtb_lambda)
         return _PATH_LOSSES[self.args.flow_loss](*args)

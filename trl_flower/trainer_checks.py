@@ -34,7 +34,7 @@ def resolve_reward_model(
     Args:
         tree: the trainer's prefix tree.
         args: the `FlowerConfig` (reward fields: ``reward_variant``, ``preference_scores_path``,
-            ``nonterminal_log_term``, ``row_index_column``, ``title_log_term``).
+            ``nonterminal_log_term``, ``row_index_column``, ``title_log_term``, the ``distill_*`` fields).
         reward_model: a `PrefixTreeRewardModel` on `tree`, or None to build one from the config.
     """
     if reward_model is None:
@@ -48,6 +48,7 @@ def resolve_reward_model(
             nonterminal_log_term=args.nonterminal_log_term,
             row_column=args.row_index_column,
             title_log_term=args.title_log_term,
+            distill=args.distilled_reward(),
         )
     if not isinstance(reward_model, PrefixTreeRewardModel):
         raise TypeError(
