@@ -7,12 +7,9 @@ import dataclasses
 import re
 
 import pytest
+from trl import GRPOConfig
 
-pytest.importorskip("trl")
-
-from trl import GRPOConfig  # noqa: E402
-
-from trl_flower.config import FLOW_LOSSES, FlowerConfig  # noqa: E402
+from trl_flower.config import FLOW_LOSSES, FlowerConfig
 
 # a config never writes to output_dir
 BASE = dict(output_dir="unused-flower-config-test")

@@ -87,7 +87,7 @@ def test_epoch_lines_without_progress_bar(synthetic, capsys):
     assert "SASRec epoch" not in capsys.readouterr().out
 
 
-def test_cli_writes_out_of_fold_logits_and_diagnostics(synthetic, tmp_path):
+def test_cli_writes_out_of_fold_logits_and_diagnostics(synthetic, tmp_path, capsys):
     from trl_flower.cli import main
     from trl_flower.data.synthetic import save_synthetic
 
@@ -95,8 +95,8 @@ def test_cli_writes_out_of_fold_logits_and_diagnostics(synthetic, tmp_path):
     out = tmp_path / "out"
     base = ["sasrec", "--data", str(data_dir), "--output-dir", str(out), "--epochs", "2", "--batch-size", "64"]
     base += ["--hidden-size", "8", "--no-progress"]
-    with pytest.raises(SystemExit, match="oof-folds"):
-        main([*base, "--oof-folds", "1"])
+    assert main([*base, "--oof-folds", "1"]) == 2  # argument errors: one line, exit status 2
+    assert "--oof_folds must be 0 (skip) or >= 2, got 1" in capsys.readouterr().err
     assert main([*base, "--oof-folds", "2"]) == 0
     oof = np.load(out / "train_logits_oof.npy")
     assert oof.shape == np.load(out / "train_logits.npy").shape

@@ -40,7 +40,6 @@ import torch
 
 ROOT = 0
 INVALID = -1
-TREE_FILE = "prefix_tree.npz"  # the tree's file name beside a checkpoint's weights (Flower and baselines)
 
 
 @dataclass(frozen=True)

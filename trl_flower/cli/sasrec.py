@@ -19,7 +19,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass, field, fields
 
-from trl_flower.cli._args import add_dataclass_arguments, subcommand_parser, to_dataclass
+from trl_flower.cli._parsing import HelpFormatter, report_error
 
 DEFAULT_EPOCHS = 200
 
@@ -75,17 +75,39 @@ class ScriptArguments:
     )
 
 
-def make_parser(subparsers: argparse._SubParsersAction | None = None) -> argparse.ArgumentParser:
-    """Register ``sasrec`` on ``subparsers`` (the `trl-flower` CLI), or build a standalone parser when None."""
-    description = "Train the SASRec baseline (Flower paper's settings), export per-row logits, report test metrics."
-    parser = subcommand_parser(subparsers, "sasrec", "train the SASRec baseline", description=description)
-    add_dataclass_arguments(parser, ScriptArguments)
-    parser.set_defaults(func=main)
-    return parser
+def make_parser(subparsers: argparse._SubParsersAction | None = None, prog: str | None = None):
+    """The `TrlParser` over `ScriptArguments` (or the ``sasrec`` subcommand of `subparsers`, a TrlParser's)."""
+    from trl import TrlParser
+
+    kwargs = dict(
+        description="Train the SASRec baseline (Flower paper's settings), export per-row logits, report test metrics.",
+        epilog="example:\n" + __doc__.split("Example::\n\n")[1].split("\n\n")[0],
+        formatter_class=HelpFormatter,
+    )
+    if subparsers is not None:
+        return subparsers.add_parser("sasrec", help="train the SASRec baseline", **kwargs)
+    return TrlParser(ScriptArguments, prog=prog or "trl-flower sasrec", **kwargs)
 
 
-def main(args: argparse.Namespace | ScriptArguments) -> int:
-    """Train, save, export and evaluate; prints the test metrics."""
+def main(argv: list[str] | None = None) -> int:
+    """Parse the arguments, then train, save, export and evaluate; prints the test metrics.
+
+    Argument errors are printed as one line and give exit status 2."""
+    try:
+        (args,) = make_parser().parse_args_and_config(argv)
+        splits = [s for s in args.export_splits.split(",") if s]
+        unknown = set(splits) - {"train", "valid", "test"}
+        if unknown:
+            raise ValueError(f"--export_splits: unknown split(s) {sorted(unknown)}; choose from train, valid, test")
+        if args.oof_folds == 1 or args.oof_folds < 0:
+            raise ValueError(f"--oof_folds must be 0 (skip) or >= 2, got {args.oof_folds}")
+    except ValueError as err:
+        return report_error("trl-flower sasrec", err)
+    return run(args, splits)
+
+
+def run(args: ScriptArguments, splits: list[str]) -> int:
+    """Train SASRec, save it, export the logits of `splits` and report its test metrics."""
     import json
     import platform
     from pathlib import Path
@@ -103,15 +125,8 @@ def main(args: argparse.Namespace | ScriptArguments) -> int:
     )
     from trl_flower.data import load_amazon, popularity_from_histories
 
-    args = to_dataclass(args, ScriptArguments)
     if args.threads:
         torch.set_num_threads(args.threads)
-    splits = [s for s in args.export_splits.split(",") if s]
-    unknown = set(splits) - {"train", "valid", "test"}
-    if unknown:
-        raise SystemExit(f"--export-splits: unknown split(s) {sorted(unknown)}; choose from train, valid, test")
-    if args.oof_folds == 1 or args.oof_folds < 0:
-        raise SystemExit(f"--oof-folds must be 0 (skip) or >= 2, got {args.oof_folds}")
 
     data = load_amazon(args.data, data_root=args.data_root)
     train_args = SASRecTrainingArguments(
@@ -176,4 +191,4 @@ def main(args: argparse.Namespace | ScriptArguments) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main(make_parser().parse_args()))
+    raise SystemExit(main())
