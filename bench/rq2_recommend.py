@@ -36,7 +36,8 @@ To spread one seed's trainings over the cores, run the same command with ``--tra
 ``--distill-grid recipe.json`` adds Flower with distilled per-user rewards (``reward_variant="distill"``, see
 docs/tree_and_rewards.md): the recipe maps a setting name to `FlowerConfig` options plus ``"logits"`` (``"train"``:
 SASRec's in-sample ``train_logits.npy``; ``"oof"``: ``train_logits_oof.npy`` from ``trl-flower sasrec
---oof-folds``). The first seed trains every setting and chooses one by valid NDCG@5 (method "Flower (distilled)");
+--oof-folds``). The first seed trains every setting and chooses one on valid by `choose_distilled` (method
+"Flower (distilled)");
 later seeds train the chosen one. ``--distill-report-all`` instead trains and tests every setting on every seed
 (e.g. the state-granularity study of RQ4). Checkpoint names: ``distill_<name>``.
 
@@ -169,7 +170,8 @@ def make_parser() -> argparse.ArgumentParser:
         "--distill-grid",
         default=None,
         help="JSON recipe {name: {FlowerConfig options, 'logits': 'train'|'oof'}} of distilled-reward Flower\n"
-        "settings (reward_variant='distill'); chosen on valid by NDCG@5 like the other grids",
+        "settings (reward_variant='distill'); chosen on valid by choose_distilled's rule (fair and\n"
+        "accurate against BIGRec first, then the better NDCG@5)",
     )
     p.add_argument(
         "--distill-report-all",
@@ -706,6 +708,24 @@ def choose(records: dict[Any, dict[str, Any]]) -> Any:
     return max(records, key=lambda k: records[k]["metrics"][SELECTION_METRIC])
 
 
+def choose_distilled(records: dict[str, dict[str, Any]], base: dict[str, Any]) -> str:
+    """The distilled setting chosen on valid by the pre-registered rule (issue 20), which mirrors its criterion:
+
+    1. among settings with DGU@10 ≤ 0.7 × BIGRec's, the best NDCG@5;
+    2. else, among settings with NDCG@5 ≥ 1.1 × BIGRec's, the lowest DGU@10;
+    3. else the best NDCG@5.
+    """
+    ndcg = {k: r["metrics"]["NDCG@5"] for k, r in records.items()}
+    dgu = {k: r["metrics"]["DGU@10"] for k, r in records.items()}
+    fair = [k for k in records if dgu[k] <= 0.7 * base["metrics"]["DGU@10"]]
+    if fair:
+        return max(fair, key=ndcg.__getitem__)
+    accurate = [k for k in records if ndcg[k] >= 1.1 * base["metrics"]["NDCG@5"]]
+    if accurate:
+        return min(accurate, key=dgu.__getitem__)
+    return max(records, key=ndcg.__getitem__)
+
+
 def tune_on_valid(
     dirs: dict[str, Path],
     seed_dir: Path,
@@ -744,7 +764,9 @@ def tune_on_valid(
             sasrec_logits=str(sasrec_valid),
             guidance_scale=g,
         )
-    chosen = {name: choose(grid[name]) for name in ("lambda", "temperature", "guidance", "distill") if grid.get(name)}
+    chosen = {name: choose(grid[name]) for name in ("lambda", "temperature", "guidance") if grid.get(name)}
+    if grid.get("distill"):
+        chosen["distill"] = choose_distilled(grid["distill"], grid["base"]["BIGRec"])
     _log(f"valid choices ({SELECTION_METRIC}): {chosen}")
     return {"chosen": chosen, "grid": {k: {str(x): r for x, r in v.items()} for k, v in grid.items()}}
 

@@ -82,3 +82,16 @@ def test_distilled_criterion_per_seed(rq2):
     assert crit["holds"] is False
     del per_seed[1]
     assert rq2.distilled_criterion(per_seed)["holds"] is True
+
+
+def test_choose_distilled_follows_the_preregistered_rule(rq2):
+    def rec(ndcg, dgu):
+        return {"metrics": {"NDCG@5": ndcg, "DGU@10": dgu}}
+
+    base = rec(0.05, 0.5)
+    grid = {"fair_weak": rec(0.04, 0.3), "fair_strong": rec(0.045, 0.34), "accurate": rec(0.08, 0.45)}
+    assert rq2.choose_distilled(grid, base) == "fair_strong"  # rule 1: fair ones first, then NDCG@5
+    del grid["fair_weak"], grid["fair_strong"]
+    grid["accurate_fairer"] = rec(0.056, 0.4)
+    assert rq2.choose_distilled(grid, base) == "accurate_fairer"  # rule 2: lowest DGU among the accurate
+    assert rq2.choose_distilled({"a": rec(0.03, 0.6), "b": rec(0.04, 0.9)}, base) == "b"  # rule 3: best NDCG@5
