@@ -103,3 +103,26 @@ def test_cli_writes_out_of_fold_logits_and_diagnostics(synthetic, tmp_path, caps
     report = json.loads((out / "metrics.json").read_text())
     assert set(report["target_probability"]) == {"train_logits", "valid_logits", "test_logits", "train_logits_oof"}
     assert report["logits"]["train_oof"].endswith("train_logits_oof.npy")
+
+
+def test_cli_oof_only_adds_out_of_fold_logits_to_a_saved_run(synthetic, tmp_path, capsys):
+    from trl_flower.cli import main
+    from trl_flower.data.synthetic import save_synthetic
+
+    data_dir = save_synthetic(synthetic, tmp_path / "data")
+    out = tmp_path / "out"
+    base = ["sasrec", "--data", str(data_dir), "--output-dir", str(out), "--epochs", "2", "--batch-size", "64"]
+    base += ["--hidden-size", "8", "--no-progress"]
+    assert main([*base, "--oof_only"]) == 2  # needs --oof_folds
+    assert "also pass --oof_folds" in capsys.readouterr().err
+    assert main([*base, "--oof_only", "--oof_folds", "2"]) == 2  # nothing saved yet
+    assert main(base) == 0
+    weights = (out / "model" / "sasrec_model.pt").read_bytes()
+    train_logits = np.load(out / "train_logits.npy")
+    assert main([*base, "--oof_only", "--oof_folds", "2"]) == 0
+    assert (out / "model" / "sasrec_model.pt").read_bytes() == weights  # the saved model was kept, not retrained
+    np.testing.assert_array_equal(np.load(out / "train_logits.npy"), train_logits)
+    report = json.loads((out / "metrics.json").read_text())
+    assert report["logits"]["train_oof"].endswith("train_logits_oof.npy")
+    assert report["training"]["epochs_run"] == 2  # the first run's training record is kept
+    assert "train_logits_oof" in report["target_probability"]

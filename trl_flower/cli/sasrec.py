@@ -73,6 +73,14 @@ class ScriptArguments:
             "mostly repeat each row's own target; see docs/tree_and_rewards.md). 0 = skip."
         },
     )
+    oof_only: bool = field(
+        default=False,
+        metadata={
+            "help": "Keep the SASRec already saved in --output_dir/model and its logits files, and only add the "
+            "out-of-fold logits (needs --oof_folds >= 2): for a run made without --oof_folds or stopped during "
+            "its folds. metrics.json is rewritten with the test metrics of the saved model."
+        },
+    )
 
 
 def make_parser(subparsers: argparse._SubParsersAction | None = None, prog: str | None = None):
@@ -101,6 +109,8 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"--export_splits: unknown split(s) {sorted(unknown)}; choose from train, valid, test")
         if args.oof_folds == 1 or args.oof_folds < 0:
             raise ValueError(f"--oof_folds must be 0 (skip) or >= 2, got {args.oof_folds}")
+        if args.oof_only and args.oof_folds < 2:
+            raise ValueError("--oof_only adds out-of-fold logits to a saved run: also pass --oof_folds K (K >= 2)")
     except ValueError as err:
         return report_error("trl-flower sasrec", err)
     return run(args, splits)
@@ -116,6 +126,7 @@ def run(args: ScriptArguments, splits: list[str]) -> int:
     import torch
 
     from trl_flower.baselines.sasrec import (
+        SASRec,
         SASRecTrainingArguments,
         evaluate_sasrec,
         export_split_logits,
@@ -139,10 +150,17 @@ def run(args: ScriptArguments, splits: list[str]) -> int:
         device=args.device,
         progress=not args.no_progress,
     )
-    model, result = fit_sasrec(data, train_args, hidden_size=args.hidden_size)
     out = Path(args.output_dir)
-    model.save_pretrained(out / "model")
-    logits = export_split_logits(model, data, out, splits)
+    if args.oof_only:
+        if not (out / "model").is_dir():
+            print(f"trl-flower sasrec: --oof_only needs a saved model in {out / 'model'}; train it first", flush=True)
+            return 2
+        model, result = SASRec.from_pretrained(out / "model"), None
+        logits = {split: out / f"{split}_logits.npy" for split in splits if (out / f"{split}_logits.npy").is_file()}
+    else:
+        model, result = fit_sasrec(data, train_args, hidden_size=args.hidden_size)
+        model.save_pretrained(out / "model")
+        logits = export_split_logits(model, data, out, splits)
     popularity = popularity_from_histories(data.splits["train"]["history_item_title"])
     test = evaluate_sasrec(model, data.splits["test"], data.items, popularity)
     # how strongly each split's logits point at the row's own target (in-sample train rows vs unseen rows)
@@ -153,7 +171,7 @@ def run(args: ScriptArguments, splits: list[str]) -> int:
     }
     if args.oof_folds:
         logits["train_oof"] = out_of_fold_logits(
-            data, out / "train_logits_oof.npy", args.oof_folds, train_args, hidden_size=args.hidden_size
+            data, out / "train_logits_oof.npy", args.oof_folds, train_args, hidden_size=model.config.hidden_size
         )
         diagnostics["train_logits_oof"] = target_probability_stats(
             np.load(logits["train_oof"], mmap_mode="r"), targets["train"]
@@ -162,24 +180,18 @@ def run(args: ScriptArguments, splits: list[str]) -> int:
         "dataset": data.name,
         "arguments": {f.name: getattr(args, f.name) for f in fields(ScriptArguments)},
         "versions": {"python": platform.python_version(), "torch": torch.__version__},
-        "training": {
-            "best_epoch": result.best_epoch,
-            "best_valid_NDCG@20": result.best_valid_ndcg,
-            "epochs_run": result.epochs_run,
-            "stopped_early": result.stopped_early,
-            "wall_time_s": result.wall_time_s,
-            "history": result.history,
-        },
+        "training": _training_summary(result, out),
         "test": test,
         "logits": {split: str(path) for split, path in logits.items()},
         "target_probability": diagnostics,
     }
     (out / "metrics.json").write_text(json.dumps(report, indent=2) + "\n")
     shown = ("HR@5", "NDCG@5", "item_HR@5", "item_NDCG@5", "DGU@10", "MGU@10", "H", "TTR")
-    print(
-        f"SASRec on {data.name}: best epoch {result.best_epoch} of {result.epochs_run}, "
-        f"valid NDCG@20 {result.best_valid_ndcg:.4f}"
-    )
+    if result is not None:
+        print(
+            f"SASRec on {data.name}: best epoch {result.best_epoch} of {result.epochs_run}, "
+            f"valid NDCG@20 {result.best_valid_ndcg:.4f}"
+        )
     print("test: " + ", ".join(f"{k} {test[k]:.4f}" for k in shown))
     for name, stats in diagnostics.items():
         print(
@@ -188,6 +200,25 @@ def run(args: ScriptArguments, splits: list[str]) -> int:
         )
     print(f"wrote {out}")
     return 0
+
+
+def _training_summary(result, out) -> dict:
+    """The training record of metrics.json: this run's, or (``--oof_only``) the one an earlier run wrote."""
+    import json
+
+    if result is None:
+        previous = out / "metrics.json"
+        if previous.is_file():
+            return json.loads(previous.read_text()).get("training", {})
+        return {"note": "model trained by an earlier run without a metrics.json"}
+    return {
+        "best_epoch": result.best_epoch,
+        "best_valid_NDCG@20": result.best_valid_ndcg,
+        "epochs_run": result.epochs_run,
+        "stopped_early": result.stopped_early,
+        "wall_time_s": result.wall_time_s,
+        "history": result.history,
+    }
 
 
 if __name__ == "__main__":
