@@ -15,6 +15,7 @@ penalty or a max length) never leaks into these calls: every setting is explicit
 from __future__ import annotations
 
 import json
+import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -25,7 +26,11 @@ import torch
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 
 from trl_flower.decoding import LogProbTemperatureProcessor, TrieLogitsProcessor, generated_nodes
+from trl_flower.evaluation.output_head import ModelParts, split_matches_model, split_model
+from trl_flower.evaluation.trie_beam_search import POLICY_SUPPORTS, Guidance, trie_beam_search
 from trl_flower.tree import PrefixTree
+
+DECODERS = ("trie", "generate")
 
 
 @dataclass
@@ -187,11 +192,14 @@ def _prompt_cache(model, input_ids: torch.Tensor, attention_mask: torch.Tensor):
     """The KV cache of [B, P] left-padded prompts without their last token (positions from the attention mask,
     as ``generate`` computes them), or None for a model that returns no cache that can be copied across rows."""
     position_ids = (attention_mask.cumsum(-1) - 1).masked_fill(attention_mask == 0, 1)  # [B, P]
+    # logits_to_keep=1: only the cache is used; full-vocabulary logits of every prompt position would cost
+    # [B, P, V] floats (about 5 GB for 64 prompts of 130 tokens at a 152k vocabulary) and are never read
     out = model(
         input_ids=input_ids[:, :-1],
         attention_mask=attention_mask[:, :-1],
         position_ids=position_ids[:, :-1],
         use_cache=True,
+        logits_to_keep=1,
     )
     cache = getattr(out, "past_key_values", None)
     if not (hasattr(cache, "batch_repeat_interleave") and hasattr(cache, "batch_select_indices")):
@@ -258,22 +266,30 @@ def recommend(
     add_special_tokens: bool = True,
     show_progress: bool = True,
     share_prompt_cache: bool = True,
+    decoder: str = "trie",
+    policy_support: str = "vocabulary",
 ) -> Recommendations:
-    """Top-K items per prompt by trie-constrained beam search, many prompts per ``generate`` call.
+    """Top-K items per prompt by trie-constrained beam search, many prompts per batch.
 
     Prompts are tokenised once, sorted by length (less padding), split into batches of `batch_size`, left-padded
-    with an attention mask, and decoded with ``num_beams`` beams and ``num_return_sequences=top_k``. Each returned
-    sequence is mapped to its terminal node by walking the tree (:func:`~trl_flower.decoding.generated_nodes`).
+    with an attention mask, and decoded with ``num_beams`` beams, keeping the best `top_k` finished titles.
     Rows come back in the order of `prompts`; the lists do not depend on `batch_size`.
 
+    Two decoders give the same lists (tested): ``"trie"`` (default), the trie beam search of
+    :mod:`trl_flower.evaluation.trie_beam_search`, which never builds a [rows × vocabulary] tensor, and
+    ``"generate"``, transformers' ``generate`` with :class:`~trl_flower.decoding.TrieLogitsProcessor` (each
+    returned sequence mapped to its node by :func:`~trl_flower.decoding.generated_nodes`). A model whose logits are
+    not ``lm_head(decoder(x))`` (soft-capping, a LoRA-wrapped head; checked once on the first prompt) is decoded
+    with ``generate`` and a warning.
+
     Args:
-        model: a causal LM (``generate``-capable; PEFT models work).
+        model: a causal LM (PEFT models work).
         tokenizer: its tokenizer; prompts are tokenised with it, pad = its pad token (else the terminator).
         prompts: U rendered prompts (chat template already applied), one per user.
         tree: the evaluation prefix tree (all catalogue items, over this tokenizer).
         top_k: K, recommendations per prompt (≤ number of distinct titles).
         num_beams: beams per prompt, ≥ top_k (default: top_k, as in the reference).
-        batch_size: prompts per ``generate`` call (rows = batch_size × num_beams).
+        batch_size: prompts per decoding batch (rows = batch_size × num_beams).
         max_new_tokens: decoding budget (default: the longest item path, so every beam can finish).
         length_penalty: exponent of the length normalisation of finished beams (1.0 reference, 0.0 D3).
         temperature: decoding temperature: per-step log-probs become log_softmax(log p / T) before the trie mask
@@ -281,9 +297,15 @@ def recommend(
         titles: item titles indexed by item id (optional) to fill :attr:`Recommendations.titles`.
         add_special_tokens: passed to the tokenizer (False if `prompts` already contain BOS).
         show_progress: show a tqdm bar over batches.
-        share_prompt_cache: encode each prompt once and copy its KV cache to its beams (see
-            :func:`_beam_prompt_cache`) instead of letting ``generate`` encode it ``num_beams`` times; same lists,
-            less time. A model that returns no copyable cache gets plain ``generate``; False forces it (to compare).
+        share_prompt_cache: ``decoder="generate"`` only: encode each prompt once and copy its KV cache to its
+            beams (see :func:`_beam_prompt_cache`) instead of letting ``generate`` encode it ``num_beams`` times;
+            same lists, less time. False forces plain ``generate`` (to compare). The trie decoder always encodes
+            each prompt once.
+        decoder: ``"trie"`` (default) or ``"generate"`` (see above).
+        policy_support: ``"vocabulary"`` (default): per-step log-probs over the whole vocabulary, the paper's
+            scoring. ``"tree"`` (trie decoder only): the policy renormalised over each node's children (as
+            ``FlowerConfig(flow_policy_support="tree")`` trains it); no vocabulary-wide pass, other lists (see
+            docs/decoding.md).
 
     Returns:
         :class:`Recommendations` with [U, K] item ids, nodes and scores.
@@ -291,7 +313,49 @@ def recommend(
     Raises:
         ValueError: for invalid arguments (each message names the argument and the fix).
     """
-    num_terminals = int(tree.is_terminal.sum())
+    return _recommend(
+        model,
+        tokenizer,
+        prompts,
+        tree,
+        top_k=top_k,
+        num_beams=num_beams,
+        batch_size=batch_size,
+        max_new_tokens=max_new_tokens,
+        length_penalty=length_penalty,
+        temperature=temperature,
+        titles=titles,
+        add_special_tokens=add_special_tokens,
+        show_progress=show_progress,
+        share_prompt_cache=share_prompt_cache,
+        decoder=decoder,
+        policy_support=policy_support,
+    )
+
+
+def _recommend(
+    model,
+    tokenizer,
+    prompts: Sequence[str],
+    tree: PrefixTree,
+    top_k: int = 10,
+    num_beams: int | None = None,
+    batch_size: int = 16,
+    max_new_tokens: int | None = None,
+    length_penalty: float = 1.0,
+    temperature: float = 1.0,
+    titles: Sequence[str] | None = None,
+    add_special_tokens: bool = True,
+    show_progress: bool = True,
+    share_prompt_cache: bool = True,
+    decoder: str = "trie",
+    policy_support: str = "vocabulary",
+    item_probs: torch.Tensor | None = None,
+    guidance_scale: float = 1.0,
+) -> Recommendations:
+    """:func:`recommend` plus D3 guidance: `item_probs` [U, num_items] SASRec probabilities per prompt and the
+    guidance scale (used by :func:`~trl_flower.baselines.d3.recommend_d3`)."""
+    num_terminals = int(tree.is_terminal.sum()) if isinstance(tree, PrefixTree) else 0
     num_beams = top_k if num_beams is None else num_beams
     if not isinstance(top_k, int) or not 1 <= top_k <= num_terminals:
         raise ValueError(
@@ -299,50 +363,50 @@ def recommend(
         )
     if not isinstance(num_beams, int) or num_beams < top_k:
         raise ValueError(f"`num_beams` must be an int >= top_k={top_k}, got {num_beams!r}")
+    if decoder not in DECODERS:
+        raise ValueError(f"`decoder` must be one of {DECODERS}, got {decoder!r}")
+    if policy_support not in POLICY_SUPPORTS:
+        raise ValueError(f"`policy_support` must be one of {POLICY_SUPPORTS}, got {policy_support!r}")
+    if policy_support != "vocabulary" and decoder != "trie":
+        raise ValueError(
+            f"`policy_support={policy_support!r}` needs decoder='trie'; generate scores over the whole vocabulary"
+        )
     _check_common(tree, batch_size, max_new_tokens, temperature, titles)
     max_new_tokens = int(tree.item_length.max()) if max_new_tokens is None else max_new_tokens
     token_ids = _tokenize(tokenizer, prompts, add_special_tokens)
     pad_id, device = _pad_id(tokenizer, tree), _device(model)
-    config = _generation_config(
-        tree,
-        pad_id,
-        max_new_tokens,
-        False,
-        num_beams=num_beams,
-        num_return_sequences=top_k,
-        length_penalty=float(length_penalty),
-    )
 
     U = len(token_ids)
     order = np.argsort([-len(r) for r in token_ids], kind="stable")  # longest first: memory peaks at once
     nodes = np.full((U, top_k), -1, dtype=np.int64)
     scores = np.zeros((U, top_k), dtype=np.float32)
+    decode = _generate_batch
+    parts = None
+    if decoder == "trie":
+        parts = _checked_parts(model, torch.tensor([token_ids[order[0]]], device=device))
+        if parts is None and policy_support == "tree":
+            raise ValueError("policy_support='tree' needs a model whose logits are lm_head(decoder(x)); see warning")
+        decode = _generate_batch if parts is None else _trie_batch
+    settings = dict(
+        tree=tree,
+        parts=parts,
+        num_beams=num_beams,
+        top_k=top_k,
+        max_new_tokens=max_new_tokens,
+        length_penalty=float(length_penalty),
+        temperature=float(temperature),
+        policy_support=policy_support,
+        pad_id=pad_id,
+        share_prompt_cache=share_prompt_cache,
+        guidance_scale=float(guidance_scale),
+    )
     starts = range(0, U, batch_size)
     with torch.no_grad(), _own_generation_defaults(model):
         for start in _progress(starts, len(starts), show_progress, "recommend"):
             rows = order[start : start + batch_size]  # [B] prompt indices
             input_ids, attention_mask = _left_pad([token_ids[i] for i in rows], pad_id, device)
-            P = input_ids.shape[1]
-            trie = TrieLogitsProcessor(tree, prompt_length=P)
-            recorder = _ScoreRecorder(trie)
-            processors = [trie, recorder]
-            if temperature != 1.0:
-                processors.insert(0, LogProbTemperatureProcessor(temperature))
-            shared = None  # None: generate encodes the prompts itself
-            if share_prompt_cache and P > 1:
-                shared = _beam_prompt_cache(model, input_ids, attention_mask, num_beams)
-            out = model.generate(
-                input_ids=input_ids,
-                attention_mask=attention_mask,
-                generation_config=config,
-                logits_processor=LogitsProcessorList(processors),
-                past_key_values=shared,
-            )
-            generated = out.sequences[:, P:]  # [B*K, L]
-            batch_nodes, off_at = generated_nodes(tree, generated)  # [B*K]
-            if bool((off_at >= 0).any()):
-                raise RuntimeError("beam search produced a sequence outside the item tree (a bug: please report)")
-            batch_scores = recorder.sequence_scores(generated, out.beam_indices, float(length_penalty))
+            probs = None if item_probs is None else item_probs[torch.as_tensor(rows)]  # [B, M]
+            batch_nodes, batch_scores = decode(model, input_ids, attention_mask, probs, **settings)
             nodes[rows] = batch_nodes.view(len(rows), top_k).cpu().numpy()
             scores[rows] = batch_scores.view(len(rows), top_k).cpu().numpy()
 
@@ -351,6 +415,116 @@ def recommend(
     nodes = np.where(is_terminal, nodes, -1)  # an unfinished beam has no item
     item_ids = tree.terminal_item(torch.as_tensor(nodes)).numpy()
     return Recommendations(item_ids=item_ids, nodes=nodes, scores=scores, titles=_titles(item_ids, titles), tree=tree)
+
+
+def _checked_parts(model, first_prompt: torch.Tensor) -> ModelParts | None:
+    """The model's decoder and head for the trie decoder, or None (with a warning) if its logits are not
+    ``lm_head(decoder(x))``, checked on the first prompt [1, P]."""
+    parts = split_model(model)
+    with torch.no_grad():
+        ok = parts is not None and split_matches_model(model, parts, first_prompt, torch.ones_like(first_prompt))
+    if not ok:
+        warnings.warn(
+            f"recommend(decoder='trie'): the logits of {type(model).__name__} are not lm_head(decoder(x)) "
+            "(no plain linear head, or soft-capped/scaled logits); decoding with generate instead (same lists, "
+            "slower). Pass decoder='generate' to silence this.",
+            stacklevel=3,
+        )
+        return None
+    return parts
+
+
+def _trie_batch(
+    model,
+    input_ids,
+    attention_mask,
+    probs,
+    *,
+    tree,
+    parts,
+    num_beams,
+    top_k,
+    max_new_tokens,
+    length_penalty,
+    temperature,
+    policy_support,
+    guidance_scale,
+    **_,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One batch through the trie beam search: nodes and scores [B, top_k]."""
+    guidance = None
+    if probs is not None and guidance_scale != 1.0:
+        guidance = Guidance(node_mass=tree.aggregate_to_nodes(probs.double()), scale=guidance_scale)
+    out = trie_beam_search(
+        model,
+        input_ids,
+        attention_mask,
+        tree,
+        parts=parts,
+        num_beams=num_beams,
+        num_return_sequences=top_k,
+        max_new_tokens=max_new_tokens,
+        length_penalty=length_penalty,
+        temperature=temperature,
+        policy_support=policy_support,
+        guidance=guidance,
+    )
+    return out.nodes, out.scores
+
+
+def _generate_batch(
+    model,
+    input_ids,
+    attention_mask,
+    probs,
+    *,
+    tree,
+    num_beams,
+    top_k,
+    max_new_tokens,
+    length_penalty,
+    temperature,
+    pad_id,
+    share_prompt_cache,
+    guidance_scale,
+    **_,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One batch through ``generate`` with the trie processor (and D3's guidance processor): nodes, scores [B*K]."""
+    config = _generation_config(
+        tree,
+        pad_id,
+        max_new_tokens,
+        False,
+        num_beams=num_beams,
+        num_return_sequences=top_k,
+        length_penalty=length_penalty,
+    )
+    P = input_ids.shape[1]
+    trie = TrieLogitsProcessor(tree, prompt_length=P)
+    recorder = _ScoreRecorder(trie)
+    processors = [trie]
+    if probs is not None:
+        from trl_flower.baselines.d3 import D3GuidanceProcessor
+
+        processors.append(D3GuidanceProcessor(tree, probs, guidance_scale, prompt_length=P))
+    processors.append(recorder)  # last: beam scores include temperature and guidance
+    if temperature != 1.0:
+        processors.insert(0, LogProbTemperatureProcessor(temperature))
+    shared = None  # None: generate encodes the prompts itself
+    if share_prompt_cache and P > 1:
+        shared = _beam_prompt_cache(model, input_ids, attention_mask, num_beams)
+    out = model.generate(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        generation_config=config,
+        logits_processor=LogitsProcessorList(processors),
+        past_key_values=shared,
+    )
+    generated = out.sequences[:, P:]  # [B*K, L]
+    batch_nodes, off_at = generated_nodes(tree, generated)  # [B*K]
+    if bool((off_at >= 0).any()):
+        raise RuntimeError("beam search produced a sequence outside the item tree (a bug: please report)")
+    return batch_nodes, recorder.sequence_scores(generated, out.beam_indices, length_penalty)
 
 
 def sample_items(
