@@ -26,10 +26,10 @@ rounding only (the normaliser is summed in another order, about 1e-6), the same 
 between batch sizes. A prompt leaves the batch once transformers' heuristic says its finished set can no longer
 change (and it holds K real hypotheses), so its lists do not depend on the other prompts of the batch.
 
-Ties: torch's CPU ``topk`` (which ``generate`` uses) does not promise any order among exactly equal scores; its
-heap returns them in an order that depends on where they sit in the [K·V] row. This engine always puts the lower
-flat index first. Exactly tied candidates can therefore come out in another order than ``generate``'s; the set of
-kept candidates is the same unless the tie straddles the cut (tested both ways in tests/test_trie_beam_search.py).
+Ties: torch's CPU ``topk`` (which ``generate`` uses) promises no order among exactly equal scores; its heap returns
+them in an order that depends on where they sit in the [K·V] row. This engine always puts the lower flat index
+first (a stable sort). Exactly tied hypotheses can therefore be listed in another order than ``generate``'s, with
+the same scores (tests/test_trie_beam_search.py, ``TestTies``, shows both: the rule, and generate's other order).
 """
 
 from __future__ import annotations
