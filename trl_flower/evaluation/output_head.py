@@ -72,6 +72,8 @@ def split_model(model) -> ModelParts | None:
         return None
     if type(head) is not torch.nn.Linear or decoder is None or decoder is base:
         return None
+    if head.weight.dim() != 2 or head.weight.numel() == 0:  # e.g. a DeepSpeed ZeRO-3 partition placeholder
+        return None
     return ModelParts(decoder=decoder, weight=head.weight, bias=head.bias)
 
 
@@ -83,13 +85,16 @@ def split_matches_model(model, parts: ModelParts, input_ids: torch.Tensor, atten
     Cohere, Granite), a forward that adds anything after the head. Tolerance: float rounding of the dtype.
     """
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # [1, P]
-    ref = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, logits_to_keep=1).logits[
-        0, -1
-    ]  # [V]
-    hidden = parts.decoder(
-        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids
-    ).last_hidden_state[0, -1]  # [H]
-    mine = F.linear(hidden, parts.weight, parts.bias)  # [V]
+    try:
+        ref = model(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, logits_to_keep=1
+        ).logits[0, -1]  # [V]
+        hidden = parts.decoder(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids
+        ).last_hidden_state[0, -1]  # [H]
+        mine = F.linear(hidden, parts.weight, parts.bias)  # [V]
+    except (RuntimeError, TypeError, ValueError, AttributeError):  # the parts do not compose: not usable
+        return False
     tol = 1e-3 if parts.weight.dtype == torch.float32 else 5e-2
     return ref.shape == mine.shape and torch.allclose(mine.float(), ref.float(), rtol=tol, atol=tol)
 
