@@ -2,14 +2,17 @@
 
 :func:`recommend` is the evaluation decoder of the Flower reference (flower_reference.md §3.1): beam search with
 ``num_beams = num_return_sequences = K``, only catalogue titles allowed, length penalty 1 (D3: 0), optional decoding
-temperature (the "Temp" baseline). Unlike the reference it runs many prompts per ``generate`` call (left padding and
-an attention mask) and maps every returned sequence to its item by walking the prefix tree, without decoding or
-string matching. :func:`sample_items` draws items by constrained sampling (distribution fitting, RQ1), and
+temperature (the "Temp" baseline). Unlike the reference it decodes many prompts per batch (left padding and an
+attention mask) and maps every result to its item through the prefix tree, without decoding or string matching.
+Its default decoder is the trie beam search of :mod:`trl_flower.evaluation.trie_beam_search`, which never builds a
+[rows × vocabulary] tensor; ``decoder="generate"`` runs transformers' ``generate`` with the trie processor, with the
+same lists (tested). :func:`sample_items` draws items by constrained sampling (distribution fitting, RQ1), and
 :func:`export_official_json` writes the official evaluation JSON that the authors' ``calc.py`` reads.
 
 Results do not depend on the batch size: a prompt's top-K list is the same alone or in a batch of 16 (tested). The
 model's own ``generation_config`` (e.g. a shipped ``generation_config.json`` with sampling, top-k, repetition
-penalty or a max length) never leaks into these calls: every setting is explicit (see :func:`_generation_config`).
+penalty or a max length) never leaks into these calls: the trie decoder never reads it, and every ``generate`` call
+sets all knobs explicitly (see :func:`_generation_config`).
 """
 
 from __future__ import annotations
