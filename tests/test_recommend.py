@@ -16,7 +16,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, GenerationConfig
 
-import trl_flower.evaluation.recommend as recommend_module
+from trl_flower.evaluation import generate_path
 from trl_flower.evaluation.recommend import Recommendations, export_official_json, recommend, sample_items
 from trl_flower.tree import PrefixTree
 
@@ -261,7 +261,7 @@ class TestHostileGenerationDefaults:
     ):
         """Without hiding the model's generation_config, its None-only fields (here suppress_tokens and
         bad_words_ids, which have no neutral non-None value) reach generate and change the lists."""
-        monkeypatch.setattr(recommend_module, "_own_generation_defaults", lambda model: contextlib.nullcontext())
+        monkeypatch.setattr(generate_path, "own_generation_defaults", lambda model: contextlib.nullcontext())
         kwargs = dict(top_k=4, show_progress=False, decoder="generate")  # the trie decoder never reads them
         clean = recommend(model, tiny_tokenizer, prompts[:6], tree, **kwargs)
         leaked = recommend(hostile_model, tiny_tokenizer, prompts[:6], tree, **kwargs)

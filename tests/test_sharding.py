@@ -54,9 +54,9 @@ def test_recommend_on_a_shard_forms_the_single_process_batches(
     seen: list[list[int]] = []
     inner = recommend_module._trie_batch
 
-    def spy(model, input_ids, attention_mask, *args, **kwargs):
+    def spy(input_ids, attention_mask, *args, **kwargs):
         seen.append(sorted(tuple(r[m.bool()].tolist()) for r, m in zip(input_ids, attention_mask)))
-        return inner(model, input_ids, attention_mask, *args, **kwargs)
+        return inner(input_ids, attention_mask, *args, **kwargs)
 
     monkeypatch.setattr(recommend_module, "_trie_batch", spy)
     kwargs = dict(top_k=3, batch_size=3, show_progress=False)

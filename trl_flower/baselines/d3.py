@@ -184,7 +184,7 @@ def recommend_d3(
     Returns:
         :class:`~trl_flower.evaluation.recommend.Recommendations` for all prompts, in order.
     """
-    from trl_flower.evaluation.recommend import _recommend
+    from trl_flower.evaluation.recommend import recommend
 
     if "length_penalty" in kwargs:
         raise ValueError("D3 decodes without length normalisation (length_penalty=0); do not pass length_penalty")
@@ -195,7 +195,7 @@ def recommend_d3(
         raise ValueError(
             f"`sasrec_logits` must have shape [{len(prompts)} prompts, {tree.num_items} items], got {logits.shape}"
         )
-    return _recommend(
+    return recommend(
         model,
         tokenizer,
         prompts,
@@ -204,7 +204,6 @@ def recommend_d3(
         length_penalty=0.0,
         add_special_tokens=add_special_tokens,
         show_progress=show_progress,
-        item_probs=sasrec_probabilities(logits),
-        guidance_scale=float(guidance_scale),
+        guidance=(sasrec_probabilities(logits), float(guidance_scale)),
         **kwargs,
     )

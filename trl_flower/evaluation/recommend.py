@@ -12,23 +12,23 @@ same lists (tested). :func:`sample_items` draws items by constrained sampling (d
 Results do not depend on the batch size: a prompt's top-K list is the same alone or in a batch of 16 (tested). The
 model's own ``generation_config`` (e.g. a shipped ``generation_config.json`` with sampling, top-k, repetition
 penalty or a max length) never leaks into these calls: the trie decoder never reads it, and every ``generate`` call
-sets all knobs explicitly (see :func:`_generation_config`).
+sets all knobs explicitly (see :mod:`trl_flower.evaluation.generate_path`).
 """
 
 from __future__ import annotations
 
 import json
 import warnings
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
-from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
+from transformers import LogitsProcessorList
 
-from trl_flower.decoding import LogProbTemperatureProcessor, TrieLogitsProcessor, generated_nodes
+from trl_flower.decoding import TrieLogitsProcessor, generated_nodes
+from trl_flower.evaluation import generate_path
 from trl_flower.evaluation.output_head import ModelParts, split_matches_model, split_model
 from trl_flower.evaluation.trie_beam_search import POLICY_SUPPORTS, Guidance, trie_beam_search
 from trl_flower.tree import PrefixTree
@@ -63,100 +63,6 @@ class Recommendations:
         return self.tree.items_of_node(node) if node >= 0 else np.empty(0, dtype=np.int64)
 
 
-class _ScoreRecorder(LogitsProcessor):
-    """Records the allowed entries of each step's final scores (sparse) to rebuild beam scores afterwards.
-
-    ``generate`` returns beam scores only with ``output_scores=True``, which keeps a dense [rows, V] copy per step
-    (about 100 MB per step for 160 beams × a 152k vocabulary). The scores that matter are the few allowed entries,
-    which the trie processor just listed (``last_allowed``), so we keep only those: sorted flat keys
-    ``row * V + token`` and their values. Place it right after `trie`.
-    """
-
-    def __init__(self, trie: TrieLogitsProcessor) -> None:
-        self.trie = trie
-        self.steps: list[tuple[torch.Tensor, torch.Tensor]] = []
-        self.vocab_size = 0
-
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.Tensor) -> torch.Tensor:
-        self.vocab_size = scores.shape[1]
-        rows, tokens = self.trie.last_allowed  # [E], [E]
-        keys, order = torch.sort(rows * self.vocab_size + tokens)  # [E]
-        self.steps.append((keys, scores[rows, tokens][order]))
-        return scores
-
-    def sequence_scores(
-        self, generated: torch.Tensor, beam_indices: torch.Tensor, length_penalty: float
-    ) -> torch.Tensor:
-        """Σ_s score_s[beam_indices[:, s], generated[:, s]] / n ** length_penalty, n = number of generated tokens.
-
-        Args:
-            generated: [N, L] generated tokens of the returned sequences.
-            beam_indices: [N, L] the flat beam row that produced each token at each step (-1 after the end).
-        """
-        total = torch.zeros(generated.shape[0], dtype=torch.float64, device=generated.device)  # [N]
-        for s in range(generated.shape[1]):  # one lookup per decoding step
-            rows = beam_indices[:, s].long()  # [N]
-            keys, values = self.steps[s]
-            query = rows.clamp(min=0) * self.vocab_size + generated[:, s]  # [N]
-            pos = torch.searchsorted(keys, query).clamp(max=max(keys.numel() - 1, 0))  # [N]
-            total += torch.where(rows >= 0, values[pos].double(), torch.zeros_like(total))
-        n = (beam_indices >= 0).sum(1).clamp(min=1).double()  # [N]
-        return (total / n**length_penalty).float()
-
-
-@contextmanager
-def _own_generation_defaults(model) -> Iterator[None]:
-    """Hide the model's ``generation_config`` during a ``generate`` call.
-
-    ``generate`` fills every field of the passed config that is None from ``model.generation_config`` (transformers
-    ≥ 4.50, "defaults_only" merge). Many fields (``min_new_tokens``, ``bad_words_ids``, ``suppress_tokens``,
-    ``min_p``, ``max_time``, ``stop_strings``, ...) have no neutral non-None value, so a config built from scratch
-    cannot shut them out; swapping in an empty config for the duration of the call does.
-    """
-    owner = model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT wraps the HF model
-    saved = owner.generation_config
-    owner.generation_config = GenerationConfig()
-    try:
-        yield
-    finally:
-        owner.generation_config = saved
-
-
-def _generation_config(
-    tree: PrefixTree, pad_id: int, max_new_tokens: int, do_sample: bool, **kwargs
-) -> GenerationConfig:
-    """A complete generation config: the caller's settings and neutral values for every other knob.
-
-    Fields left None would be filled from transformers' global defaults (``top_k=50``!), so the sampling knobs are
-    set explicitly when sampling; without sampling they are unused and left out (setting them only draws a
-    warning). Used together with :func:`_own_generation_defaults`.
-    """
-    config = dict(
-        max_new_tokens=max_new_tokens,
-        min_new_tokens=0,
-        num_beams=1,
-        num_return_sequences=1,
-        do_sample=do_sample,
-        early_stopping=False,
-        repetition_penalty=1.0,
-        encoder_repetition_penalty=1.0,
-        no_repeat_ngram_size=0,
-        length_penalty=1.0,
-        renormalize_logits=False,
-        remove_invalid_values=False,
-        use_cache=True,
-        pad_token_id=pad_id,
-        eos_token_id=tree.terminator_id,  # a sequence ends when it emits the terminator
-        bos_token_id=None,
-        return_dict_in_generate=True,
-        output_scores=False,
-    )
-    if do_sample:
-        config.update(temperature=1.0, top_k=0, top_p=1.0, typical_p=1.0, epsilon_cutoff=0.0, eta_cutoff=0.0)
-    config.update(kwargs)
-    return GenerationConfig(**config)
-
-
 def _left_pad(rows: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     """Left-pad token lists: input_ids and attention_mask [B, P]."""
     P = max(map(len, rows))
@@ -167,61 +73,6 @@ def _left_pad(rows: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor,
             ids[i, P - len(r) :] = torch.tensor(r)
             mask[i, P - len(r) :] = 1
     return ids.to(device), mask.to(device)
-
-
-def _beam_prompt_cache(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, num_beams: int):
-    """The KV cache of every prompt without its last token, encoded once per prompt and copied to its beams.
-
-    ``generate`` copies each prompt ``num_beams`` times before its first forward, so beam search encodes every
-    prompt ``num_beams`` times; when prompts are much longer than item titles that prefill is most of the work.
-    Handed this cache, ``generate`` runs only the uncached last prompt token. Positions follow the attention mask
-    as in ``generate`` (left padding), so the result is the same as without the cache.
-
-    Args:
-        input_ids, attention_mask: [B, P] left-padded prompts, P ≥ 2.
-
-    Returns:
-        a transformers ``Cache`` over [B * num_beams] rows (prompt b's copies next to each other, as ``generate``
-        orders beams), or None for a model that returns no copyable cache (``generate`` then encodes the prompts
-        itself: the same lists, only slower).
-    """
-    cache = _prompt_cache(model, input_ids, attention_mask)
-    if cache is not None:
-        cache.batch_repeat_interleave(num_beams)
-    return cache
-
-
-def _prompt_cache(model, input_ids: torch.Tensor, attention_mask: torch.Tensor):
-    """The KV cache of [B, P] left-padded prompts without their last token (positions from the attention mask,
-    as ``generate`` computes them), or None for a model that returns no cache that can be copied across rows."""
-    position_ids = (attention_mask.cumsum(-1) - 1).masked_fill(attention_mask == 0, 1)  # [B, P]
-    # logits_to_keep=1: only the cache is used; full-vocabulary logits of every prompt position would cost
-    # [B, P, V] floats (about 5 GB for 64 prompts of 130 tokens at a 152k vocabulary) and are never read
-    out = model(
-        input_ids=input_ids[:, :-1],
-        attention_mask=attention_mask[:, :-1],
-        position_ids=position_ids[:, :-1],
-        use_cache=True,
-        logits_to_keep=1,
-    )
-    cache = getattr(out, "past_key_values", None)
-    if not (hasattr(cache, "batch_repeat_interleave") and hasattr(cache, "batch_select_indices")):
-        return None
-    return cache
-
-
-def _sampling_prompt_cache(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, rows: np.ndarray):
-    """The prompt cache of a sampling batch whose rows repeat prompts: each distinct prompt is encoded once and its
-    cache copied to the rows that draw from it (`rows`: [B] prompt index of each row). None when no prompt repeats
-    (nothing to save) or the model returns no copyable cache; ``generate`` then encodes the rows itself."""
-    _, first, row_to_distinct = np.unique(rows, return_index=True, return_inverse=True)
-    if first.size == rows.size:
-        return None
-    first = torch.as_tensor(first, device=input_ids.device)
-    cache = _prompt_cache(model, input_ids[first], attention_mask[first])  # same P: the same prompts, padded alike
-    if cache is not None:
-        cache.batch_select_indices(torch.as_tensor(row_to_distinct, device=input_ids.device))
-    return cache
 
 
 def _tokenize(tokenizer, prompts: Sequence[str], add_special_tokens: bool) -> list[list[int]]:
@@ -271,6 +122,7 @@ def recommend(
     share_prompt_cache: bool = True,
     decoder: str = "trie",
     policy_support: str = "vocabulary",
+    guidance: tuple[torch.Tensor, float] | None = None,
 ) -> Recommendations:
     """Top-K items per prompt by trie-constrained beam search, many prompts per batch.
 
@@ -301,14 +153,17 @@ def recommend(
         add_special_tokens: passed to the tokenizer (False if `prompts` already contain BOS).
         show_progress: show a tqdm bar over batches.
         share_prompt_cache: ``decoder="generate"`` only: encode each prompt once and copy its KV cache to its
-            beams (see :func:`_beam_prompt_cache`) instead of letting ``generate`` encode it ``num_beams`` times;
-            same lists, less time. False forces plain ``generate`` (to compare). The trie decoder always encodes
-            each prompt once.
+            beams (:func:`~trl_flower.evaluation.generate_path.beam_prompt_cache`) instead of letting ``generate``
+            encode it ``num_beams`` times; same lists, less time. False forces plain ``generate`` (to compare). The
+            trie decoder always encodes each prompt once.
         decoder: ``"trie"`` (default) or ``"generate"`` (see above).
         policy_support: ``"vocabulary"`` (default): per-step log-probs over the whole vocabulary, the paper's
             scoring. ``"tree"`` (trie decoder only): the policy renormalised over each node's children (as
             ``FlowerConfig(flow_policy_support="tree")`` trains it); no vocabulary-wide pass, other lists (see
             docs/decoding.md).
+        guidance: guided decoding by an auxiliary recommender, as D3 does (normally set by
+            :func:`~trl_flower.baselines.d3.recommend_d3`): per-prompt item probabilities [U, num_items] and the
+            scale g of ``g · (score − cf) + cf``. None: no guidance.
 
     Returns:
         :class:`Recommendations` with [U, K] item ids, nodes and scores.
@@ -316,48 +171,6 @@ def recommend(
     Raises:
         ValueError: for invalid arguments (each message names the argument and the fix).
     """
-    return _recommend(
-        model,
-        tokenizer,
-        prompts,
-        tree,
-        top_k=top_k,
-        num_beams=num_beams,
-        batch_size=batch_size,
-        max_new_tokens=max_new_tokens,
-        length_penalty=length_penalty,
-        temperature=temperature,
-        titles=titles,
-        add_special_tokens=add_special_tokens,
-        show_progress=show_progress,
-        share_prompt_cache=share_prompt_cache,
-        decoder=decoder,
-        policy_support=policy_support,
-    )
-
-
-def _recommend(
-    model,
-    tokenizer,
-    prompts: Sequence[str],
-    tree: PrefixTree,
-    top_k: int = 10,
-    num_beams: int | None = None,
-    batch_size: int = 16,
-    max_new_tokens: int | None = None,
-    length_penalty: float = 1.0,
-    temperature: float = 1.0,
-    titles: Sequence[str] | None = None,
-    add_special_tokens: bool = True,
-    show_progress: bool = True,
-    share_prompt_cache: bool = True,
-    decoder: str = "trie",
-    policy_support: str = "vocabulary",
-    item_probs: torch.Tensor | None = None,
-    guidance_scale: float = 1.0,
-) -> Recommendations:
-    """:func:`recommend` plus D3 guidance: `item_probs` [U, num_items] SASRec probabilities per prompt and the
-    guidance scale (used by :func:`~trl_flower.baselines.d3.recommend_d3`)."""
     num_terminals = int(tree.is_terminal.sum()) if isinstance(tree, PrefixTree) else 0
     num_beams = top_k if num_beams is None else num_beams
     if not isinstance(top_k, int) or not 1 <= top_k <= num_terminals:
@@ -383,33 +196,41 @@ def _recommend(
     order = np.argsort([-len(r) for r in token_ids], kind="stable")  # longest first: memory peaks at once
     nodes = np.full((U, top_k), -1, dtype=np.int64)
     scores = np.zeros((U, top_k), dtype=np.float32)
-    decode = _generate_batch
-    parts = None
+    parts = None  # None: the generate path
     if decoder == "trie":
         parts = _checked_parts(model, torch.tensor([token_ids[order[0]]], device=device))
         if parts is None and policy_support == "tree":
             raise ValueError("policy_support='tree' needs a model whose logits are lm_head(decoder(x)); see warning")
-        decode = _generate_batch if parts is None else _trie_batch
-    settings = dict(
-        tree=tree,
-        parts=parts,
+    common = dict(
         num_beams=num_beams,
         top_k=top_k,
         max_new_tokens=max_new_tokens,
         length_penalty=float(length_penalty),
         temperature=float(temperature),
-        policy_support=policy_support,
-        pad_id=pad_id,
-        share_prompt_cache=share_prompt_cache,
-        guidance_scale=float(guidance_scale),
     )
+    g = 1.0 if guidance is None else float(guidance[1])
     starts = range(0, U, batch_size)
-    with torch.no_grad(), _own_generation_defaults(model):
+    with torch.no_grad(), generate_path.own_generation_defaults(model):
         for start in _progress(starts, len(starts), show_progress, "recommend"):
             rows = order[start : start + batch_size]  # [B] prompt indices
             input_ids, attention_mask = _left_pad([token_ids[i] for i in rows], pad_id, device)
-            probs = None if item_probs is None else item_probs[torch.as_tensor(rows)]  # [B, M]
-            batch_nodes, batch_scores = decode(model, input_ids, attention_mask, probs, **settings)
+            probs = None if guidance is None else torch.as_tensor(guidance[0])[torch.as_tensor(rows)]  # [B, M]
+            if parts is not None:
+                batch_nodes, batch_scores = _trie_batch(
+                    input_ids, attention_mask, tree, parts, policy_support, probs, g, **common
+                )
+            else:
+                batch_nodes, batch_scores = generate_path.beam_search_batch(
+                    model,
+                    input_ids,
+                    attention_mask,
+                    tree,
+                    pad_id=pad_id,
+                    share_prompt_cache=share_prompt_cache,
+                    item_probs=probs,
+                    guidance_scale=g,
+                    **common,
+                )
             nodes[rows] = batch_nodes.view(len(rows), top_k).cpu().numpy()
             scores[rows] = batch_scores.view(len(rows), top_k).cpu().numpy()
 
@@ -438,28 +259,25 @@ def _checked_parts(model, first_prompt: torch.Tensor) -> ModelParts | None:
 
 
 def _trie_batch(
-    model,
-    input_ids,
-    attention_mask,
-    probs,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    tree: PrefixTree,
+    parts: ModelParts,
+    policy_support: str,
+    probs: torch.Tensor | None,
+    guidance_scale: float,
     *,
-    tree,
-    parts,
-    num_beams,
-    top_k,
-    max_new_tokens,
-    length_penalty,
-    temperature,
-    policy_support,
-    guidance_scale,
-    **_,
+    num_beams: int,
+    top_k: int,
+    max_new_tokens: int,
+    length_penalty: float,
+    temperature: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One batch through the trie beam search: nodes and scores [B, top_k]."""
     guidance = None
     if probs is not None and guidance_scale != 1.0:
         guidance = Guidance(node_mass=tree.aggregate_to_nodes(probs.double()), scale=guidance_scale)
     out = trie_beam_search(
-        model,
         input_ids,
         attention_mask,
         tree,
@@ -473,61 +291,6 @@ def _trie_batch(
         guidance=guidance,
     )
     return out.nodes, out.scores
-
-
-def _generate_batch(
-    model,
-    input_ids,
-    attention_mask,
-    probs,
-    *,
-    tree,
-    num_beams,
-    top_k,
-    max_new_tokens,
-    length_penalty,
-    temperature,
-    pad_id,
-    share_prompt_cache,
-    guidance_scale,
-    **_,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """One batch through ``generate`` with the trie processor (and D3's guidance processor): nodes, scores [B*K]."""
-    config = _generation_config(
-        tree,
-        pad_id,
-        max_new_tokens,
-        False,
-        num_beams=num_beams,
-        num_return_sequences=top_k,
-        length_penalty=length_penalty,
-    )
-    P = input_ids.shape[1]
-    trie = TrieLogitsProcessor(tree, prompt_length=P)
-    recorder = _ScoreRecorder(trie)
-    processors = [trie]
-    if probs is not None:
-        from trl_flower.baselines.d3 import D3GuidanceProcessor
-
-        processors.append(D3GuidanceProcessor(tree, probs, guidance_scale, prompt_length=P))
-    processors.append(recorder)  # last: beam scores include temperature and guidance
-    if temperature != 1.0:
-        processors.insert(0, LogProbTemperatureProcessor(temperature))
-    shared = None  # None: generate encodes the prompts itself
-    if share_prompt_cache and P > 1:
-        shared = _beam_prompt_cache(model, input_ids, attention_mask, num_beams)
-    out = model.generate(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        generation_config=config,
-        logits_processor=LogitsProcessorList(processors),
-        past_key_values=shared,
-    )
-    generated = out.sequences[:, P:]  # [B*K, L]
-    batch_nodes, off_at = generated_nodes(tree, generated)  # [B*K]
-    if bool((off_at >= 0).any()):
-        raise RuntimeError("beam search produced a sequence outside the item tree (a bug: please report)")
-    return batch_nodes, recorder.sequence_scores(generated, out.beam_indices, length_penalty)
 
 
 def sample_items(
@@ -573,14 +336,14 @@ def sample_items(
     max_new_tokens = int(tree.item_length.max()) if max_new_tokens is None else max_new_tokens
     token_ids = _tokenize(tokenizer, prompts, add_special_tokens)
     pad_id, device = _pad_id(tokenizer, tree), _device(model)
-    config = _generation_config(tree, pad_id, max_new_tokens, True, temperature=float(temperature))
+    config = generate_path.generation_config(tree, pad_id, max_new_tokens, True, temperature=float(temperature))
 
     U = len(token_ids)
     row_prompt = np.repeat(np.arange(U), num_samples)  # [U*S] prompt of each row, samples of a prompt adjacent
     items = np.full(U * num_samples, -1, dtype=np.int64)
     starts = range(0, row_prompt.size, batch_size)
     devices = [device] if device.type == "cuda" else []
-    with torch.no_grad(), _own_generation_defaults(model), torch.random.fork_rng(devices=devices):
+    with torch.no_grad(), generate_path.own_generation_defaults(model), torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
         for start in _progress(starts, len(starts), show_progress, "sample"):
             rows = row_prompt[start : start + batch_size]
@@ -589,7 +352,7 @@ def sample_items(
             processor = TrieLogitsProcessor(tree, prompt_length=P, positive_flow_only=positive_flow_only)
             shared = None  # None: generate encodes the rows itself
             if share_prompt_cache and P > 1:
-                shared = _sampling_prompt_cache(model, input_ids, attention_mask, rows)
+                shared = generate_path.sampling_prompt_cache(model, input_ids, attention_mask, rows)
             out = model.generate(
                 input_ids=input_ids,
                 attention_mask=attention_mask,

@@ -92,8 +92,8 @@ class _Beams:
     token: torch.Tensor  # [A, K] last token of each running beam (the next forward's input)
 
 
+@torch.no_grad()
 def trie_beam_search(
-    model,
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor,
     tree: PrefixTree,
@@ -111,7 +111,6 @@ def trie_beam_search(
     """Trie-constrained beam search of a batch of prompts (see the module docstring).
 
     Args:
-        model: the causal LM (used only through `parts`; kept for symmetry with ``generate``).
         input_ids, attention_mask: [B, P] left-padded prompts.
         tree: the item prefix tree; a hypothesis ends when it emits ``tree.terminator_id``.
         parts: the model's decoder and linear head (:func:`~trl_flower.evaluation.output_head.split_model`).
@@ -129,7 +128,6 @@ def trie_beam_search(
     Returns:
         :class:`BeamSearchOutput` with [B, N] nodes and scores.
     """
-    del model  # the decoder and head in `parts` are the model
     if policy_support not in POLICY_SUPPORTS:
         raise ValueError(f"`policy_support` must be one of {POLICY_SUPPORTS}, got {policy_support!r}")
     B, K, device = input_ids.shape[0], num_beams, input_ids.device
