@@ -39,6 +39,7 @@ from dataclasses import dataclass
 
 import torch
 
+from trl_flower.baselines.d3 import guided_edge_scores
 from trl_flower.decoding import allowed_edges
 from trl_flower.evaluation.output_head import CHUNK_ELEMENTS, ModelParts, edge_logits, log_normalizer
 from trl_flower.tree import PrefixTree
@@ -151,8 +152,6 @@ def trie_beam_search(
         rows, tokens, children = allowed_edges(tree, row_node, tree.terminator_id)  # [E] each
         logp = step_log_probs(hidden, rows, tokens)  # [E] float32
         if guidance is not None:
-            from trl_flower.baselines.d3 import guided_edge_scores
-
             row_prompt = _row_prompts(beams, hidden.shape[0])  # [R] batch prompt of each row
             logp = guided_edge_scores(
                 logp, rows, children, tree.tensors(device).is_terminal[row_node], row_prompt, guidance
