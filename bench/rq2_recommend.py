@@ -32,6 +32,16 @@ Usage::
 
 To spread one seed's trainings over the cores, run the same command with ``--train-only`` in parallel processes
 (e.g. ``--train-only sft flower`` beside ``--train-only flower_lam0.001 ifair``), then once without it.
+
+``--distill-grid recipe.json`` adds Flower with distilled per-user rewards (``reward_variant="distill"``, see
+docs/tree_and_rewards.md): the recipe maps a setting name to `FlowerConfig` options plus ``"logits"`` (``"train"``:
+SASRec's in-sample ``train_logits.npy``; ``"oof"``: ``train_logits_oof.npy`` from ``trl-flower sasrec
+--oof-folds``). The first seed trains every setting and chooses one by valid NDCG@5 (method "Flower (distilled)");
+later seeds train the chosen one. ``--distill-report-all`` instead trains and tests every setting on every seed
+(e.g. the state-granularity study of RQ4). Checkpoint names: ``distill_<name>``.
+
+Every checkpoint records the training budget and options it was made with (``rq2_budget.json``); a later run
+with another budget or other options refuses to reuse it instead of silently reporting the old model.
 """
 
 from __future__ import annotations
@@ -76,7 +86,9 @@ PAPER_TABLE4: dict[str, dict[str, dict[str, float]]] = {
 PAPER_COLUMNS = ("NDCG@5", "HR@5", "DGU@10", "MGU@10", "H", "TTR")
 OUR_COLUMNS = (*PAPER_COLUMNS, "HR@10", "NDCG@10", "distinct_titles")
 SELECTION_METRIC = "NDCG@5"  # every valid-split choice maximises this (the first column of Table 4)
-METHOD_ORDER = ("SASRec", "BIGRec", "Temp", "D3", "IFairLRS", "Flower", "Flower (flow variant)")
+METHOD_ORDER = ("SASRec", "BIGRec", "Temp", "D3", "IFairLRS", "Flower", "Flower (flow variant)", "Flower (distilled)")
+DISTILLED = "Flower (distilled)"
+BUDGET_FILE = "rq2_budget.json"  # written into every checkpoint this script trains
 VARIANT = {"title_log_term": "flow", "flow_policy_support": "tree"}  # the library's consistent-flow option
 
 
@@ -152,6 +164,19 @@ def make_parser() -> argparse.ArgumentParser:
         help="λ of the Flower variant (default: the first --lambdas value)",
     )
     p.add_argument("--no-variant", action="store_true", help="skip the Flower variant (consistent flows)")
+    p.add_argument("--no-temp", action="store_true", help="skip Temp (temperature decoding of BIGRec)")
+    p.add_argument(
+        "--distill-grid",
+        default=None,
+        help="JSON recipe {name: {FlowerConfig options, 'logits': 'train'|'oof'}} of distilled-reward Flower\n"
+        "settings (reward_variant='distill'); chosen on valid by NDCG@5 like the other grids",
+    )
+    p.add_argument(
+        "--distill-report-all",
+        action="store_true",
+        help="train and test every --distill-grid setting on every seed (no valid choice), e.g. RQ4's\n"
+        "state granularities",
+    )
     p.add_argument("--no-ifair", action="store_true", help="skip IFairLRS")
     p.add_argument(
         "--sasrec-dir",
@@ -374,7 +399,10 @@ def train_flower(
     dataset = setup.train_rows.add_column("prompt", setup.prompts(tokenizer)).select_columns(
         ["prompt", "item_id", "row_index"]
     )
-    if flow_lambda > 0 and args.flower_reward_variant != "none":  # personalised rewards from SASRec's train logits
+    if "logits" in options:  # a distilled-reward setting: its own variant and logits source
+        options = {"reward_variant": "distill", **options}
+        options["preference_scores_path"] = str(distill_logits_path(args, options.pop("logits")))
+    elif flow_lambda > 0 and args.flower_reward_variant != "none":  # personalised rewards from SASRec train logits
         options = {
             "reward_variant": args.flower_reward_variant,
             "preference_scores_path": str(Path(args.sasrec_dir) / "train_logits.npy"),
@@ -402,6 +430,37 @@ def train_flower(
         trainer.model = trainer.model.merge_and_unload()
     trainer.save_model(str(out))
     tokenizer.save_pretrained(str(out))
+
+
+def distill_logits_path(args: argparse.Namespace, source: str) -> Path:
+    """SASRec's training-row logits of a distilled setting: in-sample (``train``) or out-of-fold (``oof``)."""
+    names = {"train": "train_logits.npy", "oof": "train_logits_oof.npy"}
+    if source not in names:
+        raise SystemExit(f"--distill-grid: 'logits' must be 'train' or 'oof', got {source!r}")
+    path = Path(args.sasrec_dir) / names[source]
+    if not path.is_file():
+        hint = " (run `trl-flower sasrec ... --oof-folds 5`)" if source == "oof" else ""
+        raise SystemExit(f"--distill-grid needs {path}{hint}")
+    metrics = Path(args.sasrec_dir) / "metrics.json"
+    if source == "oof" and "train_oof" not in json.loads(metrics.read_text() if metrics.is_file() else "{}").get(
+        "logits", {}
+    ):
+        # the out-of-fold file is written fold by fold; metrics.json lists it only once every fold is in
+        raise SystemExit(f"{path} is not finished ({metrics} does not list it yet): wait for `trl-flower sasrec`")
+    return path
+
+
+def load_distill_grid(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
+    """The ``--distill-grid`` recipe {name: options}, checked: every setting needs flow_lambda and logits."""
+    if not args.distill_grid:
+        return {}
+    grid = json.loads(Path(args.distill_grid).read_text())
+    grid = {k: v for k, v in grid.items() if not k.startswith("_")}  # "_comment" keys document the recipe
+    for name, options in grid.items():
+        missing = {"flow_lambda", "logits"} - set(options)
+        if missing:
+            raise SystemExit(f"--distill-grid {args.distill_grid}: setting {name!r} lacks {sorted(missing)}")
+    return grid
 
 
 def train_ifair(setup: Setup, init_dir: Path, out: Path, args: argparse.Namespace, seed: int) -> None:
@@ -438,9 +497,11 @@ def train_all(
     lambdas: list[float],
     timing: dict[str, float],
     on_core_ready=None,
+    distill_settings: dict[str, dict[str, Any]] | None = None,
 ) -> dict[str, Path]:
     """Train (or reuse) every LLM checkpoint of one seed; returns name -> directory. Order: SFT and the first λ
     first, so ``on_core_ready`` (the RQ3 hand-off) runs as early as possible."""
+    distill_settings = distill_settings or {}
     jobs: list[tuple[str, Any]] = [("sft", lambda out: train_flower(setup, init_dir, out, args, seed, 0.0))]
     for lam in lambdas:
         jobs.append((_flower_name(lam, args), lambda out, lam=lam: train_flower(setup, init_dir, out, args, seed, lam)))
@@ -452,6 +513,16 @@ def train_all(
         )
     if not args.no_ifair:
         jobs.append(("ifair", lambda out: train_ifair(setup, init_dir, out, args, seed)))
+    for name, options in distill_settings.items():
+        opts = {k: v for k, v in options.items() if k != "flow_lambda"}
+        jobs.append(
+            (
+                f"distill_{name}",
+                lambda out, lam=options["flow_lambda"], opts=opts: train_flower(
+                    setup, init_dir, out, args, seed, lam, **opts
+                ),
+            )
+        )
     if args.train_only is not None:
         unknown = sorted(set(args.train_only) - {name for name, _ in jobs})
         if unknown:
@@ -465,10 +536,14 @@ def train_all(
         out = seed_dir / (
             name if name != "flower_flow" or args.variant_lambda is None else f"flower_flow_lam{args.variant_lambda:g}"
         )
-        if not _done(out):
+        budget = training_record(args, seed, name, distill_settings)
+        if _done(out):
+            check_reuse(out, budget)
+        else:
             _log(f"seed {seed}: training {name} -> {out}")
             start = time.perf_counter()
             job(out)
+            (out / BUDGET_FILE).write_text(json.dumps(budget, indent=1, sort_keys=True) + "\n")
             timing[f"train_{name}"] = round(time.perf_counter() - start, 1)
             _log(f"seed {seed}: {name} trained in {timing[f'train_{name}']:.0f} s")
         dirs[name] = out
@@ -476,6 +551,43 @@ def train_all(
             on_core_ready(dirs)
             on_core_ready = None
     return dirs
+
+
+def training_record(
+    args: argparse.Namespace, seed: int, name: str, distill_settings: dict[str, dict[str, Any]]
+) -> dict[str, Any]:
+    """What a checkpoint was trained with: budget, rows, backbone and the method's own options."""
+    keys = ("epochs", "max_steps", "batch_size", "learning_rate", "warmup_steps", "train_rows", "backbone")
+    record: dict[str, Any] = {k: getattr(args, k) for k in keys}
+    record.update(seed=seed, checkpoint=name)
+    if args.backbone == "tiny":
+        record.update(hidden_size=args.hidden_size, num_layers=args.num_layers, vocab_size=args.vocab_size)
+    else:
+        record["lora_r"] = args.lora_r
+    if name.startswith("flower"):
+        record["flower_reward_variant"] = args.flower_reward_variant
+    if name.startswith("distill_"):
+        record["options"] = distill_settings[name.removeprefix("distill_")]
+    return record
+
+
+def check_reuse(out: Path, budget: dict[str, Any]) -> None:
+    """Refuse to reuse a finished checkpoint trained with another budget or other options (a sizing run with
+    --max-steps in the same --runs-dir must not become the reported model)."""
+    path = out / BUDGET_FILE
+    if not path.is_file():
+        raise SystemExit(
+            f"{out} is a finished checkpoint without {BUDGET_FILE}, so what it was trained with is unknown; delete "
+            "it or pass another --runs-dir"
+        )
+    recorded = json.loads(path.read_text())
+    if recorded != json.loads(json.dumps(budget, sort_keys=True)):
+        diff = {k: (recorded.get(k), budget.get(k)) for k in sorted(set(recorded) | set(budget))}
+        diff = {k: v for k, v in diff.items() if v[0] != v[1]}
+        changes = ", ".join(f"{k}: {a!r} there, {b!r} now" for k, (a, b) in diff.items())
+        raise SystemExit(
+            f"{out} was trained with other settings than this run's ({changes}); delete it or pass another --runs-dir"
+        )
 
 
 def _flower_name(lam: float, args: argparse.Namespace) -> str:
@@ -522,6 +634,7 @@ def evaluate(
         label=label,
         output_dir=str(out),
         no_progress=True,
+        export_official_json=True,  # predictions.json (the official JSON form) beside metrics.json
         prompt_mode=prompt_mode(args),
         **decoding,
     )
@@ -594,9 +707,15 @@ def choose(records: dict[Any, dict[str, Any]]) -> Any:
 
 
 def tune_on_valid(
-    dirs: dict[str, Path], seed_dir: Path, args: argparse.Namespace, lambdas: list[float], sasrec_valid: Path
+    dirs: dict[str, Path],
+    seed_dir: Path,
+    args: argparse.Namespace,
+    lambdas: list[float],
+    sasrec_valid: Path,
+    distill_names: list[str] = (),
 ) -> dict[str, Any]:
-    """Valid-split grid: Flower's λ, Temp's temperature, D3's guidance; returns the choices and every record."""
+    """Valid-split grid: Flower's λ, Temp's temperature, D3's guidance and the distilled settings; returns the
+    choices and every record."""
     ev = seed_dir / "eval_valid"
     rows = args.valid_rows
     grid: dict[str, dict[Any, dict[str, Any]]] = {"lambda": {}, "temperature": {}, "guidance": {}}
@@ -604,7 +723,12 @@ def tune_on_valid(
     for lam in lambdas:
         name = _flower_name(lam, args)
         grid["lambda"][lam] = evaluate(dirs[name], f"Flower λ={lam:g}", "valid", rows, ev / name, args)
-    for t in args.temperatures:
+    if distill_names:
+        grid["distill"] = {
+            n: evaluate(dirs[f"distill_{n}"], f"Flower distilled {n}", "valid", rows, ev / f"distill_{n}", args)
+            for n in distill_names
+        }
+    for t in [] if args.no_temp else args.temperatures:
         grid["temperature"][t] = evaluate(
             dirs["sft"], f"Temp T={t:g}", "valid", rows, ev / f"temp{t:g}", args, decoding="temp", temperature=t
         )
@@ -620,7 +744,7 @@ def tune_on_valid(
             sasrec_logits=str(sasrec_valid),
             guidance_scale=g,
         )
-    chosen = {name: choose(grid[name]) for name in ("lambda", "temperature", "guidance")}
+    chosen = {name: choose(grid[name]) for name in ("lambda", "temperature", "guidance", "distill") if grid.get(name)}
     _log(f"valid choices ({SELECTION_METRIC}): {chosen}")
     return {"chosen": chosen, "grid": {k: {str(x): r for x, r in v.items()} for k, v in grid.items()}}
 
@@ -631,12 +755,13 @@ def evaluate_test(
     """Every LLM method with its chosen setting on the test rows."""
     ev, rows = seed_dir / "eval_test", args.test_rows
     flower = _flower_name(chosen["lambda"], args)
-    out = {
-        "BIGRec": evaluate(dirs["sft"], "BIGRec", "test", rows, ev / "sft", args),
-        "Temp": evaluate(
+    out = {"BIGRec": evaluate(dirs["sft"], "BIGRec", "test", rows, ev / "sft", args)}
+    if "temperature" in chosen:
+        out["Temp"] = evaluate(
             dirs["sft"], "Temp", "test", rows, ev / "temp", args, decoding="temp", temperature=chosen["temperature"]
-        ),
-        "D3": evaluate(
+        )
+    out.update(
+        D3=evaluate(
             dirs["sft"],
             "D3",
             "test",
@@ -646,8 +771,8 @@ def evaluate_test(
             decoding="d3",
             sasrec_logits=str(sasrec_test),
             guidance_scale=chosen["guidance"],
-        ),
-    }
+        )
+    )
     if "ifair" in dirs:
         out["IFairLRS"] = evaluate(dirs["ifair"], "IFairLRS", "test", rows, ev / "ifair", args)
     out["Flower"] = evaluate(dirs[flower], "Flower", "test", rows, ev / flower, args)
@@ -655,6 +780,13 @@ def evaluate_test(
         out["Flower (flow variant)"] = evaluate(
             dirs["flower_flow"], "Flower (flow variant)", "test", rows, ev / dirs["flower_flow"].name, args
         )
+    distilled = sorted(d.removeprefix("distill_") for d in dirs if d.startswith("distill_"))
+    if args.distill_report_all:
+        for n in distilled:
+            out[f"{DISTILLED[:-1]}: {n})"] = evaluate(dirs[f"distill_{n}"], n, "test", rows, ev / f"distill_{n}", args)
+    elif "distill" in chosen:
+        n = chosen["distill"]
+        out[DISTILLED] = evaluate(dirs[f"distill_{n}"], DISTILLED, "test", rows, ev / f"distill_{n}", args)
     return out
 
 
@@ -676,7 +808,8 @@ def hand_off(dirs: dict[str, Path], seed_dir: Path) -> None:
 def summarise(per_seed: dict[int, dict[str, dict[str, Any]]]) -> dict[str, dict[str, Any]]:
     """Mean (and min/max over seeds) of every reported metric, per method."""
     out: dict[str, dict[str, Any]] = {}
-    methods = [m for m in METHOD_ORDER if any(m in r for r in per_seed.values())]
+    seen = list(dict.fromkeys(m for r in per_seed.values() for m in r))  # first-seen order
+    methods = [m for m in METHOD_ORDER if m in seen] + [m for m in seen if m not in METHOD_ORDER]
     for m in methods:
         runs = [r[m]["metrics"] for r in per_seed.values() if m in r]
         out[m] = {"seeds": len(runs)}
@@ -738,6 +871,7 @@ def to_markdown(report: dict[str, Any]) -> str:
         "the paper's SASRec DGU/MGU/H/TTR are from the top-1 item only, ours from the top-10 lists.",
         "",
     ]
+    lines += _criterion_lines(report)
     lines += _shares_table(report)
     lines += [
         "",
@@ -791,7 +925,7 @@ def run(args: argparse.Namespace) -> dict[str, Any] | None:
     ``--train-only`` (training only)."""
     import torch
 
-    from trl_flower.evaluation.plots import plot_group_shares
+    from trl_flower.evaluation.plots import plot_group_shares, plot_tradeoff
 
     if args.backbone != "tiny" and not args.no_ifair:  # before any training, not after hours of it
         raise SystemExit("IFairLRS is wired for the tiny backbone only: pass --no-ifair with --backbone smollm2")
@@ -800,6 +934,7 @@ def run(args: argparse.Namespace) -> dict[str, Any] | None:
     root = Path(args.runs_dir) / args.dataset
     sasrec_dir = Path(args.sasrec_dir)
     lambdas = list(args.lambdas)
+    distill_grid = load_distill_grid(args)
     setup = Setup(args)
     tok_dir = build_tokenizer_dir(setup, args, root)
     per_seed: dict[int, dict[str, dict[str, Any]]] = {}
@@ -811,6 +946,9 @@ def run(args: argparse.Namespace) -> dict[str, Any] | None:
         init_dir = build_init_dir(tok_dir, args, seed, seed_dir / "init")
         # later seeds train only the λ chosen on valid; with --train-only nothing is chosen, the names decide
         seed_lambdas = lambdas if i == 0 or args.train_only is not None else [tuning["chosen"]["lambda"]]
+        seed_distill = distill_grid
+        if i > 0 and args.train_only is None and not args.distill_report_all and "distill" in tuning["chosen"]:
+            seed_distill = {tuning["chosen"]["distill"]: distill_grid[tuning["chosen"]["distill"]]}
         dirs = train_all(
             setup,
             init_dir,
@@ -820,13 +958,21 @@ def run(args: argparse.Namespace) -> dict[str, Any] | None:
             seed_lambdas,
             timing[str(seed)],
             on_core_ready=(lambda d, sd=seed_dir: hand_off(d, sd)) if i == 0 else None,
+            distill_settings=seed_distill,
         )
         if args.train_only is not None:
             _log(f"seed {seed}: trained {', '.join(dirs)} (--train-only; wall times {timing[str(seed)]})")
             continue
         if i == 0:
             start = time.perf_counter()
-            tuning = tune_on_valid(dirs, seed_dir, args, lambdas, sasrec_dir / "valid_logits.npy")
+            tuning = tune_on_valid(
+                dirs,
+                seed_dir,
+                args,
+                lambdas,
+                sasrec_dir / "valid_logits.npy",
+                [] if args.distill_report_all else list(distill_grid),
+            )
             timing[str(seed)]["valid_grid"] = round(time.perf_counter() - start, 1)
         start = time.perf_counter()
         per_seed[seed] = {"SASRec": evaluate_sasrec_rows(setup, args, "test", args.test_rows)}
@@ -849,6 +995,13 @@ def run(args: argparse.Namespace) -> dict[str, Any] | None:
         title=f"{args.dataset}: top-10 popularity-group shares (test, seed {args.seeds[0]})",
         path=plot,
     )
+    frontier = results_dir / f"{stem}_frontier.png"
+    plot_tradeoff(
+        {m: [(r[m]["metrics"]["NDCG@5"], r[m]["metrics"]["DGU@10"]) for r in per_seed.values() if m in r]
+         for m in summarise(per_seed)},
+        title=f"{args.dataset} test: one small marker per seed, large = mean",
+        path=frontier,
+    )  # fmt: skip
     report = _report(
         args,
         setup,
@@ -860,6 +1013,8 @@ def run(args: argparse.Namespace) -> dict[str, Any] | None:
         time.perf_counter() - wall_start,
         tokenizer_stats(tok_dir, setup.data.items),
     )
+    report["files"]["frontier"] = str(frontier)
+    report["criterion"] = distilled_criterion(per_seed)
     (results_dir / f"{stem}.json").write_text(json.dumps(report, indent=1, default=float))
     (results_dir / f"{stem}.md").write_text(to_markdown(report))
     _log(f"wrote {results_dir / stem}.json/.md and {plot}")
@@ -922,6 +1077,56 @@ def _report(
         "wall_time_s": {**timing, "total": round(wall, 1)},
         "load_average_end": round(os.getloadavg()[0], 2),
     }
+
+
+def distilled_criterion(per_seed: dict[int, dict[str, dict[str, Any]]]) -> dict[str, Any] | None:
+    """The pre-registered success criterion of the distilled Flower (issue 20): on every seed, NDCG@5 ≥ 1.1 ×
+    BIGRec's and DGU@10 ≤ 0.7 × BIGRec's; also its NDCG@5 relative to D3 (decode-time SASRec guidance)."""
+    seeds = {s: r for s, r in per_seed.items() if DISTILLED in r}
+    if not seeds:
+        return None
+    rows = {}
+    for seed, r in seeds.items():
+        ours, base, d3 = (r[m]["metrics"] if m in r else None for m in (DISTILLED, "BIGRec", "D3"))
+        ndcg, dgu = _ratio(ours["NDCG@5"], base["NDCG@5"]), _ratio(ours["DGU@10"], base["DGU@10"])
+        rows[str(seed)] = {
+            "NDCG@5 / BIGRec": round(ndcg, 3),
+            "DGU@10 / BIGRec": round(dgu, 3),
+            "NDCG@5 / D3": round(_ratio(ours["NDCG@5"], d3["NDCG@5"]), 3) if d3 else None,
+            "accuracy holds": ndcg >= 1.1,
+            "fairness holds": dgu <= 0.7,
+        }
+    return {
+        "rule": "NDCG@5 >= 1.1 x BIGRec and DGU@10 <= 0.7 x BIGRec on every seed",
+        "per_seed": rows,
+        "holds": all(v["accuracy holds"] and v["fairness holds"] for v in rows.values()),
+    }
+
+
+def _ratio(a: float, b: float) -> float:
+    """a / b, NaN when both are 0 (no hit anywhere: nothing to compare), inf when only b is."""
+    return a / b if b else (float("nan") if a == 0 else float("inf"))
+
+
+def _criterion_lines(report: dict[str, Any]) -> list[str]:
+    crit = report.get("criterion")
+    if not crit:
+        return []
+    lines = [
+        "## Pre-registered criterion: distilled Flower against BIGRec",
+        "",
+        f"Rule: {crit['rule']}. **{'Holds' if crit['holds'] else 'Does not hold'}.** "
+        f"Frontier plot: `{Path(report['files']['frontier']).name}`.",
+        "",
+        "| seed | NDCG@5 / BIGRec | DGU@10 / BIGRec | NDCG@5 / D3 | accuracy ≥ 1.1× | fairness ≤ 0.7× |",
+        "|---|---|---|---|---|---|",
+    ]
+    for seed, v in crit["per_seed"].items():
+        lines.append(
+            f"| {seed} | {v['NDCG@5 / BIGRec']} | {v['DGU@10 / BIGRec']} | {v['NDCG@5 / D3']} | "
+            f"{'yes' if v['accuracy holds'] else 'no'} | {'yes' if v['fairness holds'] else 'no'} |"
+        )
+    return [*lines, ""]
 
 
 def budget_text(max_steps: int, epochs: float) -> str:

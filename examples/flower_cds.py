@@ -1,51 +1,48 @@
 # Copyright the trl-flower authors. Apache-2.0.
-"""Flower on Amazon CDs_and_Vinyl (paper Table 2): train, evaluate with constrained beam search, save the checkpoint.
+"""Flower on Amazon CDs_and_Vinyl (paper Table 4): train through `trl-flower train`'s path, evaluate, save.
 
-GPUs (the paper's setting, recipe in examples/recipes/flower_cds.yaml: Qwen2.5-1.5B-Instruct, λ = 0.005, lr 3e-4,
-global batch 128 = per-device 4 × accumulation 4 × 8 GPUs, 7 epochs, bf16):
+A thin script over `trl_flower.cli.train.run` (which builds the run with `trl_flower.run.train`): the same arguments
+as `trl-flower train` plus a constrained beam-search evaluation of the saved model (its metrics go into
+``eval_results.json`` and the model card) and an optional tiny model for CPU runs.
 
+GPUs (the paper's setting, recipe in examples/recipes/flower_cds.yaml: Qwen2.5-1.5B-Instruct, div_s rewards with
+SASRec scores, λ = 0.005, lr 3e-4, global batch 128 = per-device 4 × accumulation 4 × 8 GPUs, 7 epochs, bf16):
+
+    trl-flower sasrec --data CDs_and_Vinyl --output_dir outputs/sasrec-cds
     accelerate launch --config_file examples/accelerate/zero2.yaml --num_processes 8 examples/flower_cds.py \\
         --config examples/recipes/flower_cds.yaml
 
-CPU smoke run (2 processes, ZeRO-3, a tiny model built from the catalogue text; docs/distributed.md):
+CPU smoke run of the same recipe (2 processes, ZeRO-3, a tiny model built from the catalogue text, random stand-in
+SASRec scores for the first 64 training rows; docs/distributed.md):
 
+    python -c "import numpy as np; np.save('scores.npy', np.random.default_rng(0).normal(size=(64, 5841)))"
     accelerate launch --config_file examples/accelerate/zero3.yaml examples/flower_cds.py \\
-        --config examples/recipes/flower_cds.yaml --build_tiny_model --bf16 false \\
-        --max_train_rows 64 --max_steps 2 --per_device_train_batch_size 4 --gradient_accumulation_steps 1 \\
-        --eval_rows 8 --output_dir outputs/flower-cds-tiny
+        --config examples/recipes/flower_cds.yaml --build_tiny_model --bf16 false --dtype float32 \\
+        --preference_scores_path scores.npy --max_train_rows 64 --max_steps 2 --per_device_train_batch_size 4 \\
+        --gradient_accumulation_steps 1 --eval_rows 8 --output_dir outputs/flower-cds-tiny
 
-The saved directory (`<output_dir>/checkpoint-final`) is a plain Hugging Face model directory (plus the prefix tree
-and flower_config.json) that `examples/dpo_from_flower.py` and `examples/rloo_from_flower.py` start from.
+The saved directory (``--output_dir``) is a plain Hugging Face model directory (plus the prefix tree, the Flower
+record and a model card) that `examples/dpo_from_flower.py` and `examples/rloo_from_flower.py` start from.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-FINAL_DIR = "checkpoint-final"
+from trl_flower.cli.train import TrainScriptArguments
+
 TINY_DIR = "tiny-init"
 
 
 @dataclass
-class ScriptArguments:
-    """Data, evaluation and tiny-model arguments of the CDs experiment (training arguments: `FlowerConfig`)."""
+class ScriptArguments(TrainScriptArguments):
+    """`trl-flower train`'s script arguments plus the evaluation and the tiny model of this example."""
 
-    dataset_name: str = field(
-        default="CDs_and_Vinyl",
-        metadata={"help": "Dataset directory name under <data_root>/amazon/ (or a path to a dataset directory)."},
-    )
-    data_root: str | None = field(
-        default=None, metadata={"help": "Data root; default $TRL_FLOWER_DATA, else ../shared/data."}
-    )
-    max_train_rows: int | None = field(
-        default=None, metadata={"help": "Use only the first N training rows (CPU smoke runs). Default: all rows."}
-    )
-    eval_split: str = field(default="test", metadata={"help": "Split to evaluate on after training (valid or test)."})
+    eval_split: str = field(default="test", metadata={"help": "Split to evaluate the saved model on (valid or test)."})
     eval_rows: int = field(
         default=-1, metadata={"help": "Evaluate on the first N rows of eval_split; -1 = all, 0 = skip evaluation."}
     )
@@ -64,7 +61,7 @@ class ScriptArguments:
 
 
 def make_parser(subparsers: argparse._SubParsersAction | None = None):
-    """The `TrlParser` over (ScriptArguments, FlowerConfig, ModelConfig); a subcommand parser if `subparsers`."""
+    """The `TrlParser` over (ScriptArguments, FlowerConfig, ModelConfig), with Flower's defaults."""
     from trl import ModelConfig, TrlParser
 
     from trl_flower import FlowerConfig
@@ -82,14 +79,16 @@ def _log(message: str) -> None:
         print(f"[flower_cds] {message}", flush=True)
 
 
-def build_tiny_model(script_args: ScriptArguments, data, out_dir: Path) -> Path:
+def build_tiny_model(script_args: ScriptArguments, out_dir: Path) -> Path:
     """Rank 0 builds the tiny model into `out_dir` (atomically); the other local ranks wait for it."""
     if (out_dir / "config.json").is_file():
         return out_dir
     if os.environ.get("LOCAL_RANK", "0") == "0":
+        from trl_flower.data import load_amazon
         from trl_flower.data.prompts import PromptBuilder
         from trl_flower.tiny import save_tiny_model
 
+        data = load_amazon(script_args.dataset_name, data_root=script_args.data_root, splits=("train",))
         builder = PromptBuilder.from_dataset(data.name)
         text = [builder.user_message(h) for h in data.splits["train"]["history_item_title"][:400]]
         tmp = out_dir.with_name(out_dir.name + f".tmp{os.getpid()}")
@@ -110,112 +109,57 @@ def build_tiny_model(script_args: ScriptArguments, data, out_dir: Path) -> Path:
     return out_dir
 
 
-def main(script_args: ScriptArguments, training_args, model_args) -> dict:
-    import numpy as np
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from trl import get_peft_config
+def evaluate_saved_run(script_args: ScriptArguments, out: Path) -> dict:
+    """Constrained beam search of the saved model on `eval_split` (`trl-flower evaluate`'s library call)."""
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
-    from trl_flower import FlowerTrainer
-    from trl_flower.data import load_amazon
-    from trl_flower.data.popularity import history_item_counts, popularity_from_histories
-    from trl_flower.data.prompts import PromptBuilder, check_prompt_tokenization
+    from trl_flower.cli.evaluate import EvaluateArguments, run_evaluation
+
+    unset_hf_deepspeed_config()  # else from_pretrained enters zero.Init, a collective the other ranks never join
+    result = run_evaluation(
+        EvaluateArguments(
+            model=str(out),
+            data=script_args.dataset_name,
+            data_root=script_args.data_root,
+            split=script_args.eval_split,
+            max_rows=max(script_args.eval_rows, 0),
+            top_k=script_args.eval_top_k,
+            batch_size=script_args.eval_batch_size,
+            prompt_mode=script_args.prompt_mode,
+            category=script_args.category,
+            output_dir=str(out / "eval"),
+            no_progress=True,
+        )
+    )
+    return {"split": script_args.eval_split, **result["metrics"]}
+
+
+def main(script_args: ScriptArguments, training_args, model_args) -> dict:
+    """Train and save through `trl_flower.cli.train.run`, then evaluate the saved model on the main process."""
+    from trl_flower.checkpoint import model_card_path
+    from trl_flower.cli.train import run
     from trl_flower.distributed import finish_distributed
-    from trl_flower.tree import PrefixTree
+    from trl_flower.model_card import append_section, evaluation_section
 
     start = time.time()
-    data = load_amazon(script_args.dataset_name, data_root=script_args.data_root)
-    train_split = data.splits["train"]
-    if script_args.max_train_rows is not None:
-        train_split = train_split.select(range(min(script_args.max_train_rows, train_split.num_rows)))
-    # Rewards and popularity groups always come from the full training split (the catalogue's statistics).
-    full_train = data.splits["train"]
-    counts = history_item_counts(full_train["history_item_id"], data.num_items)  # [M] R(i)
-    popularity = popularity_from_histories(full_train["history_item_title"])
-    _log(f"{data.name}: {data.num_items} items, {train_split.num_rows} training rows")
-
-    model_path = model_args.model_name_or_path
     if script_args.build_tiny_model:
-        model_path = str(build_tiny_model(script_args, data, Path(training_args.output_dir) / TINY_DIR))
-        _log(f"tiny model: {model_path}")
-    if model_path is None:
-        raise ValueError("set --model_name_or_path (a hub id or a local model directory) or --build_tiny_model")
-    tokenizer = AutoTokenizer.from_pretrained(model_path, padding_side="left", revision=model_args.model_revision)
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-
-    builder = PromptBuilder.from_dataset(data.name, mode="chat", tokenizer=tokenizer)
-    check_prompt_tokenization(
-        tokenizer, [builder(h) for h in train_split["history_item_title"][:3]], data.items, tokenizer.eos_token_id
-    )
-    eval_tree = PrefixTree.from_titles(data.items, tokenizer)
-    # Flower's outcome reward: interaction counts in training histories, +1 so that every item stays reachable.
-    train_tree = eval_tree.with_rewards(counts.astype(np.float64) + 1.0)
-    # Decoding never needs more than the longest item path (title tokens + terminator).
-    training_args.max_completion_length = int(train_tree.item_length.max())
-    training_args.model_init_kwargs = {
-        **(training_args.model_init_kwargs or {}),
-        **({"dtype": model_args.dtype} if model_args.dtype else {}),
-        **({"attn_implementation": model_args.attn_implementation} if model_args.attn_implementation else {}),
-    }
-    train_ds = train_split.map(
-        lambda batch: {"prompt": [builder(h) for h in batch["history_item_title"]]},
-        batched=True,
-        remove_columns=["history_item_id", "history_item_title", "item_title"],
-        desc="prompts",
-    )
-
-    trainer = FlowerTrainer(
-        model=model_path,
-        tree=train_tree,
-        args=training_args,
-        train_dataset=train_ds,
-        processing_class=tokenizer,
-        item_groups=popularity.item_groups(data.items),
-        peft_config=get_peft_config(model_args),
-    )
-    result = trainer.train()
-    final_dir = Path(training_args.output_dir) / FINAL_DIR
-    trainer.save_model(str(final_dir))  # ZeRO-3: 16-bit weights gathered on save (zero3_save_16bit_model)
+        model_args.model_name_or_path = str(build_tiny_model(script_args, Path(training_args.output_dir) / TINY_DIR))
+        _log(f"tiny model: {model_args.model_name_or_path}")
+    trained = run(script_args, training_args, model_args)
+    out = trained.output_dir
     train_time = time.time() - start
-    _log(f"trained {result.global_step} steps in {train_time:.1f} s; checkpoint: {final_dir}")
+    _log(f"trained {trained.trainer.state.global_step} steps in {train_time:.1f} s; saved to {out}")
 
-    report = {"checkpoint": str(final_dir), "train": result.metrics, "train_wall_s": round(train_time, 1)}
-    if trainer.is_world_process_zero() and script_args.eval_rows != 0:
-        # Evaluate the *saved* checkpoint in one process: it checks that the directory loads as a plain model, and
-        # constrained beam search must not run on ZeRO-3-partitioned parameters.
-        from trl_flower.evaluation.metrics import recommendation_metrics
-        from trl_flower.evaluation.recommend import recommend
-
-        split = data.splits[script_args.eval_split]
-        if script_args.eval_rows > 0:
-            split = split.select(range(min(script_args.eval_rows, split.num_rows)))
-        from transformers.integrations.deepspeed import unset_hf_deepspeed_config
-
-        unset_hf_deepspeed_config()  # else from_pretrained enters zero.Init, a collective the other ranks never join
-        model = AutoModelForCausalLM.from_pretrained(final_dir, dtype="auto").to(trainer.accelerator.device).eval()
-        prompts = [builder(h) for h in split["history_item_title"]]
-        top_k = script_args.eval_top_k
-        rec = recommend(
-            model,
-            tokenizer,
-            prompts,
-            eval_tree,
-            top_k=top_k,
-            batch_size=script_args.eval_batch_size,
-            titles=data.items,
-            show_progress=False,
-        )
-        ks = tuple(k for k in (1, 5, 10) if k <= top_k)
-        metrics = recommendation_metrics(
-            rec.titles, split["item_title"], popularity, data.items, ks=ks, fairness_ks=(top_k,)
-        )
-        report["eval"] = {"split": script_args.eval_split, "rows": split.num_rows, **metrics}
-        (final_dir / "eval_results.json").write_text(json.dumps(report, indent=2, default=float) + "\n")
-        _log(
-            "eval "
-            + ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in report["eval"].items())
-        )
-    trainer.accelerator.wait_for_everyone()
+    report = {"checkpoint": str(out), "train": trained.result.metrics, "train_wall_s": round(train_time, 1)}
+    if trained.trainer.is_world_process_zero() and script_args.eval_rows != 0:
+        # Evaluate the *saved* directory in one process: it checks that it loads as a plain model, and constrained
+        # beam search must not run on ZeRO-3-partitioned parameters.
+        report["eval"] = evaluate_saved_run(script_args, out)
+        trained.trainer.save_metrics("eval", report["eval"])  # <output_dir>/eval_results.json, as HF scripts do
+        section = evaluation_section(report["eval"], f"Evaluation ({script_args.eval_split})")
+        append_section(model_card_path(out), section)
+        _log("eval " + ", ".join(f"{k}={v:.4f}" for k, v in report["eval"].items() if isinstance(v, float)))
+    trained.trainer.accelerator.wait_for_everyone()
     finish_distributed()
     return report
 

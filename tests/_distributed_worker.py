@@ -63,11 +63,8 @@ def main(spec_path: str) -> None:
     import torch
     from datasets import Dataset
     from transformers import AutoTokenizer
-    from trl import GRPOTrainer
 
     from trl_flower import FlowerConfig, FlowerTrainer
-    from trl_flower._trl_compat import constrained_generate
-    from trl_flower.decoding import TrieLogitsProcessor
     from trl_flower.tree import PrefixTree
 
     torch.set_num_threads(1)
@@ -81,16 +78,12 @@ def main(spec_path: str) -> None:
     records: list[dict] = []
 
     class RecordingTrainer(FlowerTrainer):
-        def _generate_single_turn(self, prompt_ids, *a, **kw):
+        def rollout_logits_processor(self, prompt_length=None):
+            # the one rollout hook (trl_flower.rollout): the trie processor, then per-row Gumbel noise
+            trie = super().rollout_logits_processor(prompt_length)
             if not gumbel:
-                return super()._generate_single_turn(prompt_ids, *a, **kw)
-
-            def processors():
-                trie = TrieLogitsProcessor(tree, finished_token_id=self._finished_token_id, positive_flow_only=True)
-                return _Chain(trie, GumbelPerRow(tokenizer.pad_token_id, self.state.global_step))
-
-            with constrained_generate(self.accelerator.unwrap_model(self.model_wrapped), processors):
-                return GRPOTrainer._generate_single_turn(self, prompt_ids, *a, **kw)
+                return trie
+            return _Chain(trie, GumbelPerRow(tokenizer.pad_token_id, self.state.global_step))
 
         def _generate_and_score_completions(self, inputs):
             # GRPO's generate path (do_sample=False disables FlowerTrainer's in-loss-step sampler): the batch holds

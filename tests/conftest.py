@@ -84,3 +84,15 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "trl112" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def baseline_checkpoints(tmp_path_factory, tiny_model_dir, tiny_tokenizer, tiny_titles) -> dict[str, Path]:
+    """Two saved runs to start baselines from: "flower" (λ = 0.5) and its SFT twin "sft" (λ = 0); see baseline_setup."""
+    from baseline_setup import save_checkpoint
+
+    root = tmp_path_factory.mktemp("baseline-checkpoints")
+    return {
+        name: save_checkpoint(root / name, tiny_model_dir, tiny_tokenizer, tiny_titles, lam)
+        for name, lam in (("flower", 0.5), ("sft", 0.0))
+    }

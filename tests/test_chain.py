@@ -12,10 +12,10 @@ import math
 
 import pytest
 import torch
+import trl
 
-trl = pytest.importorskip("trl")
-
-from trl_flower.chain import (  # noqa: E402
+from trl_flower import checkpoint
+from trl_flower.chain import (
     PPO_TRL_VERSIONS,
     PPOUnavailableError,
     TreeRewardScorer,
@@ -24,8 +24,8 @@ from trl_flower.chain import (  # noqa: E402
     require_ppo,
     set_reference_policy,
 )
-from trl_flower.rewards import PrefixTreeRewardModel  # noqa: E402
-from trl_flower.tree import PrefixTree  # noqa: E402
+from trl_flower.rewards import PrefixTreeRewardModel
+from trl_flower.tree import PrefixTree
 
 TRL_MINOR = ".".join(trl.__version__.split(".")[:2])
 HAS_PPO = TRL_MINOR in PPO_TRL_VERSIONS
@@ -95,7 +95,7 @@ def init_dir(demo_dir):
 
 @pytest.fixture(scope="module")
 def tree(flower_checkpoint):
-    return PrefixTree.load(flower_checkpoint / "prefix_tree.npz")
+    return checkpoint.load_tree(flower_checkpoint)
 
 
 @pytest.fixture(scope="module")
@@ -120,14 +120,12 @@ def _unwrapped(trainer, model):
 
 
 def test_flower_checkpoint_is_a_plain_model_dir_with_its_tree(flower_checkpoint, init_dir, tiny_model_dir):
-    import json
-
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     assert AutoTokenizer.from_pretrained(flower_checkpoint).chat_template
-    info = json.loads((flower_checkpoint / "flower_config.json").read_text())
-    assert info["flow_lambda"] == 0.5 and info["tree_file"] == "prefix_tree.npz"
-    assert PrefixTree.load(flower_checkpoint / info["tree_file"]).item_rewards.tolist() == COUNTS
+    info = checkpoint.read_record(flower_checkpoint)
+    assert info["flow_lambda"] == 0.5 and info["tree_file"] == checkpoint.TREE_FILE
+    assert checkpoint.load_tree(flower_checkpoint).item_rewards.tolist() == COUNTS
     dirs = (flower_checkpoint, init_dir, tiny_model_dir)
     flower, sft, start = (AutoModelForCausalLM.from_pretrained(d) for d in dirs)
     assert not _same_weights(flower, start) and not _same_weights(flower, sft)

@@ -7,12 +7,9 @@ import dataclasses
 import re
 
 import pytest
+from trl import GRPOConfig
 
-pytest.importorskip("trl")
-
-from trl import GRPOConfig  # noqa: E402
-
-from trl_flower.config import FLOW_LOSSES, FlowerConfig  # noqa: E402
+from trl_flower.config import FLOW_LOSSES, FlowerConfig
 
 # a config never writes to output_dir
 BASE = dict(output_dir="unused-flower-config-test")
@@ -116,7 +113,8 @@ def test_cli_parsing():
         ({"flow_lambda": float("nan")}, r"flow_lambda=nan is outside"),
         ({"flow_loss": "subtb"}, "flow_loss='subtb' is not one of"),
         ({"subtb_lambda": -1.0}, "subtb_lambda=-1.0 must be a finite number >= 0"),
-        ({"nonterminal_log_term": float("-inf")}, "nonterminal_log_term=-inf must be finite"),
+        ({"nonterminal_log_term": float("-inf")}, "nonterminal_log_term=-inf must be a finite number < 0"),
+        ({"nonterminal_log_term": 5.0}, "nonterminal_log_term=5.0 must be a finite number < 0"),
         ({"title_log_term": "exact"}, "title_log_term='exact' is not 'official' or 'flow'"),
         ({"reward_variant": "div"}, "reward_variant='div' is not one of"),
         ({"reward_variant": "div_s"}, "preference_scores_path is not set"),

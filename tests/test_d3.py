@@ -192,9 +192,9 @@ def eval_data(tmp_path_factory, tiny_titles):
 
 
 def evaluate_cli(argv):
-    from trl_flower.cli.evaluate import main, make_parser
+    from trl_flower.cli.evaluate import main
 
-    return main(make_parser().parse_args(argv))
+    return main(argv)
 
 
 def test_evaluate_decoding_d3_and_temp(tiny_model_dir, eval_data, tmp_path, capsys):

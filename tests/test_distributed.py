@@ -223,8 +223,13 @@ def test_zero3_matches_single_process(runs_dir, single_run, tiny_model_dir, tiny
 
 @requires_deepspeed
 def test_flower_cds_zero3_checkpoint_chains_into_dpo(runs_dir, data_dir):
-    """The documented CPU commands: examples/flower_cds.py under ZeRO-3 (2 processes), then DPO from its output."""
+    """The documented CPU commands: examples/flower_cds.py with the paper's recipe (tiny model, stand-in SASRec
+    scores) under ZeRO-3 (2 processes), then DPO from its output through `trl-flower train --method dpo`."""
+    import numpy as np
+
     out = runs_dir / "flower-cds"
+    scores = runs_dir / "stand_in_scores.npy"  # the recipe's div_s rewards read SASRec logits of the training rows
+    np.save(scores, np.random.default_rng(0).normal(size=(32, 5841)).astype(np.float32))
     run(
         accelerate_cmd(
             "zero3",
@@ -236,6 +241,10 @@ def test_flower_cds_zero3_checkpoint_chains_into_dpo(runs_dir, data_dir):
             "--build_tiny_model",
             "--bf16",
             "false",
+            "--dtype",
+            "float32",
+            "--preference_scores_path",
+            str(scores),
             "--max_train_rows",
             "32",
             "--max_steps",
@@ -251,16 +260,19 @@ def test_flower_cds_zero3_checkpoint_chains_into_dpo(runs_dir, data_dir):
         ),
         runs_dir / "flower-cds.log",
     )
-    checkpoint = out / "checkpoint-final"
-    report = json.loads((checkpoint / "eval_results.json").read_text())
-    assert report["eval"]["num_users"] == 4 and report["eval"]["invalid"] == 0  # constrained beams: catalogue titles
+    report = json.loads((out / "eval_results.json").read_text())
+    assert report["num_users"] == 4 and report["invalid"] == 0  # constrained beams: catalogue titles
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(checkpoint)  # a plain HF directory: no DeepSpeed, no zero_to_fp32
-    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    from trl_flower import checkpoint
+
+    model = AutoModelForCausalLM.from_pretrained(out)  # a plain HF directory: no DeepSpeed, no zero_to_fp32
+    tokenizer = AutoTokenizer.from_pretrained(out)
     assert type(model).__name__ == "Qwen2ForCausalLM" and tokenizer.chat_template
     assert all(p.isfinite().all() for p in model.parameters())
+    assert checkpoint.read_record(out)["reward_variant"] == "div_s"
+    assert "## Evaluation (test)" in checkpoint.model_card_path(out).read_text()
 
     dpo_out = runs_dir / "dpo"
     run(
@@ -268,7 +280,7 @@ def test_flower_cds_zero3_checkpoint_chains_into_dpo(runs_dir, data_dir):
             None,
             REPO / "examples" / "dpo_from_flower.py",
             "--flower_checkpoint",
-            str(checkpoint),
+            str(out),
             "--data_root",
             str(data_dir),
             "--max_train_rows",
@@ -288,5 +300,5 @@ def test_flower_cds_zero3_checkpoint_chains_into_dpo(runs_dir, data_dir):
         ),
         runs_dir / "dpo.log",
     )
-    dpo = AutoModelForCausalLM.from_pretrained(dpo_out / "checkpoint-final")
-    assert dpo.config.vocab_size == model.config.vocab_size
+    dpo = AutoModelForCausalLM.from_pretrained(dpo_out)
+    assert dpo.config.vocab_size == model.config.vocab_size and checkpoint.has_tree(dpo_out)

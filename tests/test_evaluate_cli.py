@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from trl_flower.cli import SUBCOMMANDS
+from trl_flower import checkpoint
 from trl_flower.cli.evaluate import EvaluateArguments, command_line, make_parser
 from trl_flower.cli.evaluate import main as evaluate_main
 from trl_flower.data.popularity import popularity_from_histories
@@ -32,9 +32,14 @@ FAST = ["--top-k", "5", "--num-threads", "1", "--no-progress"]
 
 
 def cli(argv: list[str]) -> int:
-    """`trl-flower evaluate ...` through this subcommand's own parser (other subcommands are not imported)."""
-    assert argv[0] == "evaluate" and SUBCOMMANDS["evaluate"] == "evaluate"
-    return evaluate_main(make_parser().parse_args(argv[1:]))
+    """`trl-flower evaluate ...` through this subcommand's own `main` (other subcommands are not imported)."""
+    assert argv[0] == "evaluate"
+    return evaluate_main(argv[1:])
+
+
+def parsed(argv: list[str]) -> EvaluateArguments:
+    (args,) = make_parser().parse_args_and_config(argv)
+    return args
 
 
 def write_split(path: Path, rows: list[tuple[list[int], int]], titles: list[str]) -> None:
@@ -140,7 +145,7 @@ def test_recommend_end_to_end(recommend_run, dataset_dir, tiny_titles):
 
     # provenance: the command reproduces the settings; resolved values are recorded
     assert saved["command"].startswith("trl-flower evaluate --model ")
-    assert make_parser().parse_args(shlex.split(saved["command"])[2:]) == make_parser().parse_args(argv[1:])
+    assert parsed(shlex.split(saved["command"])[2:]) == parsed(argv[1:])
     settings = saved["settings"]
     resolved = (settings["num_beams"], settings["batch_size"], settings["num_rows"], settings["num_items"])
     assert resolved == (5, 4, 10, 10)
@@ -176,9 +181,9 @@ def test_saved_tree_in_model_dir(tiny_model_dir, dataset_dir, tiny_titles, tiny_
         *FAST,
     ]
 
-    # a matching tree saved by the trainer is used (flower_config.json names it)
+    # a matching tree saved by the trainer is used (the Flower record names it)
     PrefixTree.from_titles(tiny_titles, tiny_tokenizer).save(model / "my_tree.npz")
-    (model / "flower_config.json").write_text(json.dumps({"tree_file": "my_tree.npz"}))
+    (model / checkpoint.RECORD_FILE).write_text(json.dumps({"tree_file": "my_tree.npz"}))
     assert cli([*base, "--output-dir", str(tmp_path / "a")]) == 0
     assert json.loads((tmp_path / "a" / "metrics.json").read_text())["settings"]["tree"] == str(model / "my_tree.npz")
 
@@ -274,14 +279,14 @@ def test_errors_are_one_line_with_exit_2(extra, message, tiny_model_dir, dataset
     assert message in err
 
 
-def test_help_explains_every_option():
-    text = " ".join(make_parser().format_help().split())
+def test_help_explains_every_option(capsys):
+    text = "".join(make_parser().format_help().split())  # argparse wraps lines, also at hyphens
     for f in fields(EvaluateArguments):
-        assert "--" + f.name.replace("_", "-") in text, f.name
-        assert " ".join(f.metadata["help"].split()) in text, f.name
+        assert f"--{f.name}" in text and "--" + f.name.replace("_", "-") in text, f.name
+        assert "".join(f.metadata["help"].split()) in text, f.name
     with pytest.raises(SystemExit) as exit_info:
-        make_parser().parse_args(["--help"])
-    assert exit_info.value.code == 0
+        cli(["evaluate", "--help"])
+    assert exit_info.value.code == 0 and "--num_beams" in capsys.readouterr().out
 
 
 def test_command_line_round_trip():
@@ -293,8 +298,7 @@ def test_command_line_round_trip():
         "trl-flower evaluate --model 'm dir' --data Movies_and_TV --max-rows 500 --batch-size 8 "
         "--length-penalty 0.0 --export-official-json"
     )
-    parsed = make_parser().parse_args(shlex.split(command)[2:])
-    assert EvaluateArguments(**{f.name: getattr(parsed, f.name) for f in fields(EvaluateArguments)}) == args
+    assert parsed(shlex.split(command)[2:]) == args  # the dashed flags of `command_line` are TrlParser aliases
     assert all(f.default is not MISSING or f.name == "model" for f in fields(EvaluateArguments))
 
 

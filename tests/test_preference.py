@@ -1,9 +1,9 @@
-"""DPO-family baselines (DPO, S-DPO, DMPO, RosePO) and the SASRec reward for RLOO/GRPO/PPO (flower_reference.md §4).
+"""DPO-family baselines (DPO, S-DPO, DMPO, RosePO; `trl_flower.baselines.preference`, flower_reference.md §4).
 
 Loss functions and samplers are checked against hand-computed values; every method then trains 1 step of a 0.1 M
 parameter Qwen2 on the 10-item conftest catalogue, from a Flower checkpoint (policy init = reference) and from an SFT
-checkpoint with the Flower checkpoint as reference. The PPO test needs trl 1.11/1.12:
-``/work/venv112/bin/python -m pytest -m trl112 tests/test_preference.py``.
+checkpoint with the Flower checkpoint as reference (the saved runs of `baseline_setup.py`). The online RL baselines
+are tested in test_online_rl.py.
 """
 
 from __future__ import annotations
@@ -13,42 +13,23 @@ import math
 import numpy as np
 import pytest
 import torch
+from baseline_setup import COUNTS, PROMPT, TINY, params
 
-trl = pytest.importorskip("trl")
-
-from trl_flower.baselines.preference import (  # noqa: E402
+from trl_flower.baselines.preference import (
     MultiNegativeDPOTrainer,
     PreferenceDPOTrainer,
     build_preference_dataset,
     dmpo_loss,
     dpo_sigmoid_loss,
     make_preference_dataset,
+    official_dpo_args,
     sample_popularity_negatives,
     sample_uniform_negatives,
-    sasrec_reward,
     sdpo_loss,
     title_ids,
-    train_online_rl,
     train_preference,
 )
-from trl_flower.tree import PrefixTree  # noqa: E402
-
-HAS_PPO = ".".join(trl.__version__.split(".")[:2]) in ("1.11", "1.12")
-PROMPT = "The user has enjoyed the following items before: {}. Recommend the next item.\n"
-COUNTS = [5, 1, 9, 3, 3, 7, 2, 4, 6, 8]
-TINY = dict(
-    bf16=False,
-    gradient_checkpointing=False,
-    report_to="none",
-    save_strategy="no",
-    disable_tqdm=True,
-    max_steps=1,
-    logging_steps=1,
-    per_device_train_batch_size=2,
-    learning_rate=1e-3,
-    seed=0,
-)
-
+from trl_flower.tree import PrefixTree
 
 # ------------------------------------------------------------------------------------------------ losses
 
@@ -136,54 +117,19 @@ def test_preference_dataset_uses_item_token_paths(tree, tiny_tokenizer, tiny_tit
     assert single[1]["rejected_ids"] == tiny_tokenizer.encode(tiny_titles[9], add_special_tokens=False) + [eos]
 
 
-# ------------------------------------------------------------------------------------------------ checkpoints
-
-
-def _checkpoint(out, init_dir, tokenizer, titles, flow_lambda):
-    """A 1-step FlowerTrainer run (λ = 0: the SFT twin), saved as a plain HF dir with prefix_tree.npz."""
-    from datasets import Dataset
-
-    from trl_flower.config import FlowerConfig
-    from trl_flower.trainer import FlowerTrainer
-
-    tree = PrefixTree.from_titles(titles, tokenizer, item_rewards=COUNTS)
-    rows = Dataset.from_dict(
-        {"prompt": [PROMPT.format(titles[(i + 1) % 10]) for i in range(4)], "item_id": [(i + 2) % 10 for i in range(4)]}
-    )
-    kw = {k: v for k, v in TINY.items() if k != "gradient_checkpointing"}
-    kw["per_device_train_batch_size"] = 4
-    args = FlowerConfig(str(out), flow_lambda=flow_lambda, max_completion_length=int(tree.item_length.max()), **kw)
-    trainer = FlowerTrainer(model=str(init_dir), tree=tree, args=args, train_dataset=rows, processing_class=tokenizer)
-    trainer.train()
-    trainer.save_model(str(out))
-    return out
+# ------------------------------------------------------------------------------------------------ trainers
 
 
 @pytest.fixture(scope="module")
-def ckpts(tmp_path_factory, tiny_model_dir, tiny_tokenizer, tiny_titles):
-    root = tmp_path_factory.mktemp("pref")
-    return {
-        name: _checkpoint(root / name, tiny_model_dir, tiny_tokenizer, tiny_titles, lam)
-        for name, lam in (("flower", 0.5), ("sft", 0.0))
-    }
+def ckpts(baseline_checkpoints):
+    return baseline_checkpoints
 
 
 @pytest.fixture(scope="module")
 def rows(tiny_titles):
-    from datasets import Dataset
+    from baseline_setup import preference_rows
 
-    return Dataset.from_dict(
-        {
-            "prompt": [PROMPT.format(", ".join(tiny_titles[i : i + 2])) for i in range(4)],
-            "item_id": [2, 5, 7, 9],
-            "history_item_id": [[i, i + 1] for i in range(4)],
-            "row_index": [0, 1, 2, 3],
-        }
-    )
-
-
-def _params(model):
-    return {k: v.detach().clone() for k, v in model.named_parameters()}
+    return preference_rows(tiny_titles)
 
 
 def test_multi_negative_trainer_with_one_negative_matches_trl_dpo(ckpts, tree, tiny_tokenizer, rows, tmp_path):
@@ -219,7 +165,7 @@ def test_train_preference(method, init, ckpts, rows, tmp_path):
     from transformers import AutoModelForCausalLM
 
     trainer = train_preference(method, ckpts[init], ckpts["flower"], rows, tmp_path, train=False, **TINY)
-    before = _params(trainer.model)
+    before = params(trainer.model)
     trainer.train()
     losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
     assert len(losses) == 1 and math.isfinite(losses[0])
@@ -244,145 +190,17 @@ def test_make_preference_dataset_rosepo_counts_histories(tree, tiny_tokenizer, r
         make_preference_dataset("ipo", rows, tree, tiny_tokenizer)
 
 
-# ------------------------------------------------------------------------------------------------ SASRec reward
+def test_official_dpo_args_use_trl_sigmoid_loss_for_dpo_and_rosepo_only():
+    assert official_dpo_args("dpo")["loss_type"] == ["sigmoid"] == official_dpo_args("rosepo")["loss_type"]
+    assert "loss_type" not in official_dpo_args("sdpo") and official_dpo_args("sdpo")["beta"] == 0.3
+    with pytest.raises(ValueError, match="method must be one of"):
+        official_dpo_args("ppo")
 
 
-SCORES = torch.tensor(
-    [  # SASRec logits [rows, items] for 4 training rows
-        [2.0, 0.0, 1.0, 0.5, -1.0, 0.0, 0.3, -0.2, 1.5, 0.1],
-        [0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 3.0],
-        [-1.0, 1.0, 0.2, 2.0, 1.0, 0.0, 0.0, 0.5, 0.0, 0.0],
-        [1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0],
-    ],
-    dtype=torch.float64,
-)
+def test_online_rl_names_still_import_from_preference():
+    """bench/rq1_distribution.py and bench/rq3_reference.py import train_online_rl from here until phase 2."""
+    from trl_flower.baselines import online_rl, preference
 
-
-def _hand_reward(row: int, item: int, tree) -> float:
-    """min-max normalised softmax score of the item for the row; duplicate titles: mean over their ids."""
-    p = torch.softmax(SCORES[row], 0)
-    if p.max() == p.min():
-        return 1.0
-    s = (p - p.min()) / (p.max() - p.min())
-    t = title_ids(tree)
-    return float(s[torch.as_tensor(t == t[item])].mean())
-
-
-def test_sasrec_reward_is_minmax_softmax_score(tree, tiny_tokenizer):
-    reward = sasrec_reward(tree, SCORES)
-    paths = [tree.item_paths(torch.tensor([i]))[0][0].tolist() for i in (0, 9, 3, 8)]
-    got = reward(prompts=[""] * 4, completions=[""] * 4, completion_ids=paths, row_index=[0, 1, 2, 0])
-    # row 0, item 0: the row's max ⇒ 1; row 1 item 9 ⇒ 1; row 2 "Blue Train" (ids 3, 4) ⇒ mean of their scores
-    assert got[0] == pytest.approx(1.0) and got[1] == pytest.approx(1.0)
-    assert got[2] == pytest.approx(_hand_reward(2, 3, tree)) and 0 < got[2] < 1
-    p0 = torch.softmax(SCORES[0], 0)
-    assert got[3] == pytest.approx(float((p0[8] - p0[4]) / (p0[0] - p0[4])))  # by hand: (p8 − min) / (max − min)
-
-
-def _record_rewards(trainer):
-    calls = []
-    original = trainer.reward_funcs[0]
-
-    def recorder(prompts, completions, completion_ids=None, **kwargs):
-        out = original(prompts=prompts, completions=completions, completion_ids=completion_ids, **kwargs)
-        calls.append((completion_ids, list(kwargs["row_index"]), out))
-        return out
-
-    recorder.__name__ = original.__name__
-    trainer.reward_funcs[0] = recorder
-    return calls
-
-
-@pytest.mark.parametrize(("method", "init"), [("rloo", "flower"), ("rloo", "sft"), ("grpo", "sft")])
-def test_online_rl_constrained_rollouts_get_sasrec_reward(method, init, ckpts, tree, rows, tmp_path):
-    """RLOO/GRPO: every rollout is an item, its reward is the hand-computed SASRec score; reference = Flower."""
-    trainer = train_online_rl(
-        method,
-        ckpts[init],
-        ckpts["flower"],
-        rows,
-        tmp_path,
-        preference_scores=SCORES,
-        train=False,
-        num_generations=2,
-        beta=0.05,
-        **{**TINY, "per_device_train_batch_size": 4},
-    )
-    calls = _record_rewards(trainer)
-    before = _params(trainer.model)
-    trainer.train()
-    assert calls
-    eos = tree.terminator_id
-    for completion_ids, row_idx, out in calls:
-        for ids, r, value in zip(completion_ids, row_idx, out):
-            ids = list(ids)
-            assert ids[-1] == eos
-            node = tree.walk(torch.tensor([ids]))[0, -1]
-            item = int(tree.terminal_item(node.view(1)))
-            assert item >= 0  # a complete catalogue item
-            assert value == pytest.approx(_hand_reward(r, item, tree), abs=1e-9)
-    kl = [e["kl"] for e in trainer.state.log_history if "kl" in e]
-    assert (kl[0] == pytest.approx(0.0, abs=1e-6)) == (init == "flower")
-    assert any(not torch.equal(before[k], v) for k, v in trainer.model.named_parameters())
-
-
-@pytest.mark.skipif(HAS_PPO, reason="trl has experimental PPO here; covered by the trl112 test")
-def test_ppo_fails_clearly_without_experimental_ppo(ckpts, rows, tmp_path):
-    from trl_flower.chain import PPOUnavailableError
-
-    with pytest.raises(PPOUnavailableError, match="1.12"):
-        train_online_rl("ppo", ckpts["flower"], None, rows, tmp_path, preference_scores=SCORES)
-
-
-@pytest.mark.trl112
-@pytest.mark.skipif(not HAS_PPO, reason=f"needs trl 1.11/1.12 (experimental PPO), installed {trl.__version__}")
-def test_ppo_with_sasrec_reward(ckpts, tree, rows, tmp_path):
-    """PPO: each rollout is an item and its reward is the hand-computed min-max SASRec score of its prompt's row."""
-    trainer = train_online_rl(
-        "ppo",
-        ckpts["sft"],
-        ckpts["flower"],
-        rows,
-        tmp_path,
-        preference_scores=SCORES,
-        train=False,
-        total_episodes=4,
-        per_device_train_batch_size=4,
-        per_device_eval_batch_size=2,
-        num_mini_batches=1,
-        local_rollout_forward_batch_size=4,
-        num_sample_generations=0,
-        learning_rate=1e-3,
-        bf16=False,
-        gradient_checkpointing=False,
-        report_to="none",
-        save_strategy="no",
-        disable_tqdm=True,
-        logging_steps=1,
-        seed=0,
-    )
-    scorer = trainer.reward_model
-    seen = []
-    original = scorer.get_reward
-
-    def recording(query_responses, pad_token_id, context_length):
-        logits, final, end = original(query_responses, pad_token_id, context_length)
-        seen.append((query_responses[:, context_length:].clone(), list(scorer._rows), final.clone()))
-        return logits, final, end
-
-    scorer.get_reward = recording
-    before = _params(trainer.policy_model)
-    trainer.train()
-    assert seen
-    pad = trainer.processing_class.pad_token_id
-    for responses, row_idx, final in seen:
-        for resp, r, value in zip(responses.tolist(), row_idx, final.tolist()):
-            ids = [t for t in resp if t != pad]
-            node = tree.walk(torch.tensor([ids]))[0, -1]
-            item = int(tree.terminal_item(node.view(1)))
-            assert item >= 0
-            assert value == pytest.approx(_hand_reward(r, item, tree), abs=1e-6)
-    assert sorted({r for _, rs, _ in seen for r in rs}) == [0, 1, 2, 3]
-    scores = [e["objective/scores"] for e in trainer.state.log_history if "objective/scores" in e]
-    assert scores and all(0.0 <= s <= 1.0 for s in scores)
-    assert any(not torch.equal(before[k], v) for k, v in trainer.policy_model.named_parameters())
+    assert preference.train_online_rl is online_rl.train_online_rl
+    with pytest.raises(AttributeError, match="no attribute 'not_a_name'"):
+        preference.not_a_name

@@ -11,7 +11,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from trl_flower.cli import SUBCOMMANDS
 from trl_flower.cli.prepare import main as prepare_main
 from trl_flower.cli.prepare import make_parser
 from trl_flower.data.amazon import load_amazon, read_items, read_split
@@ -27,9 +26,9 @@ from trl_flower.data.prepare import (
 
 
 def cli_main(argv: list[str]) -> int:
-    """`trl-flower prepare ...` through this subcommand's own parser (other subcommands are not imported)."""
-    assert argv[0] == "prepare" and SUBCOMMANDS["prepare"] == "prepare"
-    return prepare_main(make_parser().parse_args(argv[1:]))
+    """`trl-flower prepare ...` through this subcommand's own `main` (other subcommands are not imported)."""
+    assert argv[0] == "prepare"
+    return prepare_main(argv[1:])
 
 
 DAY = 86_400
@@ -271,8 +270,8 @@ def test_help_explains_every_option():
 
     from trl_flower.cli.prepare import PrepareArguments
 
-    text = " ".join(make_parser().format_help().split())
+    text = "".join(make_parser().format_help().split())  # argparse wraps lines, also at hyphens
     for f in fields(PrepareArguments):
         assert "--" + f.name.replace("_", "-") in text
-        assert " ".join(f.metadata["help"].split()) in text, f.name
-    assert "CDs_and_Vinyl: 2015-10-01..2018-11-01" in text and "Movies_and_TV: 2017-10-01..2018-11-01" in text
+        assert "".join(f.metadata["help"].split()) in text, f.name
+    assert "CDs_and_Vinyl:2015-10-01..2018-11-01" in text and "Movies_and_TV:2017-10-01..2018-11-01" in text

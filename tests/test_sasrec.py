@@ -330,12 +330,14 @@ def test_export_split_logits_and_evaluate(synthetic, tmp_path):
 
 
 def test_cli_help_and_tiny_run(synthetic, tmp_path, capsys):
-    from trl_flower.cli import build_parser, main
+    from trl_flower.cli import main
     from trl_flower.data.synthetic import save_synthetic
 
     with pytest.raises(SystemExit):
-        build_parser().parse_args(["sasrec", "--help"])
+        main(["sasrec", "--help"])
     assert "--patience" in capsys.readouterr().out
+    assert main(["sasrec", "--data", "d", "--output-dir", "o", "--export-splits", "train,tset"]) == 2
+    assert "unknown split(s) ['tset']" in capsys.readouterr().err
     data_dir = save_synthetic(synthetic, tmp_path / "data")
     out = tmp_path / "out"
     rc = main(

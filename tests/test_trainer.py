@@ -8,19 +8,14 @@ saving unless the test is about saving. The whole file runs in well under two mi
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pytest
 import torch
+from datasets import Dataset
 
-pytest.importorskip("trl")
-
-from datasets import Dataset  # noqa: E402
-
-from trl_flower import FlowerConfig, FlowerTrainer  # noqa: E402
-from trl_flower.rewards import PrefixTreeRewardModel  # noqa: E402
-from trl_flower.tree import PrefixTree  # noqa: E402
+from trl_flower import FlowerConfig, FlowerTrainer, checkpoint
+from trl_flower.rewards import PrefixTreeRewardModel
+from trl_flower.tree import PrefixTree
 
 # Interaction counts per item id: item 9 has none, so the flow-following sampler must never produce it; items 3 and 4
 # share the title "Blue Train".
@@ -123,7 +118,9 @@ class TestFlowerTrainer:
         shares = np.array([logged(trainer, f"sampled/group_{g}_share") for g in range(8)])  # [G, steps]
         np.testing.assert_allclose(shares.sum(axis=0), 1.0)
         assert np.all(shares[7] == 0.0)  # group 7 holds only item 9, which has zero reward
-        assert logged(trainer, "rewards/prefix_tree_reward/mean")  # TRL's reward logging sees the reward model
+        lengths = logged(trainer, "sampled/mean_length")  # tiny item paths: 3 to 7 tokens with the terminator
+        assert len(lengths) == 2 and all(3.0 <= n <= 7.0 for n in lengths)
+        assert all(0.0 <= r <= 1.0 for r in logged(trainer, "sampled/reward_mean"))  # rewards of catalogue items
 
     def test_tree_support_flow_loss_ignores_off_tree_tokens(self, tiny_model_dir, tree, dataset, tmp_path):
         trainer = make_trainer(tiny_model_dir, tree, dataset, tmp_path, flow_policy_support="tree")
@@ -280,7 +277,9 @@ class TestFlowerTrainer:
         for name in grads_a:
             torch.testing.assert_close(grads_a[name], grads_b[name], rtol=1e-4, atol=1e-6)
 
-    def test_sample_in_loss_step_logs_the_same_metrics(self, tiny_model_dir, tree, dataset, tmp_path):
+    def test_sample_in_loss_step_logs_the_same_sampled_metrics(self, tiny_model_dir, tree, dataset, tmp_path):
+        """Flower's `sampled/*` logs are the same on both paths; GRPO's completion logs come from TRL's generate path
+        only (no copy of them in FlowerTrainer); on that path Flower's reward mean is TRL's."""
         runs = {}
         for in_loss in (True, False):
             trainer = make_trainer(
@@ -289,11 +288,14 @@ class TestFlowerTrainer:
             trainer.sample_in_loss_step = in_loss
             trainer.train()
             runs[in_loss] = trainer
-        keys = [{k for entry in t.state.log_history for k in entry} for t in runs.values()]
-        assert keys[0] == keys[1]
+        keys = [{k for entry in t.state.log_history for k in entry if k.startswith("sampled/")} for t in runs.values()]
+        assert keys[0] == keys[1] and "sampled/reward_mean" in keys[0] and "sampled/group_7_share" in keys[0]
         assert logged(runs[True], "sampled/valid_share") == [1.0, 1.0]
-        assert logged(runs[True], "completions/clipped_ratio") == [0.0, 0.0]
-        assert runs[True].state.num_input_tokens_seen > 0
+        assert not logged(runs[True], "completions/mean_length")  # TRL's generate-path logs are not re-implemented
+        np.testing.assert_allclose(
+            logged(runs[False], "sampled/reward_mean"), logged(runs[False], "rewards/prefix_tree_reward/mean")
+        )
+        assert runs[True].state.num_input_tokens_seen > 0  # the trainer state still counts the in-loss tokens
 
     def test_offline_batches_train_the_flow_loss_on_the_target_paths(self, tiny_model_dir, tree, dataset, tmp_path):
         trainer = make_trainer(tiny_model_dir, tree, dataset, tmp_path, offline_trajectory_prob=1.0)
@@ -368,18 +370,18 @@ class TestFlowerTrainer:
                 assert torch.equal(param, new), f"base parameter {name} changed under LoRA"
         trainer.save_model(str(tmp_path / "adapter"))
         assert (tmp_path / "adapter" / "adapter_config.json").is_file()
-        assert (tmp_path / "adapter" / "prefix_tree.npz").is_file()
+        assert checkpoint.has_tree(tmp_path / "adapter")  # an adapter run is evaluable too
 
     def test_resume_from_checkpoint(self, tiny_model_dir, tree, dataset, tmp_path):
         """Stopping at step 2 and resuming gives the uninterrupted run exactly (sampling RNG included)."""
         save = dict(max_steps=4, save_strategy="steps", save_steps=2)
         straight = make_trainer(tiny_model_dir, tree, dataset, tmp_path / "a", **save)
         straight.train()
-        checkpoint = tmp_path / "a" / "out" / "checkpoint-2"
-        assert (checkpoint / "prefix_tree.npz").is_file()  # every checkpoint is evaluable on its own
+        step_2 = tmp_path / "a" / "out" / "checkpoint-2"
+        assert checkpoint.has_tree(step_2)  # every checkpoint is evaluable on its own
 
         resumed = make_trainer(tiny_model_dir, tree, dataset, tmp_path / "b", **save)
-        resumed.train(resume_from_checkpoint=str(checkpoint))
+        resumed.train(resume_from_checkpoint=str(step_2))
         assert resumed.state.global_step == 4
         np.testing.assert_allclose(logged(resumed, "loss")[-2:], logged(straight, "loss")[-2:], rtol=1e-6)
         assert max_param_diff(straight.model, resumed.model) < 1e-6
@@ -414,14 +416,25 @@ class TestFlowerTrainer:
         assert generation.pad_token_id == tokenizer.pad_token_id
         assert tokenizer.eos_token_id in np.atleast_1d(generation.eos_token_id)
 
-        saved_tree = PrefixTree.load(out / "prefix_tree.npz")
+        saved_tree = checkpoint.load_tree(out)
         np.testing.assert_array_equal(saved_tree.token, tree.token)
         np.testing.assert_array_equal(saved_tree.item_rewards, COUNTS)
-        np.testing.assert_array_equal(np.load(out / "item_groups.npy"), ITEM_GROUPS)
-        info = json.loads((out / "flower_config.json").read_text())
+        np.testing.assert_array_equal(checkpoint.load_item_groups(out), ITEM_GROUPS)
+        info = checkpoint.read_record(out)
         assert info["terminator_id"] == tree.terminator_id == tokenizer.eos_token_id
         assert (info["tokenization_mode"], info["reward_variant"]) == ("default", "none")
         assert (info["flow_loss"], info["flow_lambda"]) == ("flower_subtb", 0.5)
+        # every Flower field of the config is recorded, so a field added to FlowerConfig is saved without more code
+        assert info["offline_trajectory_prob"] == 0.0 and info["flow_policy_support"] == "vocabulary"
+
+    def test_model_card_has_the_paper_and_the_flower_settings(self, tiny_model_dir, tree, dataset, tmp_path):
+        trainer = make_trainer(tiny_model_dir, tree, dataset, tmp_path, max_steps=1, flow_lambda=0.25)
+        trainer.create_model_card(model_name="flower-tiny", dataset_name="Tiny_Items")
+        card = checkpoint.model_card_path(trainer.args.output_dir).read_text()
+        assert "2503.07377" in card and "@article{flower2025" in card  # TRL's card: method paper and citation
+        assert "## Flower settings" in card and "| `flow_lambda` | 0.25 |" in card
+        trainer.create_model_card(model_name="flower-tiny")  # a second card replaces the first, section once
+        assert checkpoint.model_card_path(trainer.args.output_dir).read_text().count("## Flower settings") == 1
 
     def test_evaluate(self, tiny_model_dir, tree, dataset, tmp_path):
         """Evaluation runs the same loss (sampling included) on the eval set; nothing is trained."""

@@ -11,7 +11,8 @@ from trl import GRPOConfig
 from trl_flower._trl_compat import grpo_post_init_with_one_generation
 
 FLOW_LOSSES = ("flower_subtb", "db", "tb", "full_distribution")
-REWARD_VARIANTS = ("none", "div_s", "add_logs", "exact")
+REWARD_VARIANTS = ("none", "div_s", "add_logs", "exact", "distill")
+PATH_FLOW_LOSSES = ("flower_subtb", "db", "tb")  # losses on the sampled path's states (state_granularity applies)
 TOKENIZATION_MODES = ("default", "reference")
 POLICY_SUPPORTS = ("vocabulary", "tree")
 
@@ -45,9 +46,14 @@ class FlowerConfig(GRPOConfig):
         subtb_lambda (`float`, *optional*, defaults to `1.0`):
             Subtrajectory weighting λ_sub of `"flower_subtb"`: a segment of length n is weighted by λ_sub^(n − 1)
             (normalised). The official runs use 1, a plain mean over all segments. Must be >= 0.
+        state_granularity (`int`, *optional*, defaults to `1`):
+            Tokens per GFlowNet state n (the paper's RQ4): the states of the path losses are the chunk boundaries
+            s_0, s_n, s_2n, …, s_t; a chunk's forward log-probability is the sum of its tokens' and the termination
+            terms count at the chunk starts and at s_t. 1 is the token-level loss; n longer than every title leaves
+            one segment (s_0, s_t), a trajectory-balance-like loss. Not used by `"full_distribution"`.
         nonterminal_log_term (`float`, *optional*, defaults to `-15.0`):
             Target log-probability of the terminator at every prefix before the end of the sampled title (the
-            official e^-15 constant, log ρ).
+            official e^-15 constant, log ρ). A log-probability, so it must be < 0.
         title_log_term (`str`, *optional*, defaults to `"official"`):
             Termination target at a prefix before the sampled title's end that is itself a complete title:
             `"official"` uses `nonterminal_log_term` there (as the official code; the SubTB loss then cannot reach 0
@@ -71,8 +77,26 @@ class FlowerConfig(GRPOConfig):
         reward_variant (`str`, *optional*, defaults to `"none"`):
             Personalisation of the token rewards by an auxiliary recommender's scores s(u, i): `"none"` (item
             popularity only), `"div_s"` (the paper's main variant: log rewards divided by s), `"add_logs"` (log s
-            added to every log reward) or `"exact"` (per-user rewards R(i)·s(u, i) pushed through the tree). All but
+            added to every log reward), `"exact"` (per-user rewards R(i)·s(u, i) pushed through the tree) or
+            `"distill"` (per-user rewards (R(i) + ε)^α · softmax(logits / τ)^β pushed through the tree: the auxiliary
+            recommender's distribution distilled into the flows; ours, see `docs/tree_and_rewards.md`). All but
             `"none"` need `preference_scores_path`.
+        distill_alpha (`float`, *optional*, defaults to `1.0`):
+            α of `reward_variant="distill"`: exponent of the item reward (popularity) R(i) + ε. 0 ignores popularity;
+            1 with `distill_beta=0` gives back the `"none"` flows. Must be >= 0.
+        distill_beta (`float`, *optional*, defaults to `1.0`):
+            β of `reward_variant="distill"`: exponent of the auxiliary recommender's probability p_u(i) =
+            softmax(logits_u / τ)_i of the training row. 0 ignores the recommender. Must be >= 0.
+        distill_temperature (`float`, *optional*, defaults to `1.0`):
+            τ of `reward_variant="distill"`: softmax temperature of the recommender's logits (> 1 flattens, < 1
+            sharpens its distribution). Must be > 0.
+        distill_epsilon (`float`, *optional*, defaults to `0.0`):
+            ε of `reward_variant="distill"`, added to R(i) before the power α, so that items without interactions
+            get a share. Must be >= 0.
+        distill_top_n (`int`, *optional*, defaults to `0`):
+            `reward_variant="distill"` on big catalogues: keep each row's n most preferred items by p_u and give the
+            others one shared floor probability (their mean), so the per-batch flow memory is O(batch · n · depth)
+            instead of O(batch · tree nodes). 0: exact dense flows. n >= the item count equals dense.
         preference_scores_path (`str`, *optional*):
             Path to a `.npy` file of auxiliary-model logits (e.g. SASRec's) of shape [number of training rows,
             number of items]; row u belongs to the dataset rows whose `row_index_column` is u. It is memory-mapped;
@@ -145,11 +169,20 @@ class FlowerConfig(GRPOConfig):
             "λ_sub^(n − 1) (normalised). The official runs use 1, a plain mean over all segments. Must be >= 0."
         },
     )
+    state_granularity: int = field(
+        default=1,
+        metadata={
+            "help": "Tokens per GFlowNet state n (the paper's RQ4): the states of the path losses are the chunk "
+            "boundaries s_0, s_n, s_2n, …, s_t; a chunk's forward log-probability is the sum of its tokens' and the "
+            "termination terms count at the chunk starts and at s_t. 1 is the token-level loss; n longer than every "
+            'title leaves one segment (s_0, s_t), a trajectory-balance-like loss. Not used by `"full_distribution"`.'
+        },
+    )
     nonterminal_log_term: float = field(
         default=-15.0,
         metadata={
             "help": "Target log-probability of the terminator at every prefix before the end of the sampled title (the "
-            "official e^-15 constant, log ρ)."
+            "official e^-15 constant, log ρ). A log-probability, so it must be < 0."
         },
     )
     title_log_term: str = field(
@@ -196,9 +229,48 @@ class FlowerConfig(GRPOConfig):
         metadata={
             "help": 'Personalisation of the token rewards by an auxiliary recommender\'s scores s(u, i): `"none"` '
             '(item popularity only), `"div_s"` (the paper\'s main variant: log rewards divided by s), `"add_logs"` '
-            '(log s added to every log reward) or `"exact"` (per-user rewards R(i)·s(u, i) pushed through the tree). '
+            '(log s added to every log reward), `"exact"` (per-user rewards R(i)·s(u, i) pushed through the tree) or '
+            '`"distill"` (per-user rewards (R(i) + ε)^α · softmax(logits / τ)^β pushed through the tree: the '
+            "auxiliary recommender's distribution distilled into the flows; ours, see `docs/tree_and_rewards.md`). "
             'All but `"none"` need `preference_scores_path`.',
             "choices": list(REWARD_VARIANTS),
+        },
+    )
+    distill_alpha: float = field(
+        default=1.0,
+        metadata={
+            "help": 'α of `reward_variant="distill"`: exponent of the item reward (popularity) R(i) + ε. 0 ignores '
+            'popularity; 1 with `distill_beta=0` gives back the `"none"` flows. Must be >= 0.'
+        },
+    )
+    distill_beta: float = field(
+        default=1.0,
+        metadata={
+            "help": 'β of `reward_variant="distill"`: exponent of the auxiliary recommender\'s probability p_u(i) = '
+            "softmax(logits_u / τ)_i of the training row. 0 ignores the recommender. Must be >= 0."
+        },
+    )
+    distill_temperature: float = field(
+        default=1.0,
+        metadata={
+            "help": 'τ of `reward_variant="distill"`: softmax temperature of the recommender\'s logits (> 1 flattens, '
+            "< 1 sharpens its distribution). Must be > 0."
+        },
+    )
+    distill_epsilon: float = field(
+        default=0.0,
+        metadata={
+            "help": 'ε of `reward_variant="distill"`, added to R(i) before the power α, so that items without '
+            "interactions get a share. Must be >= 0."
+        },
+    )
+    distill_top_n: int = field(
+        default=0,
+        metadata={
+            "help": '`reward_variant="distill"` on big catalogues: keep each row\'s n most preferred items by p_u and '
+            "give the others one shared floor probability (their mean), so the per-batch flow memory is "
+            "O(batch · n · depth) instead of O(batch · tree nodes). 0: exact dense flows. n >= the item count "
+            "equals dense."
         },
     )
     preference_scores_path: str | None = field(
@@ -308,10 +380,24 @@ class FlowerConfig(GRPOConfig):
                 f"subtb_lambda={self.subtb_lambda} must be a finite number >= 0: segments of length n are weighted by "
                 "subtb_lambda^(n-1). Use 1.0 (the official value) for a plain mean over all segments."
             )
-        if not math.isfinite(self.nonterminal_log_term):
+        if not (math.isfinite(self.nonterminal_log_term) and self.nonterminal_log_term < 0):
             raise ValueError(
-                f"nonterminal_log_term={self.nonterminal_log_term} must be finite (it is a log-probability target); "
-                "use the official -15.0."
+                f"nonterminal_log_term={self.nonterminal_log_term} must be a finite number < 0: it is the target "
+                "log-probability of ending the title early, and log-probabilities are <= 0 (0 would ask for certain "
+                "termination before every title's end). Use the official -15.0."
+            )
+        if isinstance(self.state_granularity, bool) or not (
+            isinstance(self.state_granularity, int) and self.state_granularity >= 1
+        ):
+            raise ValueError(
+                f"state_granularity={self.state_granularity!r} must be an integer >= 1 (tokens per GFlowNet state; "
+                "1 = token level, the paper's default)."
+            )
+        if self.state_granularity > 1 and self.flow_loss not in PATH_FLOW_LOSSES:
+            raise ValueError(
+                f"state_granularity={self.state_granularity} chunks the states of a sampled path, but "
+                f"flow_loss={self.flow_loss!r} matches whole child distributions at every token state; use "
+                f"state_granularity=1 or one of {PATH_FLOW_LOSSES}."
             )
         if self.title_log_term not in ("official", "flow"):
             raise ValueError(f"title_log_term={self.title_log_term!r} is not 'official' or 'flow'; pick one of them.")
@@ -338,16 +424,54 @@ class FlowerConfig(GRPOConfig):
                 "but preference_scores_path is not set. Set it to a .npy file of logits [training rows, items], or "
                 "use reward_variant='none'."
             )
+        self._check_distill_fields()
         if self.reward_variant == "none" and self.preference_scores_path is not None:
             raise ValueError(
                 "preference_scores_path is set but reward_variant='none' ignores it; choose a personalised "
-                "reward_variant ('div_s', 'add_logs' or 'exact') or unset preference_scores_path."
+                "reward_variant ('div_s', 'add_logs', 'exact' or 'distill') or unset preference_scores_path."
             )
         if self.tokenization_mode not in TOKENIZATION_MODES:
             raise ValueError(
                 f"tokenization_mode={self.tokenization_mode!r} is not one of {TOKENIZATION_MODES}; use 'default' "
                 "(one tokenisation everywhere) or 'reference' (the official code's split)."
             )
+
+    def _check_distill_fields(self) -> None:
+        defaults = {"distill_alpha": 1.0, "distill_beta": 1.0, "distill_temperature": 1.0, "distill_epsilon": 0.0}
+        changed = [name for name, value in defaults.items() if getattr(self, name) != value]
+        changed += ["distill_top_n"] if self.distill_top_n != 0 else []
+        if changed and self.reward_variant != "distill":
+            raise ValueError(
+                f"{', '.join(changed)} only apply to reward_variant='distill', but reward_variant="
+                f"{self.reward_variant!r}; set reward_variant='distill' or leave them at their defaults."
+            )
+        for name in ("distill_alpha", "distill_beta", "distill_epsilon"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"{name}={value} must be a finite number >= 0 (an exponent or offset of R_u(i)).")
+        if not (math.isfinite(self.distill_temperature) and self.distill_temperature > 0):
+            raise ValueError(
+                f"distill_temperature={self.distill_temperature} must be a finite number > 0 (softmax temperature τ "
+                "of the recommender's logits); use 1.0 for its own distribution."
+            )
+        if self.distill_top_n < 0:
+            raise ValueError(
+                f"distill_top_n={self.distill_top_n} must be 0 (dense flows) or >= 1 (items kept per row)."
+            )
+
+    def distilled_reward(self):
+        """The `DistilledReward` of `reward_variant="distill"` built from the `distill_*` fields (None otherwise)."""
+        if self.reward_variant != "distill":
+            return None
+        from trl_flower.user_flows import DistilledReward
+
+        return DistilledReward(
+            alpha=self.distill_alpha,
+            beta=self.distill_beta,
+            temperature=self.distill_temperature,
+            epsilon=self.distill_epsilon,
+            top_n=self.distill_top_n,
+        )
 
     def _check_grpo_fields(self) -> None:
         if self.use_vllm:

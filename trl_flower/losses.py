@@ -54,6 +54,7 @@ from __future__ import annotations
 import torch
 
 __all__ = [
+    "chunk_path_states",
     "combine_losses",
     "detailed_balance_loss",
     "flow_log_probs",
@@ -192,6 +193,62 @@ def flower_subtb_loss(
     if reduction == "none":
         return num / den.clamp(min=1.0)  # [B]
     return num.sum() / den.sum().clamp(min=1.0)
+
+
+def chunk_path_states(
+    log_pf: torch.Tensor,
+    log_pterm: torch.Tensor,
+    log_reward: torch.Tensor,
+    log_term_target: torch.Tensor,
+    lengths: torch.Tensor,
+    n: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    r"""Coarsen sampled paths to one GFlowNet state every `n` tokens (state granularity, the paper's RQ4, §1.7).
+
+    The states of a path with t = t_b title tokens become the chunk boundaries s_0, s_n, s_2n, …, s_t (the last
+    chunk may be shorter); C_b = ⌈t_b / n⌉ chunks. A chunk's forward log-probability and its log reward are the sums
+    over its tokens; the termination terms are read at the chunk starts and at s_t::
+
+        log_pf'[c]    = Σ_{k = cn}^{min((c+1)n, t) − 1} log_pf[k]          c < C_b
+        log_reward'[c] = Σ_{same k} log_reward[k]
+        log_pterm'[c] = log_pterm[min(cn, t)],  log_term_target'[c] = log_term_target[min(cn, t)]   c ≤ C_b
+
+    The result has the same contract as the inputs (C = ⌈T / n⌉ columns), so any path loss of this module
+    (:func:`flower_subtb_loss`, :func:`detailed_balance_loss`, :func:`flower_tb_loss`) runs on it unchanged.
+    n = 1 returns the same path; n ≥ every t_b leaves the single segment (s_0, s_t): SubTB then equals TB with the
+    termination term at s_0 in place of log Z. An invalid token's −15 adds up to −15 · (tokens of its chunk), as in
+    the official `utils_logp_n.py`; termination targets are taken as given (−15 stays −15).
+
+    Args:
+        log_pf, log_pterm, log_reward, log_term_target, lengths: as in :func:`flower_subtb_loss`.
+        n: tokens per state, >= 1.
+
+    Returns:
+        (log_pf [B, C], log_pterm [B, C+1], log_reward [B, C], log_term_target [B, C+1], lengths [B] = ⌈t_b / n⌉).
+
+    Example:
+        >>> pf, pterm, r, term, c = chunk_path_states(
+        ...     torch.tensor([[-1.0, -2.0, -3.0]]), torch.tensor([[-9.0, -8.0, -7.0, -0.5]]),
+        ...     torch.tensor([[-0.5, -0.5, -1.0]]), torch.tensor([[-15.0, -15.0, -15.0, -2.0]]), torch.tensor([3]), n=2)
+        >>> pf.tolist(), pterm.tolist(), r.tolist(), c.tolist()  # chunks [0, 1] and [2]; states s_0, s_2, s_3
+        ([[-3.0, -3.0]], [[-9.0, -7.0, -0.5]], [[-1.0, -1.0]], [2])
+    """
+    B, T = _check_flow_inputs(log_pf, log_pterm, log_reward, log_term_target, lengths)
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"`n` (tokens per state) must be an integer >= 1, got {n!r}.")
+    if n == 1:
+        return log_pf, log_pterm, log_reward, log_term_target, lengths
+    title_mask, _ = _masks(lengths, T)  # [B, T]
+    C = -(-T // n)  # ⌈T / n⌉
+    chunk = torch.arange(T, device=log_pf.device) // n  # [T] chunk of each token
+    # padding becomes 0 *before* the sums, so NaN/inf beyond a row's length cannot leak in
+    pf = log_pf.new_zeros(B, C).index_add(1, chunk, torch.where(title_mask, log_pf, 0.0))  # [B, C]
+    reward = log_reward.new_zeros(B, C).index_add(1, chunk, torch.where(title_mask, log_reward, 0.0))  # [B, C]
+    boundary = torch.arange(C + 1, device=log_pf.device) * n  # [C+1] token index of chunk start c
+    state = torch.minimum(boundary.unsqueeze(0), lengths.unsqueeze(1))  # [B, C+1]: s_{cn}, the last one s_t
+    pterm = log_pterm.gather(1, state)  # [B, C+1]
+    term_target = log_term_target.gather(1, state)  # [B, C+1]
+    return pf, pterm, reward, term_target, (lengths + n - 1) // n
 
 
 def detailed_balance_loss(

@@ -1,12 +1,20 @@
-"""Logits of several continuations of the same prompts, running each prompt once (no TRL import).
+"""The training side's one prompt-cache helper: run each prompt once and continue several sequences on its KV cache.
 
 Flower's step scores two continuations of every prompt: the SFT target and the sampled title. Prompts (history of
 ten titles) are much longer than titles, so running the prompt once and continuing both on its KV cache roughly
-halves the forward cost. The gradient flows back into the prompt through the cache.
+halves the forward cost. The gradient flows back into the prompt through the cache. The in-loss sampler extends a
+detached copy of the same cache (:func:`detached_cache`, `trl_flower.sampling`).
+
+Entry points: :func:`shared_prompt_logits` (prompt once when possible, else the stacked rows), or the pieces
+:func:`prompt_forward`, :func:`detached_cache`, :func:`continue_on_cache`, :func:`stacked_continuation_logits`.
+No TRL import. (Evaluation's decoders share the prompt across their beams with their own cache code:
+`trl_flower.evaluation.trie_beam_search` and `trl_flower.evaluation.generate_path`.)
 """
 
 from __future__ import annotations
 
+import copy
+import warnings
 from collections.abc import Sequence
 
 import torch
@@ -25,6 +33,19 @@ def stack_continuations(continuations: Sequence[Continuation], pad_id: int) -> t
     cont_ids = torch.stack([pad_columns(ids, n, pad_id) for ids, _ in continuations], dim=1)
     cont_mask = torch.stack([pad_columns(m.long(), n, 0) for _, m in continuations], dim=1)
     return cont_ids, cont_mask, n
+
+
+def detached_cache(cache):
+    """A copy of a transformers `DynamicCache` whose layers hold detached views of its keys/values (no data copy).
+
+    Sampling extends the copy (each layer's update concatenates into new tensors), so the gradient cache is never
+    modified and the sampler's forwards build no graph.
+    """
+    clone = copy.copy(cache)
+    clone.layers = [copy.copy(layer) for layer in cache.layers]
+    for layer in clone.layers:
+        layer.keys, layer.values = layer.keys.detach(), layer.values.detach()
+    return clone
 
 
 def prompt_forward(model: torch.nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor):
@@ -80,3 +101,27 @@ def stacked_continuation_logits(
     logits = model(input_ids=rows, attention_mask=attention, logits_to_keep=n + 1).logits  # [B*k, n+1, V]
     logits = logits.reshape(B, k, n + 1, -1)
     return [logits[:, i, : c_ids.shape[1] + 1] for i, (c_ids, _) in enumerate(continuations)]
+
+
+def shared_prompt_logits(
+    model: torch.nn.Module,
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    continuations: Sequence[Continuation],
+    pad_id: int,
+    share_prompt: bool = True,
+) -> list[torch.Tensor]:
+    """Logits at the states after the prompts for several continuations of them, with gradient.
+
+    Continuation i (ids and mask [B, n_i], right-padded) yields logits [B, n_i + 1, V] at the states
+    s_0 … s_{n_i} (s_0 = end of the prompt). With two or more continuations and `share_prompt`, the prompts [B, P]
+    run once and their KV cache is repeated for the continuations (:func:`continue_on_cache`); with one
+    continuation, `share_prompt=False` (gradient checkpointing drops caches) or a model without a usable cache, the
+    rows [prompt + continuation_i] run stacked (:func:`stacked_continuation_logits`). Both give the same logits.
+    """
+    if len(continuations) > 1 and share_prompt:
+        first, cache = prompt_forward(model, prompt_ids, prompt_mask)
+        if cache is not None:
+            return continue_on_cache(model, first, cache, prompt_mask, continuations, pad_id)
+        warnings.warn("the model returned no usable KV cache; using the stacked forward instead", stacklevel=2)
+    return stacked_continuation_logits(model, prompt_ids, prompt_mask, continuations, pad_id)

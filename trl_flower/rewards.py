@@ -36,13 +36,18 @@ none        log F(s_{k+1})/F(s_k)                               log R(y)/F(s_t)
 div_s       ℓ_k / s_b                                           term / s_b                (paper default)
 add_logs    ℓ_k + log(s_b + 1e-20)                              term + log(s_b + 1e-20)
 exact       log F_u(s_{k+1})/F_u(s_k),  F_u from R(i)·s(u, i)   log R(y)s(u, y)/F_u(s_t)
+distill     log F_u(s_{k+1})/F_u(s_k),  F_u from R_u(i)         log R_u(y)/F_u(s_t)
 ==========  ==================================================  ==============================================
 
+``distill`` (ours, not in the paper) uses R_u(i) = (R(i) + ε)^α · p_u(i)^β with p_u = softmax(logits_u / τ), the
+auxiliary recommender's full distribution rather than a rescaling of R by s ∈ [0, 2]; see
+:mod:`trl_flower.user_flows` (dense, or each row's top-n items plus a shared floor).
+
 ``div_s`` and ``add_logs`` scale every token of the path by the score of the *sampled leaf*, so targets on a shared
-prefix depend on which title was sampled (the flow is not consistent, as in the official code). ``exact`` pushes the
-per-user item rewards R(i)·s(u, i) (s = "mid", ≥ 0) through the tree with
-:meth:`~trl_flower.tree.PrefixTree.aggregate_to_nodes`, so per-user flows are conserved at every node; it costs
-O(B · num_nodes) memory and time per call.
+prefix depend on which title was sampled (the flow is not consistent, as in the official code). ``exact`` and
+``distill`` push per-user item rewards (R(i)·s(u, i) with s = "mid" ≥ 0, resp. R_u(i)) through the tree in log space
+with :meth:`~trl_flower.tree.PrefixTree.log_aggregate_to_nodes`, so per-user flows are conserved at every node; the
+dense table costs O(B · num_nodes) memory and time per call (``distill`` with top-n: O(B · n · depth)).
 
 Invalid and zero-reward paths. A row that is not a complete catalogue path (wrong token, no terminator) or whose
 title has zero (per-user) reward has no finite target. Such rows get ``valid = False`` and, as in the official code,
@@ -61,10 +66,11 @@ import numpy as np
 import torch
 
 from trl_flower.tree import INVALID, PrefixTree
+from trl_flower.user_flows import DenseUserFlows, DistilledReward, TopNUserFlows, log_item_weights
 
 __all__ = ["PrefixTreeRewardModel", "TokenTargets", "normalize_preferences"]
 
-VARIANTS = ("none", "div_s", "add_logs", "exact")
+VARIANTS = ("none", "div_s", "add_logs", "exact", "distill")
 SEQUENCE_REWARDS = ("minmax", "log_share", "raw")
 NORMALIZATIONS = ("mid", "minmax")
 INVALID_LOG_REWARD = -15.0  # ℓ of a token that leaves the catalogue (official constant)
@@ -133,14 +139,15 @@ class PrefixTreeRewardModel:
         tree: the catalogue's :class:`~trl_flower.tree.PrefixTree` (its structure is shared, not copied).
         item_rewards: R(i) ≥ 0 per item id: an array [num_items] or a mapping {item_id: reward} (missing ids get 0).
             Default: ``tree.item_rewards``. The trainer passes interaction counts.
-        variant: personalisation of the token targets: ``"none"``, ``"div_s"`` (paper default), ``"add_logs"`` or
-            ``"exact"`` (see the module docstring). All but ``"none"`` need `preference_scores`.
+        variant: personalisation of the token targets: ``"none"``, ``"div_s"`` (paper default), ``"add_logs"``,
+            ``"exact"`` or ``"distill"`` (see the module docstring). All but ``"none"`` need `preference_scores`.
         preference_scores: auxiliary-model logits [num_rows, num_items] (numpy array, ``np.load(..., mmap_mode="r")``
             memory map, or tensor). Only the rows of the current batch are read and softmaxed.
         score_normalization: ``"mid"`` or ``"minmax"``, overriding the defaults ("mid" for div_s, exact and the
             raw/log_share sequence rewards; "minmax" for add_logs and the minmax sequence reward).
         tokenizer: used by ``__call__`` to tokenise text completions when `completion_ids` is not given.
         sequence_reward: what ``__call__`` returns per completion: ``"minmax"``, ``"log_share"`` or ``"raw"``.
+            Default (None): ``"log_share"`` for ``"distill"`` (log R_u(y)/Z_u), ``"minmax"`` otherwise.
         invalid_reward: ``__call__``'s value for a completion that is not a catalogue title (and, under
             ``"log_share"``, for a zero-reward title, whose log-share is −inf).
         nonterminal_log_term: termination target log ρ at every state before the end of the title (official: −15).
@@ -150,6 +157,8 @@ class PrefixTreeRewardModel:
             (≈ 13 nats apart), so the SubTB loss can never reach 0 and pushes π(⊤|title) towards 0. ``"flow"``
             uses that title's own (variant-adjusted) log R(s)/F(s), which is consistent with the flows.
         row_column: the dataset column holding each prompt's row of `preference_scores` (TRL passes it in kwargs).
+        distill: the α, β, τ, ε and top-n of ``variant="distill"`` (default `DistilledReward()`: α = β = τ = 1);
+            only allowed with that variant.
 
     Raises:
         ValueError: unknown option, a variant that needs `preference_scores` without them, `preference_scores`
@@ -165,17 +174,29 @@ class PrefixTreeRewardModel:
         preference_scores: Any = None,
         score_normalization: str | None = None,
         tokenizer: Any = None,
-        sequence_reward: str = "minmax",
+        sequence_reward: str | None = None,
         invalid_reward: float = 0.0,
         nonterminal_log_term: float = -15.0,
         row_column: str = "row_index",
         title_log_term: str = "official",
+        distill: DistilledReward | None = None,
     ) -> None:
         if title_log_term not in ("official", "flow"):
             raise ValueError(f"`title_log_term` must be 'official' or 'flow', got {title_log_term!r}")
         self.title_log_term = title_log_term
         if variant not in VARIANTS:
             raise ValueError(f"`variant` must be one of {VARIANTS}, got {variant!r}")
+        if distill is not None and variant != "distill":
+            raise ValueError(f"`distill` settings only apply to variant='distill', got variant={variant!r}")
+        if sequence_reward is None:
+            sequence_reward = "log_share" if variant == "distill" else "minmax"
+        if variant == "distill" and sequence_reward == "minmax":
+            raise ValueError(
+                "variant='distill' has per-user rewards R_u(y) without a catalogue-wide min and max; use "
+                "sequence_reward='log_share' (log R_u(y)/Z_u, the default) or 'raw' (R_u(y))."
+            )
+        if variant == "distill" and score_normalization is not None:
+            raise ValueError("variant='distill' uses softmax(logits / τ), not a score normalisation; drop it.")
         if sequence_reward not in SEQUENCE_REWARDS:
             raise ValueError(f"`sequence_reward` must be one of {SEQUENCE_REWARDS}, got {sequence_reward!r}")
         if score_normalization is not None and score_normalization not in NORMALIZATIONS:
@@ -201,6 +222,7 @@ class PrefixTreeRewardModel:
                 )
         self.tree = tree.with_rewards(_reward_array(item_rewards, tree))
         self.variant = variant
+        self.distill = (distill or DistilledReward()) if variant == "distill" else None
         self.preference_scores = preference_scores
         self.score_normalization = score_normalization
         self.tokenizer = tokenizer
@@ -210,14 +232,22 @@ class PrefixTreeRewardModel:
         self.row_column = row_column
         self.__name__ = "prefix_tree_reward"  # TRL logs rewards under the callable's __name__
 
-        self.node_reward = self.tree.aggregate_to_nodes(self.tree.item_rewards)  # [N] F(n); = R(y) at terminals
-        if not self.node_reward[0] > 0:
+        # log F(n) in log space (rewards near 1e308 would overflow a plain sum); = log R(y) at terminal nodes
+        self.node_log_reward = self.tree.log_flow  # [N]
+        self.node_reward = self.tree.aggregate_to_nodes(self.tree.item_rewards)  # [N] plain sums, for "raw" only
+        if not np.isfinite(self.node_log_reward[0]):
             raise ValueError("all item rewards are 0: there is no flow to follow (Z = 0); give some items R > 0.")
-        terminal_rewards = self.node_reward[self.tree.is_terminal]  # [num titles]
-        self._reward_lo, self._reward_hi = float(terminal_rewards.min()), float(terminal_rewards.max())
-        if sequence_reward == "log_share":
-            positive = terminal_rewards[terminal_rewards > 0]
-            lowest = float(np.log(positive.min()) - np.log(self.node_reward[0]))
+        terminal_log_rewards = self.node_log_reward[self.tree.is_terminal]  # [num titles]
+        self._log_reward_lo, self._log_reward_hi = float(terminal_log_rewards.min()), float(terminal_log_rewards.max())
+        if self.distill is not None:
+            # w(i) = (R(i) + ε)^α and its flows W(n), shared by every row (the top-n flows' base)
+            self._log_weights = log_item_weights(self.tree.item_rewards, self.distill.alpha, self.distill.epsilon)
+            self._base_log_flows = self.tree.log_aggregate_to_nodes(self._log_weights)  # [N]
+            if not torch.isfinite(self._base_log_flows[0]) and self.distill.beta == 0:
+                raise ValueError("variant='distill': every (R(i) + ε)^α is 0; raise epsilon or lower alpha to 0.")
+        if sequence_reward == "log_share" and self.distill is None:
+            positive = terminal_log_rewards[np.isfinite(terminal_log_rewards)]
+            lowest = float(positive.min() - self.node_log_reward[0])
             if not self.invalid_reward < lowest:
                 raise ValueError(
                     f"with sequence_reward='log_share' every valid title gets log R(y)/Z >= {lowest:.3f}, so "
@@ -236,6 +266,13 @@ class PrefixTreeRewardModel:
         Returns:
             [B, num_items] float64 on CPU. Only these B rows of `preference_scores` are read.
         """
+        idx = self._row_indices(rows)
+        logits = torch.as_tensor(np.asarray(self.preference_scores[idx], dtype=np.float64))  # [B, M]
+        p = torch.softmax(logits, dim=-1)  # [B, M]
+        return normalize_preferences(p, method)
+
+    def _row_indices(self, rows: torch.Tensor) -> np.ndarray:
+        """`rows` [B] as int64 numpy indices into `preference_scores`, checked."""
         if self.preference_scores is None:
             raise ValueError("this reward model has no `preference_scores`; pass them to personalise rewards.")
         idx = np.asarray(torch.as_tensor(rows).detach().cpu(), dtype=np.int64).reshape(-1)  # [B]
@@ -244,9 +281,7 @@ class PrefixTreeRewardModel:
             raise ValueError(
                 f"row indices must lie in [0, {num_rows}) (rows of `preference_scores`), got {idx.tolist()}"
             )
-        logits = torch.as_tensor(np.asarray(self.preference_scores[idx], dtype=np.float64))  # [B, M]
-        p = torch.softmax(logits, dim=-1)  # [B, M]
-        return normalize_preferences(p, method)
+        return idx
 
     def terminal_scores(self, s_item: torch.Tensor, terminal_nodes: torch.Tensor) -> torch.Tensor:
         """Score of each row's title: reward-weighted mean of s over the items ending at its terminal node.
@@ -277,28 +312,42 @@ class PrefixTreeRewardModel:
             [B, num_nodes] float64 (−inf for zero flow), on the device of `rows`.
         """
         s = self.item_scores(rows, self._normalization("mid"))  # [B, M]
-        user_rewards = torch.as_tensor(self.tree.item_rewards).unsqueeze(0) * s  # [B, M] R(i) s(u, i)
-        flows = self.tree.aggregate_to_nodes(user_rewards)  # [B, N] F_u(n)
-        return flows.log().to(rows.device)  # [B, N]
+        log_r = torch.as_tensor(self.tree.item_rewards).log().unsqueeze(0) + s.log()  # [B, M] log R(i) s(u, i)
+        return self.tree.log_aggregate_to_nodes(log_r).to(rows.device)  # [B, N] log F_u(n)
 
-    def _flow_table(self, rows: torch.Tensor | None, batch: int, device: torch.device) -> torch.Tensor | None:
-        """[B, N] per-user log flows for `exact`, else None (the tree's flows apply)."""
-        if self.variant != "exact":
+    def distilled_flows(self, rows: torch.Tensor) -> DenseUserFlows | TopNUserFlows:
+        """Per-user flows of the distill variant for the training rows `rows` [B] (only these rows are read).
+
+        log R_u(i) = α log(R(i) + ε) + β log softmax(logits_u / τ)_i, pushed through the tree (dense, or top-n).
+        """
+        if self.distill is None:
+            raise ValueError(f"distilled flows need variant='distill', this model has variant={self.variant!r}")
+        idx = self._row_indices(rows)
+        logits = self.preference_scores[idx]  # [B, M] only the batch rows (a memory map stays on disk)
+        return self.distill.user_flows(self.tree, self._log_weights, self._base_log_flows, logits)
+
+    def _flow_table(
+        self, rows: torch.Tensor | None, batch: int, device: torch.device
+    ) -> DenseUserFlows | TopNUserFlows | None:
+        """Per-user flows for `exact` and `distill`, else None (the tree's flows apply)."""
+        if self.variant not in ("exact", "distill"):
             return None
         if rows is None:
-            raise ValueError("variant='exact' needs `rows` (the training row of each sample) to build per-user flows")
+            raise ValueError(
+                f"variant={self.variant!r} needs `rows` (the training row of each sample) to build per-user flows"
+            )
         rows = torch.as_tensor(rows, device=device).reshape(-1)
         if rows.numel() != batch:
             raise ValueError(f"`rows` must have one entry per sample ({batch}), got {rows.numel()}")
-        return self.user_log_flows(rows)
+        if self.variant == "distill":
+            return self.distilled_flows(rows)
+        return DenseUserFlows(self.user_log_flows(rows))
 
-    def _log_flows(self, nodes: torch.Tensor, table: torch.Tensor | None) -> torch.Tensor:
-        """log F at `nodes` [B, ...] (tree flows, or row b of the per-user `table` [B, N]); −inf at -1."""
+    def _log_flows(self, nodes: torch.Tensor, table: DenseUserFlows | TopNUserFlows | None) -> torch.Tensor:
+        """log F at `nodes` [B, ...] (tree flows, or row b's per-user flows); −inf at -1."""
         if table is None:
             return self.tree.log_flows(nodes)
-        flat = nodes.reshape(nodes.shape[0], -1)  # [B, X]
-        lf = table.gather(1, flat.clamp(min=0)).reshape(nodes.shape)  # [B, ...]
-        return torch.where(nodes >= 0, lf, torch.full_like(lf, float("-inf")))
+        return table.log_flows(nodes).to(nodes.device)
 
     def _variant_scores(self, rows: torch.Tensor | None, terminal_nodes: torch.Tensor) -> torch.Tensor:
         """s_b [B] of the div_s / add_logs variants (1 otherwise)."""
@@ -530,7 +579,7 @@ class PrefixTreeRewardModel:
             ids[b, : len(p)] = torch.as_tensor(p, dtype=torch.long)
         _, _, terminal = self._walk(ids)  # [B]
         complete = terminal >= 0  # [B]
-        R = torch.as_tensor(self.node_reward)[terminal.clamp(min=0)]  # [B] R(y)
+        log_R = torch.as_tensor(self.node_log_reward)[terminal.clamp(min=0)]  # [B] log R(y), in log space
 
         personal = self.preference_scores is not None
         if personal:
@@ -541,24 +590,41 @@ class PrefixTreeRewardModel:
                     "or set `row_column`."
                 )
             rows = torch.as_tensor([int(r) for r in kwargs[self.row_column]], dtype=torch.long)  # [B]
-            default = "minmax" if self.sequence_reward == "minmax" else "mid"
-            s_item = self.item_scores(rows, self._normalization(default))  # [B, M]
-            s = self.terminal_scores(s_item, terminal)  # [B]
 
-        if self.sequence_reward == "minmax":
-            span = self._reward_hi - self._reward_lo
-            value = (R - self._reward_lo) / span if span > 0 else torch.ones_like(R)  # [B]
+        if self.distill is not None:  # per-user flows: R_u(y) at the title's terminal node, Z_u at the root
+            flows = self.distilled_flows(rows)
+            log_ru = flows.log_flows(terminal.unsqueeze(1)).squeeze(1)  # [B] (−inf for incomplete rows)
+            if self.sequence_reward == "raw":
+                value = log_ru.exp()
+            else:  # log_share
+                value = log_ru - flows.log_flows(torch.zeros(B, 1, dtype=torch.long)).squeeze(1)
+                complete = complete & torch.isfinite(value)
+        elif self.sequence_reward == "minmax":
+            lo, hi = self._log_reward_lo, self._log_reward_hi
+            if hi == lo:
+                value = torch.ones_like(log_R)
+            elif np.isfinite(np.exp(hi)):  # (R − lo) / (hi − lo) on the plain sums (exact)
+                R = torch.as_tensor(self.node_reward)[terminal.clamp(min=0)]  # [B]
+                value = (R - np.exp(lo)) / (np.exp(hi) - np.exp(lo))
+            else:  # the same, scaled by hi: rewards near the float64 maximum would overflow
+                value = (log_R - hi).exp().sub(np.exp(lo - hi)).div(-np.expm1(lo - hi))
             if personal:
-                value = value * s
-        elif self.sequence_reward == "raw":
-            value = R * s if personal else R
-        else:  # log_share
+                value = value * self.terminal_scores(self.item_scores(rows, self._normalization("minmax")), terminal)
+        else:
+            log_s = torch.zeros_like(log_R)
             if personal:
-                z_u = s_item @ torch.as_tensor(self.tree.item_rewards)  # [B] Σ_i R(i) s(u, i)
-                value = torch.log(R * s) - torch.log(z_u)
-            else:
-                value = torch.log(R) - float(np.log(self.node_reward[0]))
-            complete = complete & torch.isfinite(value)
+                s_item = self.item_scores(rows, self._normalization("mid"))  # [B, M]
+                log_s = self.terminal_scores(s_item, terminal).log()  # [B]
+            if self.sequence_reward == "raw":
+                R = torch.as_tensor(self.node_reward)[terminal.clamp(min=0)]  # [B] R(y) exactly (no exp(log))
+                value = R * log_s.exp() if personal else R
+            else:  # log_share
+                log_z = float(self.node_log_reward[0])
+                if personal:  # Z_u = Σ_i R(i) s(u, i), in log space
+                    log_items = torch.as_tensor(self.tree.item_rewards).log().unsqueeze(0) + s_item.log()  # [B, M]
+                    log_z = torch.logsumexp(log_items, dim=1)  # [B]
+                value = log_R + log_s - log_z
+                complete = complete & torch.isfinite(value)
         value = torch.where(complete, value, self.invalid_reward)  # [B]
         return [float(v) for v in value]
 

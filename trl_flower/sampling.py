@@ -1,33 +1,20 @@
 """Trie-constrained ancestral sampling of item titles on a prompt's KV cache (no TRL import).
 
 `FlowerTrainer` samples its on-policy items inside the loss step: the prompt runs once with gradient, and the
-sampler extends a *detached* copy of that prompt's cache token by token. These functions hold that sampling; the
-trainer only wires them to its config.
+sampler extends a *detached* copy of that prompt's cache (`trl_flower.prompt_sharing.detached_cache`) token by
+token. These functions hold that sampling; the trainer only wires them to its config.
 """
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable, Sequence
 
 import torch
 
 from trl_flower.decoding import TrieLogitsProcessor
+from trl_flower.prompt_sharing import detached_cache  # noqa: F401  (re-exported: the sampler's cache copy)
 
 LogitsWarper = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-
-
-def detached_cache(cache):
-    """A copy of a transformers `DynamicCache` whose layers hold detached views of its keys/values (no data copy).
-
-    Sampling extends the copy (each layer's update concatenates into new tensors), so the gradient cache is never
-    modified and the sampler's forwards build no graph.
-    """
-    clone = copy.copy(cache)
-    clone.layers = [copy.copy(layer) for layer in cache.layers]
-    for layer in clone.layers:
-        layer.keys, layer.values = layer.keys.detach(), layer.values.detach()
-    return clone
 
 
 def sampling_warpers(

@@ -6,22 +6,20 @@ logits processor (`decoding.py`) hold the math. The TRL internals this file reli
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import textwrap
-from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from trl import GRPOTrainer
 from trl.trainer.utils import get_config_model_id, pad
 
-from trl_flower._trl_compat import completion_eos_ids, constrained_generate
+from trl_flower import checkpoint
+from trl_flower._trl_compat import completion_eos_ids
 from trl_flower.config import FlowerConfig
-from trl_flower.decoding import TrieLogitsProcessor
 from trl_flower.losses import (
+    chunk_path_states,
     combine_losses,
     detailed_balance_loss,
     flow_log_probs,
@@ -32,31 +30,35 @@ from trl_flower.losses import (
     tree_log_mass,
     tree_normalized_flow_log_probs,
 )
-from trl_flower.prompt_sharing import continue_on_cache, prompt_forward, stacked_continuation_logits
+from trl_flower.model_card import append_flower_section
+from trl_flower.prompt_sharing import continue_on_cache, detached_cache, prompt_forward, shared_prompt_logits
 from trl_flower.rewards import PrefixTreeRewardModel
-from trl_flower.sampling import detached_cache, sample_on_cache, sampling_warpers
-from trl_flower.tree import TREE_FILE, PrefixTree
+from trl_flower.rollout import TrieRolloutMixin
+from trl_flower.sampling import sample_on_cache, sampling_warpers
+from trl_flower.trainer_checks import (
+    COMPLETION_COLUMN,
+    check_dataset,
+    check_item_groups,
+    check_model_and_tree,
+    resolve_reward_model,
+)
+from trl_flower.tree import PrefixTree
 
 logger = logging.getLogger(__name__)
-
-INFO_FILE = "flower_config.json"  # what an evaluation needs besides the tree (terminator, mode, reward settings)
-ITEM_GROUPS_FILE = "item_groups.npy"  # popularity group per item id, when the trainer was given one
-OFFLINE_RNG_FILE = "offline_rng_state.pth"  # checkpoints only: the offline/on-policy draw generator
-COMPLETION_COLUMN = "completion"  # SFT target text in tokenization_mode="reference" (TRL's prompt-completion name)
 
 _PATH_LOSSES = {"flower_subtb": flower_subtb_loss, "db": detailed_balance_loss, "tb": flower_tb_loss}
 
 
-class FlowerTrainer(GRPOTrainer):
+class FlowerTrainer(TrieRolloutMixin, GRPOTrainer):
     r"""
     Trainer for Flower ([Process-Supervised LLM Recommenders via Flow-guided
     Tuning](https://huggingface.co/papers/2503.07377)): supervised fine-tuning on the target item plus a GFlowNet
     flow-balance loss on items sampled from the policy under a prefix-tree (trie) constraint, with token-level
     process rewards F(s·a)/F(s) from the tree's item flows.
 
-    The only change w.r.t. [`GRPOTrainer`] is what is sampled and what is minimised: `_generate_single_turn` samples
-    through the inherited transformers path with a [`TrieLogitsProcessor`] added, so every completion is a catalogue
-    item; `_generate_and_score_completions` adds the SFT target path and the token-level flow targets
+    The only change w.r.t. [`GRPOTrainer`] is what is sampled and what is minimised: rollouts go through the
+    inherited transformers path with a [`TrieLogitsProcessor`] added ([`TrieRolloutMixin`]), so every completion is
+    a catalogue item; `_generate_and_score_completions` adds the SFT target path and the token-level flow targets
     ([`PrefixTreeRewardModel.token_targets`]) to the batch; and `_compute_loss` returns
     (1 − λ)·SFT + λ·flow loss from one teacher-forced forward with gradient (the prompt runs once, the target and the
     sample continue on its KV cache). Batching, gradient accumulation, reward logging, PEFT, checkpointing and
@@ -118,8 +120,8 @@ class FlowerTrainer(GRPOTrainer):
     from it, so the samples of a prompt do not depend on how the batch is cut into micro-batches: gradient
     accumulation still equals the full batch. The policy is the same in every micro-batch of an optimiser step, so
     the samples have the same distribution as in the `generate` path, and the gradient is the same (samples are not
-    differentiated). The logs keep their names (`completions/*`, `rewards/*`, `reward`, `num_tokens`,
-    `sampled/*`); they are logged per micro-batch instead of per generation batch.
+    differentiated). Flower's `sampled/*` logs and `num_tokens` are the same on both paths, logged per micro-batch
+    instead of per generation batch; GRPO's `completions/*` and `rewards/*` logs exist on its `generate` path only.
     Off (set ``trainer.sample_in_loss_step = False``), or when a condition above fails: TRL's `generate` path.
     """
 
@@ -162,10 +164,10 @@ class FlowerTrainer(GRPOTrainer):
             raise TypeError(f"`tree` must be a trl_flower PrefixTree, got {type(tree).__name__}")
         # Everything checkable without the model is checked before GRPOTrainer loads it.
         self.tree = tree
-        self.reward_model = _resolve_reward_model(tree, args, reward_model)
-        self.item_groups = _check_item_groups(item_groups, tree)
+        self.reward_model = resolve_reward_model(tree, args, reward_model)
+        self.item_groups = check_item_groups(item_groups, tree)
         for name, dataset in (("train_dataset", train_dataset), ("eval_dataset", eval_dataset)):
-            _check_dataset(name, dataset, args, tree, self.reward_model)
+            check_dataset(name, dataset, args, tree, self.reward_model)
 
         super().__init__(
             model=model,
@@ -178,42 +180,15 @@ class FlowerTrainer(GRPOTrainer):
             optimizers=optimizers,
             peft_config=peft_config,
         )
-        self._finished_token_id = self._check_model_and_tree()
+        vocab_size = self.model.config.get_text_config().vocab_size
+        self._finished_token_id = check_model_and_tree(self.args, self.tree, vocab_size, completion_eos_ids(self))
+        self.rollout_tree, self.rollout_finished_token_id = self.reward_model.tree, self._finished_token_id
         # Run the prompt once and continue the SFT target and the sample on its KV cache (see `_state_logits`);
         # gradient checkpointing drops KV caches inside the layers, so it needs the stacked forward.
         self._share_prompt_forward = not self.args.gradient_checkpointing
         self._offline_rng: torch.Generator | None = None  # created on the first offline draw (`_offline_batch`)
 
-    # ------------------------------------------------------------------ construction checks
-
-    def _check_model_and_tree(self) -> int | None:
-        """Check what needs the tokenizer and model; return the token forced after the terminator (or None)."""
-        vocab = self.model.config.get_text_config().vocab_size
-        if self.tree.vocab_bound > vocab:
-            raise ValueError(
-                f"the prefix tree uses token ids up to {self.tree.vocab_bound - 1} but the model's vocabulary has "
-                f"{vocab} entries; build the tree with this model's tokenizer (PrefixTree.from_titles(titles, tok))."
-            )
-        longest = int(self.tree.item_length.max())
-        if self.args.max_completion_length is not None and self.args.max_completion_length < longest:
-            raise ValueError(
-                f"max_completion_length={self.args.max_completion_length} is shorter than the longest item path "
-                f"({longest} tokens with the terminator), so some samples would be cut before their item ends. Set "
-                f"max_completion_length >= {longest}."
-            )
-        eos_ids = completion_eos_ids(self)
-        terminator = self.tree.terminator_id
-        if self.args.tokenization_mode == "default":
-            if terminator not in eos_ids:
-                raise ValueError(
-                    f"tokenization_mode='default' needs item paths that end with an EOS token (one of {eos_ids}) so "
-                    "that sampling stops at the end of an item and the SFT target equals the tree path, but the "
-                    f"tree's terminator is {terminator}. Build the tree with terminator_id=tokenizer.eos_token_id, "
-                    "or use tokenization_mode='reference' with a `completion` column."
-                )
-            return None
-        # reference mode: after the tree's terminator (e.g. "\n") the sampler emits EOS, which ends generation
-        return None if terminator in eos_ids else eos_ids[0]
+    # ------------------------------------------------------------------ dataset columns
 
     def _set_signature_columns_if_needed(self):
         # With remove_unused_columns=True, keep the columns Flower reads besides GRPO's "prompt".
@@ -222,17 +197,6 @@ class FlowerTrainer(GRPOTrainer):
         self._signature_columns = list(dict.fromkeys([*self._signature_columns, *extra]))
 
     # ------------------------------------------------------------------ sampling and batch assembly
-
-    def _generate_single_turn(self, prompt_ids, *args, **kwargs):
-        # The inherited transformers path does the generation (its signature drifts across TRL versions, hence
-        # *args); the trie processor is added to its `generate` call. One processor per call: it is stateful.
-        def trie_processor():
-            return TrieLogitsProcessor(
-                self.reward_model.tree, finished_token_id=self._finished_token_id, positive_flow_only=True
-            )
-
-        with constrained_generate(self.accelerator.unwrap_model(self.model_wrapped), trie_processor):
-            return super()._generate_single_turn(prompt_ids, *args, **kwargs)
 
     def _generate_and_score_completions(self, inputs: list[dict[str, Any]]) -> dict[str, Any]:
         sft = self._sft_targets(inputs)
@@ -338,9 +302,8 @@ class FlowerTrainer(GRPOTrainer):
     ) -> dict[str, torch.Tensor]:
         """Token-level flow targets of the sampled items (no gradient); `rows` [B] for personalised rewards.
         `log_samples=False` for offline paths, which are not samples of the policy."""
-        if self.reward_model.variant == "none":
-            rows = None
-        targets = self.reward_model.token_targets(completion_ids, rows)
+        target_rows = None if self.reward_model.variant == "none" else rows
+        targets = self.reward_model.token_targets(completion_ids, target_rows)
         T = targets.log_reward.shape[1]
         title_mask = torch.arange(T, device=completion_ids.device).unsqueeze(0) < targets.lengths.unsqueeze(1)
         title_ids = torch.where(title_mask, completion_ids[:, :T], self._tokenizer.pad_token_id)  # [B, T]
@@ -353,7 +316,7 @@ class FlowerTrainer(GRPOTrainer):
             "flow_log_term_target": targets.log_term_target,
         }
         if self.args.flow_loss == "full_distribution":
-            children = self.reward_model.child_targets(targets.nodes, rows, targets.terminal_nodes)
+            children = self.reward_model.child_targets(targets.nodes, target_rows, targets.terminal_nodes)
             tokens, log_rewards, child_mask = children
             out.update(
                 flow_child_tokens=tokens,  # [B, T+1, K]
@@ -366,21 +329,49 @@ class FlowerTrainer(GRPOTrainer):
             tokens, _, child_mask = self.tree.children(targets.nodes.reshape(-1))  # [B*S, K]
             out.update(flow_child_tokens=tokens.reshape(B, S, -1), flow_child_mask=child_mask.reshape(B, S, -1))
         if log_samples:
-            self._log_sampled_items(targets.item_ids, targets.valid)
+            self._log_sampled_items(completion_ids, targets, rows)
         return out
 
-    def _log_sampled_items(self, item_ids: torch.Tensor, valid: torch.Tensor) -> None:
+    def _log_sampled_items(self, completion_ids: torch.Tensor, targets, rows: torch.Tensor | None) -> None:
+        """Flower's logs of the policy's samples, the same on both sampling paths (`sampled/*`).
+
+        GRPO's own `completions/*` and `rewards/*` logs come from TRL's generate path; the in-loss sampler does not
+        repeat them (it keeps only the token count of the trainer state, `_count_in_loss_tokens`).
+        """
         mode = "train" if self.model.training else "eval"
-        items = self.accelerator.gather(item_ids)  # [B_global], -1 for incomplete samples
-        valid = self.accelerator.gather(valid.long())  # [B_global]
-        self._metrics[mode]["sampled/valid_share"].append(valid.float().mean().item())
-        items = items[items >= 0]
-        self._metrics[mode]["sampled/distinct_items"].append(float(items.unique().numel()))
+        metrics = self._metrics[mode]
+        gather = self.accelerator.gather
+        items = gather(targets.item_ids)  # [B_global], -1 for incomplete samples
+        valid = gather(targets.valid.long())  # [B_global]
+        metrics["sampled/valid_share"].append(valid.float().mean().item())
+        complete = items >= 0
+        lengths = gather(targets.lengths + 1)[complete]  # [n] item path lengths, terminator included
+        metrics["sampled/mean_length"].append(lengths.float().mean().item() if lengths.numel() else 0.0)
+        kwargs = {} if rows is None else {self.reward_model.row_column: rows.tolist()}
+        B = completion_ids.shape[0]
+        rewards = self.reward_model(
+            prompts=[None] * B, completions=[""] * B, completion_ids=completion_ids.tolist(), **kwargs
+        )
+        rewards = gather(torch.tensor(rewards, dtype=torch.float32, device=completion_ids.device))  # [B_global]
+        metrics["sampled/reward_mean"].append(rewards.mean().item())
+        items = items[complete]
+        metrics["sampled/distinct_items"].append(float(items.unique().numel()))
         if self.item_groups is not None and items.numel():
             groups = self.item_groups.to(items.device)[items]  # [n]
             share = torch.bincount(groups, minlength=self._num_groups).double() / items.numel()  # [G]
             for g, value in enumerate(share.tolist()):
-                self._metrics[mode][f"sampled/group_{g}_share"].append(value)
+                metrics[f"sampled/group_{g}_share"].append(value)
+
+    def _count_in_loss_tokens(self, prompt_mask: torch.Tensor, completion_ids: torch.Tensor) -> None:
+        """Add the in-loss samples' prompt and completion tokens to the trainer state (GRPO counts its own)."""
+        mode = "train" if self.model.training else "eval"
+        eos = torch.tensor(completion_eos_ids(self), device=completion_ids.device)
+        is_eos = torch.isin(completion_ids, eos)  # [B, T]
+        lengths = torch.where(is_eos.any(dim=1), is_eos.int().argmax(dim=1) + 1, completion_ids.shape[1])  # [B]
+        tokens = self.accelerator.gather(prompt_mask.sum() + lengths.sum()).sum()
+        if mode == "train":
+            self.state.num_input_tokens_seen += tokens.item()
+        self._metrics[mode]["num_tokens"] = [self.state.num_input_tokens_seen]
 
     @property
     def _num_groups(self) -> int:
@@ -409,7 +400,7 @@ class FlowerTrainer(GRPOTrainer):
                 model, first.detach(), detached_cache(cache), prompt_mask, inputs["flow_uniforms"]
             )
             inputs = {**inputs, **self._flow_targets(inputs.get("flow_rows"), completion_ids)}
-            self._log_in_loss_samples(inputs, completion_ids)
+            self._count_in_loss_tokens(prompt_mask, completion_ids)
             continuations.append((inputs["flow_title_ids"], inputs["flow_title_mask"]))
             state_logits = continue_on_cache(
                 model, first, cache, prompt_mask, continuations, self._tokenizer.pad_token_id
@@ -476,6 +467,8 @@ class FlowerTrainer(GRPOTrainer):
             inputs["flow_log_term_target"][keep],  # [B', T+1]
             inputs["flow_lengths"][keep],  # [B']
         )
+        if self.args.state_granularity > 1:  # states every n tokens (RQ4): chunk the path before the loss
+            args = chunk_path_states(*args, n=self.args.state_granularity)
         if self.args.flow_loss == "flower_subtb":
             return flower_subtb_loss(*args, subtb_lambda=self.args.subtb_lambda)
         return _PATH_LOSSES[self.args.flow_loss](*args)
@@ -495,19 +488,13 @@ class FlowerTrainer(GRPOTrainer):
         cache); this halves the forward cost for Flower's long prompts and short titles. Gradient checkpointing
         drops caches, so then (and with a single continuation) the rows [prompt + continuation_i] run stacked.
         """
-        pad_id = self._tokenizer.pad_token_id
-        if len(continuations) > 1 and self._share_prompt_forward:
-            first, cache = prompt_forward(model, prompt_ids, prompt_mask)
-            if cache is not None:
-                return continue_on_cache(model, first, cache, prompt_mask, continuations, pad_id)
-            logger.warning_once("the model returned no usable KV cache; using the stacked forward instead")
-        return stacked_continuation_logits(model, prompt_ids, prompt_mask, continuations, pad_id)
+        return shared_prompt_logits(
+            model, prompt_ids, prompt_mask, continuations, self._tokenizer.pad_token_id, self._share_prompt_forward
+        )
 
     def _sample_items(self, model, first, cache, prompt_mask, uniforms) -> torch.Tensor:
         """Trie-constrained on-policy samples on a detached prompt cache (`sampling.sample_on_cache`); [B, T]."""
-        trie = TrieLogitsProcessor(
-            self.reward_model.tree, prompt_length=0, finished_token_id=self._finished_token_id, positive_flow_only=True
-        )
+        trie = self.rollout_logits_processor(prompt_length=0)  # the generate path's processor (`TrieRolloutMixin`)
         args = self.args
         warpers = sampling_warpers(args.temperature, args.top_k, args.top_p, args.min_p)
         return sample_on_cache(
@@ -522,51 +509,6 @@ class FlowerTrainer(GRPOTrainer):
             warpers,
         )
 
-    def _log_in_loss_samples(self, inputs: dict[str, Any], completion_ids: torch.Tensor) -> None:
-        """The logs GRPO's generate path writes for a generation batch, for the samples of one loss step."""
-        mode = "train" if self.model.training else "eval"
-        metrics = self._metrics[mode]
-        gather = self.accelerator.gather
-        eos = torch.tensor(completion_eos_ids(self), device=completion_ids.device)
-        is_eos = torch.isin(completion_ids, eos)  # [B, T]
-        terminated = is_eos.any(dim=1)  # [B]
-        first_eos = torch.where(terminated, is_eos.int().argmax(dim=1), completion_ids.shape[1] - 1)
-        lengths = gather(first_eos + 1)  # [B_global]
-        terminated = gather(terminated)
-        prompt_tokens = gather(inputs["prompt_mask"].sum())
-        if mode == "train":
-            self.state.num_input_tokens_seen += (prompt_tokens.sum() + lengths.sum()).item()
-        metrics["num_tokens"] = [self.state.num_input_tokens_seen]
-        lengths_f = lengths.float()
-        metrics["completions/mean_length"].append(lengths_f.mean().item())
-        metrics["completions/min_length"].append(lengths_f.min().item())
-        metrics["completions/max_length"].append(lengths_f.max().item())
-        metrics["completions/clipped_ratio"].append(1.0 - terminated.float().mean().item())
-        term = lengths_f[terminated] if bool(terminated.any()) else torch.zeros(1, device=lengths.device)
-        metrics["completions/mean_terminated_length"].append(term.mean().item())
-        metrics["completions/min_terminated_length"].append(term.min().item())
-        metrics["completions/max_terminated_length"].append(term.max().item())
-
-        ids = [row[: int(n)].tolist() for row, n in zip(completion_ids, first_eos + 1)]
-        kwargs = {}
-        if inputs.get("flow_rows") is not None:
-            kwargs[self.reward_model.row_column] = inputs["flow_rows"].tolist()
-        rewards = self.reward_model(
-            prompts=[None] * len(ids), completions=[""] * len(ids), completion_ids=ids, **kwargs
-        )
-        rewards = gather(torch.tensor(rewards, dtype=torch.float32, device=completion_ids.device))  # [B_global]
-        std = rewards.std() if rewards.numel() > 1 else torch.zeros(())
-        metrics[f"rewards/{self.reward_model.__name__}/mean"].append(rewards.mean().item())
-        metrics[f"rewards/{self.reward_model.__name__}/std"].append(std.item())
-        metrics["reward"].append(rewards.mean().item())
-        metrics["reward_std"].append(std.item())
-        G = self.num_generations if mode == "train" else self.num_generations_eval
-        if G and G > 1 and rewards.numel() % G == 0:
-            zero = torch.isclose(rewards.view(-1, G).std(dim=1), torch.zeros(()))
-            metrics["frac_reward_zero_std"].append(zero.float().mean().item())
-        else:
-            metrics["frac_reward_zero_std"].append(1.0)  # a group of one has zero spread (GRPO logs 1.0)
-
     # ------------------------------------------------------------------ saving
 
     def _save_rng_state(self, output_dir: str) -> None:
@@ -575,136 +517,35 @@ class FlowerTrainer(GRPOTrainer):
         # holds the same state, so one file written by the main process serves all.
         super()._save_rng_state(output_dir)
         if self._offline_rng is not None and self.args.should_save:
-            torch.save(self._offline_rng.get_state(), Path(output_dir) / OFFLINE_RNG_FILE)
+            checkpoint.save_offline_rng(output_dir, self._offline_rng)
 
-    def _load_rng_state(self, checkpoint: str | None) -> None:
-        super()._load_rng_state(checkpoint)
-        if checkpoint is None:
-            return
-        path = Path(checkpoint) / OFFLINE_RNG_FILE
-        if path.is_file():
-            self._offline_rng = torch.Generator()
-            self._offline_rng.set_state(torch.load(path, weights_only=True))
+    def _load_rng_state(self, checkpoint_dir: str | None) -> None:
+        super()._load_rng_state(checkpoint_dir)
+        if checkpoint_dir is not None:
+            self._offline_rng = checkpoint.load_offline_rng(checkpoint_dir) or self._offline_rng
 
     def _save(self, output_dir: str | None = None, state_dict=None):
         # A plain Hugging Face model directory (weights, config, generation config, tokenizer, chat template) from
-        # the parent, plus the tree and a small JSON: what an evaluation needs. from_pretrained ignores these files.
+        # the parent, plus the tree, the Flower record and the item groups (`trl_flower.checkpoint`).
         super()._save(output_dir, state_dict=state_dict)
-        if not self.args.should_save:
-            return
-        out = Path(output_dir if output_dir is not None else self.args.output_dir)
-        self.reward_model.tree.save(out / TREE_FILE)
-        if self.item_groups is not None:
-            np.save(out / ITEM_GROUPS_FILE, self.item_groups.numpy())
-        info = {
-            "format": "trl-flower/1",
-            "tree_file": TREE_FILE,
-            "item_groups_file": ITEM_GROUPS_FILE if self.item_groups is not None else None,
-            "terminator_id": self.tree.terminator_id,
-            "num_items": self.tree.num_items,
-            "tokenization_mode": self.args.tokenization_mode,
-            "finished_token_id": self._finished_token_id,
-            "reward_variant": self.reward_model.variant,
-            "preference_scores_path": self.args.preference_scores_path,
-            "row_index_column": self.reward_model.row_column,
-            "item_id_column": self.args.item_id_column,
-            "nonterminal_log_term": self.reward_model.nonterminal_log_term,
-            "title_log_term": self.reward_model.title_log_term,
-            "flow_policy_support": self.args.flow_policy_support,
-            "flow_loss": self.args.flow_loss,
-            "flow_lambda": self.args.flow_lambda,
-            "subtb_lambda": self.args.subtb_lambda,
-        }
-        (out / INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
-
-
-# ---------------------------------------------------------------------- helpers
-
-
-def _resolve_reward_model(
-    tree: PrefixTree, args: FlowerConfig, reward_model: PrefixTreeRewardModel | None
-) -> PrefixTreeRewardModel:
-    """The given reward model (checked against the tree and config) or the one the config describes."""
-    if reward_model is None:
-        scores = None
-        if args.preference_scores_path is not None:
-            scores = np.load(args.preference_scores_path, mmap_mode="r")  # only the batch rows are read
-        return PrefixTreeRewardModel(
-            tree,
-            variant=args.reward_variant,
-            preference_scores=scores,
-            nonterminal_log_term=args.nonterminal_log_term,
-            row_column=args.row_index_column,
-            title_log_term=args.title_log_term,
-        )
-    if not isinstance(reward_model, PrefixTreeRewardModel):
-        raise TypeError(
-            f"`reward_model` must be a PrefixTreeRewardModel (it provides the token-level targets), got "
-            f"{type(reward_model).__name__}"
-        )
-    if args.reward_variant != "none" or args.preference_scores_path is not None:
-        raise ValueError(
-            "pass either `reward_model` or the config's reward fields (reward_variant, preference_scores_path), not "
-            "both: the config fields only describe the reward model the trainer builds when none is given."
-        )
-    rt = reward_model.tree
-    if (rt.num_nodes, rt.num_items, rt.terminator_id) != (tree.num_nodes, tree.num_items, tree.terminator_id):
-        raise ValueError(
-            f"`reward_model` is built on another tree ({rt!r}) than the trainer's ({tree!r}); build it with "
-            "PrefixTreeRewardModel(tree, ...) on the same tree."
-        )
-    if reward_model.nonterminal_log_term != args.nonterminal_log_term:
-        raise ValueError(
-            f"reward_model.nonterminal_log_term={reward_model.nonterminal_log_term} differs from the config's "
-            f"nonterminal_log_term={args.nonterminal_log_term}; set them equal."
-        )
-    if reward_model.title_log_term != args.title_log_term:
-        raise ValueError(
-            f"reward_model.title_log_term={reward_model.title_log_term!r} differs from the config's "
-            f"title_log_term={args.title_log_term!r}; set them equal."
-        )
-    if reward_model.row_column != args.row_index_column:
-        raise ValueError(
-            f"reward_model.row_column={reward_model.row_column!r} differs from the config's "
-            f"row_index_column={args.row_index_column!r}; set them equal."
-        )
-    return reward_model
-
-
-def _check_item_groups(item_groups, tree: PrefixTree) -> torch.Tensor | None:
-    if item_groups is None:
-        return None
-    groups = torch.as_tensor(np.asarray(item_groups))
-    if groups.shape != (tree.num_items,) or groups.dtype.is_floating_point or groups.dtype == torch.bool:
-        raise ValueError(
-            f"item_groups must be an integer array with one popularity group per item id, shape ({tree.num_items},); "
-            f"got shape {tuple(groups.shape)} and dtype {groups.dtype}."
-        )
-    if groups.numel() and int(groups.min()) < 0:
-        raise ValueError("item_groups must be >= 0 (group 0 = most popular); map unknown items to the last group.")
-    return groups.long()
-
-
-def _check_dataset(name: str, dataset, args: FlowerConfig, tree: PrefixTree, reward_model: PrefixTreeRewardModel):
-    if isinstance(dataset, dict):  # several eval datasets (dict or DatasetDict)
-        for key, part in dataset.items():
-            _check_dataset(f"{name}[{key!r}]", part, args, tree, reward_model)
-        return
-    if dataset is None or getattr(dataset, "column_names", None) is None:
-        return  # no dataset, or a streaming dataset whose columns are unknown until read
-    columns = set(dataset.column_names)
-    needed = {"prompt": "the prompt", args.item_id_column: "the target item id (FlowerConfig.item_id_column)"}
-    if reward_model.variant != "none":
-        needed[reward_model.row_column] = f"the preference-score row of reward_variant={reward_model.variant!r}"
-    if args.tokenization_mode == "reference":
-        needed[COMPLETION_COLUMN] = "the SFT target text of tokenization_mode='reference'"
-    for column, what in needed.items():
-        if column not in columns:
-            raise ValueError(f"{name} has no column {column!r} ({what}); its columns are {sorted(columns)}.")
-    if hasattr(dataset, "__len__") and len(dataset) > 0 and hasattr(dataset, "with_format"):
-        ids = np.asarray(dataset.with_format("numpy")[args.item_id_column])
-        if not np.issubdtype(ids.dtype, np.integer) or ids.min() < 0 or ids.max() >= tree.num_items:
-            raise ValueError(
-                f"{name}[{args.item_id_column!r}] must hold integer item ids in [0, {tree.num_items}) (the tree's "
-                f"items); got dtype {ids.dtype}, range [{ids.min()}, {ids.max()}]."
+        if self.args.should_save:
+            checkpoint.save_run_files(
+                output_dir if output_dir is not None else self.args.output_dir,
+                tree=self.reward_model.tree,
+                record=self.flower_record(),
+                item_groups=self.item_groups,
             )
+
+    def flower_record(self) -> dict[str, Any]:
+        """The Flower record saved beside the weights (`trl_flower.checkpoint.flower_record`)."""
+        return checkpoint.flower_record(
+            self.args, self.tree, self.reward_model, self._finished_token_id, self.item_groups is not None
+        )
+
+    def create_model_card(
+        self, model_name: str | None = None, dataset_name: str | None = None, tags: str | list[str] | None = None
+    ):
+        """TRL's model card (method, paper, citation, versions), plus the run's Flower settings."""
+        super().create_model_card(model_name=model_name, dataset_name=dataset_name, tags=tags)
+        if self.is_world_process_zero():
+            append_flower_section(checkpoint.model_card_path(self.args.output_dir), self.flower_record())

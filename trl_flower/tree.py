@@ -40,7 +40,6 @@ import torch
 
 ROOT = 0
 INVALID = -1
-TREE_FILE = "prefix_tree.npz"  # the tree's file name beside a checkpoint's weights (Flower and baselines)
 
 
 @dataclass(frozen=True)
@@ -229,7 +228,8 @@ class PrefixTree:
             )
         self.item_rewards = rewards
         with np.errstate(divide="ignore"):
-            self.log_flow = np.log(self.aggregate_to_nodes(rewards))
+            # summed in log space: rewards near the float64 maximum (1e308) would overflow a plain sum to inf
+            self.log_flow = self.log_aggregate_to_nodes(np.log(rewards))
         self._cache.clear()
 
     def with_rewards(self, item_rewards: Sequence[float] | np.ndarray) -> PrefixTree:
@@ -259,6 +259,39 @@ class PrefixTree:
             node_vals.index_add_(1, parent[lo:hi], node_vals[:, lo:hi].clone())
         node_vals = node_vals.squeeze(0) if squeeze else node_vals
         return node_vals if is_torch else node_vals.numpy()
+
+    def log_aggregate_to_nodes(self, log_item_values: np.ndarray | torch.Tensor):
+        """Log-sum-exp per-item log values up the tree: ``out[..., n] = log Σ_{items i below n} exp(values[..., i])``.
+
+        The log-space twin of :meth:`aggregate_to_nodes`, for values whose plain sum would overflow or underflow
+        (item rewards near 1e308, per-user rewards R(i)·p_u(i)^β far below 1e-308). −inf entries are zeros; a node
+        with nothing below it gets −inf. Exact level by level (a max-shifted sum per parent); cost O(B · num_nodes).
+
+        Works for one vector ``[num_items]`` (numpy or torch) or a batch ``[B, num_items]``; float64 in, float64 out.
+
+        Example:
+            >>> tree = PrefixTree.from_token_paths([[5, 6, 2], [5, 2], [7, 2]], terminator_id=2)
+            >>> out = tree.log_aggregate_to_nodes(np.log([1e308, 1e308, 1.0]))
+            >>> bool(np.isclose(out[0], np.log(2) + np.log(1e308)))  # the plain sum would be inf
+            True
+        """
+        is_torch = isinstance(log_item_values, torch.Tensor)
+        values = log_item_values if is_torch else torch.as_tensor(np.asarray(log_item_values, dtype=np.float64))
+        if torch.isnan(values).any() or torch.isposinf(values).any():
+            raise ValueError("log item values must not be NaN or +inf (−inf stands for a zero value)")
+        squeeze = values.dim() == 1
+        values = values.unsqueeze(0) if squeeze else values  # [B, M]
+        parent = torch.as_tensor(self.parent, device=values.device)
+        item_node = torch.as_tensor(self.item_node, device=values.device)
+        out = values.new_full((values.shape[0], self.num_nodes), float("-inf"))  # [B, N]
+        out = scatter_logsumexp(out, item_node, values)  # items -> their terminal nodes (duplicates merge)
+        levels = self._level_bounds()
+        for d in range(len(levels) - 1, 0, -1):  # deepest level first; each level's parents form the level above
+            lo, hi = levels[d]
+            plo, phi = levels[d - 1]
+            out[:, plo:phi] = scatter_logsumexp(out[:, plo:phi], parent[lo:hi] - plo, out[:, lo:hi])
+        out = out.squeeze(0) if squeeze else out
+        return out if is_torch else out.numpy()
 
     def _level_bounds(self) -> list[tuple[int, int]]:
         """[(first node, end) for each depth]: nodes are numbered level by level."""
@@ -439,6 +472,19 @@ class PrefixTree:
 
 
 # ---------------------------------------------------------------------- helpers
+
+
+def scatter_logsumexp(dst: torch.Tensor, index: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
+    """``log(exp(dst) + scatter_add(exp(src)))`` along dim 1 without overflow: dst [B, N], index [K], src [B, K].
+
+    Every entry is shifted by the largest term that lands on it, so the result is exact in float64 whatever the
+    magnitudes; −inf terms are zeros.
+    """
+    idx = index.unsqueeze(0).expand_as(src)  # [B, K]
+    top = dst.scatter_reduce(1, idx, src, reduce="amax", include_self=True)  # [B, N] max of all terms per entry
+    shift = torch.where(torch.isfinite(top), top, torch.zeros_like(top))  # all −inf: no shift, the sum stays 0
+    acc = torch.exp(dst - shift).index_add(1, index, torch.exp(src - shift.gather(1, idx)))  # [B, N]
+    return torch.log(acc) + shift
 
 
 def _flatten_paths(paths: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:

@@ -33,8 +33,10 @@ _LAZY = {
     "make_preference_dataset": "trl_flower.baselines.preference",
     "MultiNegativeDPOTrainer": "trl_flower.baselines.preference",
     "train_preference": "trl_flower.baselines.preference",
-    "sasrec_reward": "trl_flower.baselines.preference",
-    "train_online_rl": "trl_flower.baselines.preference",
+    "sasrec_reward": "trl_flower.baselines.online_rl",
+    "train_online_rl": "trl_flower.baselines.online_rl",
+    "TrieConstrainedGRPOTrainer": "trl_flower.baselines.online_rl",
+    "TrieConstrainedRLOOTrainer": "trl_flower.baselines.online_rl",
 }
 
 __getattr__, __all__ = lazy_exports(__name__, _LAZY)

@@ -1,5 +1,4 @@
-r"""The recommendation DPO family (DPO, S-DPO, DMPO, RosePO) and the SASRec-reward online RL baselines
-(PPO, RLOO, GRPO).
+r"""The recommendation DPO family (DPO, S-DPO, DMPO, RosePO): offline preference tuning from catalogue negatives.
 
 Paper definitions as implemented by the Flower authors' code (flower_reference.md §4). With the implicit reward
 r(y) = log π_θ(y|x) − log π_ref(y|x) (sequence log-probs summed over the item's token path, terminator included),
@@ -24,15 +23,9 @@ Everything goes through TRL's ``DPOTrainer``:
   a collator that stacks the chosen and the J rejected sequences of each row. The loss functions themselves are the
   pure tensor functions :func:`sdpo_loss` and :func:`dmpo_loss`.
 
-Entry points: :func:`train_preference` (``method in {"dpo", "sdpo", "dmpo", "rosepo"}``) and
-:func:`train_online_rl` (``method in {"rloo", "grpo", "ppo"}``); both take a Flower or an SFT checkpoint as policy
-init and any checkpoint (default: the policy init) as reference.
-
-PPO / RLOO / GRPO reward. The paper's PPO reward is the min-max-normalised SASRec softmax score of the sampled title
-for the prompt's training row. :class:`~trl_flower.rewards.PrefixTreeRewardModel` with ``preference_scores`` =
-SASRec logits, ``sequence_reward="minmax"`` and item rewards that give every *title* the same R is exactly that
-(:func:`sasrec_reward`): R's min-max factor is then 1 and the reward is s_minmax(u, y). Rollouts are
-trie-constrained, so every sample is an item.
+Entry point: :func:`train_preference` (``method in {"dpo", "sdpo", "dmpo", "rosepo"}``); it takes a Flower or an SFT
+checkpoint as policy init and any checkpoint (default: the policy init) as reference. The online RL baselines
+(RLOO, GRPO, PPO with the SASRec reward) are in `trl_flower.baselines.online_rl`.
 """
 
 from __future__ import annotations
@@ -40,7 +33,6 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -48,14 +40,13 @@ import torch
 import torch.nn.functional as F
 from trl import DPOTrainer
 
-from trl_flower.baselines.sft import train_and_save
-from trl_flower.rewards import PrefixTreeRewardModel
-from trl_flower.tree import TREE_FILE, PrefixTree
+from trl_flower import checkpoint
+from trl_flower.tree import PrefixTree
 
 __all__ = [
     "METHODS",
     "NUM_NEGATIVES",
-    "ONLINE_METHODS",
+    "OFFICIAL_DPO_ARGS",
     "MultiNegativeCollator",
     "MultiNegativeDPOTrainer",
     "PreferenceDPOTrainer",
@@ -63,19 +54,17 @@ __all__ = [
     "dmpo_loss",
     "dpo_sigmoid_loss",
     "make_preference_dataset",
+    "official_dpo_args",
     "sample_popularity_negatives",
     "sample_uniform_negatives",
-    "sasrec_reward",
     "sdpo_loss",
     "title_ids",
-    "train_online_rl",
     "train_preference",
 ]
 
 METHODS = ("dpo", "sdpo", "dmpo", "rosepo")
 NUM_NEGATIVES = {"dpo": 1, "sdpo": 3, "dmpo": 3, "rosepo": 1}
 """Negatives per row of each method (official scripts)."""
-ONLINE_METHODS = ("rloo", "grpo", "ppo")
 OFFICIAL_DPO_ARGS = dict(beta=0.3, learning_rate=1e-6, num_train_epochs=1, per_device_train_batch_size=1)
 """Official hyper-parameters of the DPO family (lr 1e-6, 1 epoch, batch 1, β = 0.3); used unless overridden."""
 
@@ -490,19 +479,6 @@ class MultiNegativeDPOTrainer(PreferenceDPOTrainer):
 # ============================================================================================== entry points
 
 
-def _load_tree(tree, titles, tokenizer, *dirs) -> PrefixTree:
-    if isinstance(tree, PrefixTree):
-        return tree
-    if tree is not None:
-        return PrefixTree.load(tree)
-    if titles is not None:
-        return PrefixTree.from_titles(list(titles), tokenizer)
-    for d in dirs:
-        if d is not None and (Path(d) / TREE_FILE).is_file():
-            return PrefixTree.load(Path(d) / TREE_FILE)
-    raise ValueError(f"pass tree= (a PrefixTree or .npz path) or titles=, or use a checkpoint that has {TREE_FILE}")
-
-
 def train_preference(
     method: str,
     model_path: str | os.PathLike,
@@ -519,6 +495,7 @@ def train_preference(
     train: bool = True,
     save: bool = True,
     peft_config: Any = None,
+    args: Any = None,
     **config_kwargs: Any,
 ):
     """Train a DPO-family baseline (DPO, S-DPO, DMPO or RosePO) with TRL's ``DPOTrainer``.
@@ -533,8 +510,8 @@ def train_preference(
         dataset: a ``datasets.Dataset`` with ``prompt`` and ``item_id`` columns (and ``history_item_id`` for RosePO),
             negatives are sampled here; or an already built preference dataset (``prompt_ids`` column, from
             :func:`make_preference_dataset`), used as is.
-        output_dir: where the trained policy (plus tokenizer and ``prefix_tree.npz``) is saved.
-        tree: the prefix tree (object or ``.npz`` path); default `titles`, else ``prefix_tree.npz`` of the model or
+        output_dir: where the trained policy (plus tokenizer, prefix tree and model card) is saved.
+        tree: the prefix tree (object or ``.npz`` path); default `titles`, else the tree saved in the model or
             reference directory.
         titles: item titles (item id = index) to build the tree from, with the policy's tokenizer.
         tokenizer: default loaded from `model_path`.
@@ -542,10 +519,12 @@ def train_preference(
         item_counts: RosePO's per-item weights (default: history counts of `dataset`).
         negative_seed: seed of the negative sampler.
         train: run ``trainer.train()``; ``False`` returns the built trainer.
-        save: save the model to `output_dir` after training.
+        save: save the run to `output_dir` after training (`trl_flower.run.finish_run`: model, tokenizer, tree, card).
         peft_config: e.g. ``peft.LoraConfig(...)``, passed to ``DPOTrainer`` (the reference stays the separately
             loaded `ref_path` / `model_path` model).
-        **config_kwargs: ``DPOConfig`` fields (defaults: :data:`OFFICIAL_DPO_ARGS`; e.g. ``max_steps``, ``bf16``).
+        args: a ready ``DPOConfig`` (then `config_kwargs` must be empty).
+        **config_kwargs: ``DPOConfig`` fields (defaults: :data:`OFFICIAL_DPO_ARGS`, and the sigmoid loss for DPO and
+            RosePO; e.g. ``max_steps``, ``bf16``).
 
     Returns:
         The ``DPOTrainer`` (a :class:`PreferenceDPOTrainer` or :class:`MultiNegativeDPOTrainer`).
@@ -556,18 +535,18 @@ def train_preference(
     from trl_flower.chain import load_reference_policy
 
     method = _check_method(method)
+    if args is not None and config_kwargs:
+        raise ValueError(f"pass either args= or config keyword arguments, not both (got {sorted(config_kwargs)})")
     if tokenizer is None:
         tokenizer = AutoTokenizer.from_pretrained(model_path)
-    tree = _load_tree(tree, titles, tokenizer, model_path, ref_path)
+    tree = checkpoint.resolve_tree(tree, titles=titles, tokenizer=tokenizer, model_dirs=(model_path, ref_path))
     columns = getattr(dataset, "column_names", [])
     if "prompt_ids" not in columns:
         dataset = make_preference_dataset(
             method, dataset, tree, tokenizer, num_negatives=num_negatives, item_counts=item_counts, seed=negative_seed
         )
-    kwargs = {**OFFICIAL_DPO_ARGS, **config_kwargs}
-    if method in ("dpo", "rosepo"):
-        kwargs.setdefault("loss_type", ["sigmoid"])
-    args = DPOConfig(output_dir=str(output_dir), **kwargs)
+    if args is None:
+        args = DPOConfig(output_dir=str(output_dir), **{**official_dpo_args(method), **config_kwargs})
     ref = load_reference_policy(ref_path if ref_path is not None else model_path)
     common = dict(
         model=str(model_path),
@@ -582,219 +561,26 @@ def train_preference(
     else:
         trainer = PreferenceDPOTrainer(**common)
     if train:
-        train_and_save(trainer, output_dir if save else None, tokenizer, tree)
+        from trl_flower.run import finish_run
+
+        finish_run(trainer, output_dir if save else None, tokenizer=tokenizer, tree=tree, method=method)
     return trainer
 
 
-# ---------------------------------------------------------------------------------------------- online RL
+def official_dpo_args(method: str) -> dict[str, Any]:
+    """The official DPOConfig settings of `method` (:data:`OFFICIAL_DPO_ARGS`; the sigmoid loss for DPO and RosePO)."""
+    method = _check_method(method)
+    return {**OFFICIAL_DPO_ARGS, **({"loss_type": ["sigmoid"]} if method in ("dpo", "rosepo") else {})}
 
 
-def sasrec_reward(tree: PrefixTree, preference_scores, tokenizer=None, row_column: str = "row_index"):
-    """The paper's PPO reward as a :class:`~trl_flower.rewards.PrefixTreeRewardModel`.
-
-    reward(u, y) = (p_u(y) − min_i p_u(i)) / (max_i p_u(i) − min_i p_u(i)), p_u = softmax of the SASRec logits of
-    training row u (``preference_scores[u]``, [num_rows, num_items]). Item rewards are 1 / (#ids with that title), so
-    every title has R(y) = 1 and the minmax factor of ``sequence_reward="minmax"`` is 1; a duplicate title gets the
-    mean score of its ids. Off-catalogue completions get 0 (never happens with constrained rollouts).
-    """
-    titles = title_ids(tree)
-    per_title = np.bincount(titles, minlength=int(titles.max()) + 1)[titles]  # [M] ids sharing each item's title
-    return PrefixTreeRewardModel(
-        tree,
-        item_rewards=1.0 / per_title,
-        preference_scores=preference_scores,
-        sequence_reward="minmax",
-        score_normalization="minmax",
-        tokenizer=tokenizer,
-        row_column=row_column,
-    )
+_MOVED_TO_ONLINE_RL = ("ONLINE_METHODS", "sasrec_reward", "train_online_rl")
 
 
-class _TrieRolloutMixin:
-    """Trie-constrained transformers generation for GRPO/RLOO (the same hook FlowerTrainer uses)."""
+def __getattr__(name: str) -> Any:
+    # The online RL baselines moved to `trl_flower.baselines.online_rl`; bench/rq1_distribution.py and
+    # bench/rq3_reference.py still import `train_online_rl` from here (to be switched in phase 2 of issue 21).
+    if name in _MOVED_TO_ONLINE_RL:
+        from trl_flower.baselines import online_rl
 
-    rollout_tree: PrefixTree
-
-    def _generate_single_turn(self, prompt_ids, *args, **kwargs):
-        from trl_flower._trl_compat import constrained_generate
-        from trl_flower.decoding import TrieLogitsProcessor
-
-        def processor():
-            return TrieLogitsProcessor(self.rollout_tree, positive_flow_only=True)
-
-        with constrained_generate(self.accelerator.unwrap_model(self.model_wrapped), processor):
-            return super()._generate_single_turn(prompt_ids, *args, **kwargs)
-
-
-def _constrained_trainer_class(method: str):
-    if method == "grpo":
-        from trl import GRPOTrainer as base
-    else:
-        from trl import RLOOTrainer as base
-    return type(f"TrieConstrained{base.__name__}", (_TrieRolloutMixin, base), {})
-
-
-def _ppo_row_scorer(reward: PrefixTreeRewardModel, pad_token_id: int, prompt_rows: dict[tuple, int]):
-    """A :class:`~trl_flower.chain.TreeRewardScorer` that finds each query's training row from its prompt tokens.
-
-    PPO's reward call sees only token ids; the personalised SASRec reward needs the row. The prompt token ids
-    (without padding) map to the row they were built from (the first row for duplicate prompts, which have the same
-    history and hence the same SASRec scores up to history truncation).
-    """
-    from trl_flower.chain import TreeRewardScorer
-
-    class RowTreeRewardScorer(TreeRewardScorer):
-        def get_reward(self, query_responses, pad_token_id, context_length):
-            queries = query_responses[:, :context_length]
-            rows = []
-            for q in queries.tolist():
-                key = tuple(t for t in q if t != pad_token_id)
-                if key not in self.prompt_rows:
-                    raise KeyError("a PPO query does not match any training prompt; cannot find its SASRec row")
-                rows.append(self.prompt_rows[key])
-            self._rows = rows
-            return super().get_reward(query_responses, pad_token_id, context_length)
-
-        def forward(self, completion_ids):
-            n = len(completion_ids)
-            scores = self.reward(
-                prompts=[""] * n,
-                completions=[""] * n,
-                completion_ids=completion_ids,
-                **{self.reward.row_column: self._rows},
-            )
-            return torch.tensor(scores, dtype=torch.float32, device=self.anchor.device)
-
-    stand_in = PrefixTreeRewardModel(reward.tree)  # TreeRewardScorer refuses personalised rewards at construction
-    scorer = RowTreeRewardScorer(stand_in, pad_token_id)
-    scorer.reward = reward
-    scorer.prompt_rows = prompt_rows
-    return scorer
-
-
-def train_online_rl(
-    method: str,
-    model_path: str | os.PathLike,
-    ref_path: str | os.PathLike | None,
-    dataset,
-    output_dir: str | os.PathLike,
-    *,
-    preference_scores,
-    tree: PrefixTree | str | os.PathLike | None = None,
-    titles: Sequence[str] | None = None,
-    tokenizer=None,
-    train: bool = True,
-    save: bool = True,
-    peft_config: Any = None,
-    **config_kwargs: Any,
-):
-    """RLOO / GRPO (trl ≥ 1.12) or PPO (trl 1.11/1.12 only) with the SASRec reward and trie-constrained rollouts.
-
-    Args:
-        method: ``"rloo"``, ``"grpo"`` or ``"ppo"``.
-        model_path: policy init (Flower or SFT checkpoint).
-        ref_path: KL reference; ``None`` = `model_path`. For RLOO/GRPO a different reference is installed with
-            :func:`trl_flower.chain.set_reference_policy` (needs ``beta > 0``).
-        dataset: ``datasets.Dataset`` with ``prompt`` (strings) and ``row_index`` (row of `preference_scores`).
-        output_dir: output directory.
-        preference_scores: SASRec logits [num_rows, num_items] (array, memmap or tensor).
-        tree / titles / tokenizer: as in :func:`train_preference`.
-        train, save: as in :func:`train_preference`.
-        peft_config: e.g. ``peft.LoraConfig(...)`` for RLOO / GRPO (passed to the trainer); not supported for PPO.
-        **config_kwargs: ``RLOOConfig`` / ``GRPOConfig`` / ``PPOConfig`` fields. PPO defaults follow the official
-            script where TRL has the knob (lr 1e-7, batch 4, 2 mini-batches, 1 PPO epoch, kl_coef 0.9,
-            ``kl_estimator="k1"``), ``stop_token="eos"``.
-
-    Returns:
-        The trainer. PPO on a trl without ``trl.experimental.ppo`` raises
-        :class:`trl_flower.chain.PPOUnavailableError`.
-    """
-    from transformers import AutoTokenizer
-
-    method = str(method).lower()
-    if method not in ONLINE_METHODS:
-        raise ValueError(f"method must be one of {ONLINE_METHODS}, got {method!r}")
-    if method == "ppo":
-        from trl_flower.chain import require_ppo
-
-        require_ppo()  # fail before any loading on a trl without PPO
-    if tokenizer is None:
-        tokenizer = AutoTokenizer.from_pretrained(model_path, padding_side="left")
-    tree = _load_tree(tree, titles, tokenizer, model_path, ref_path)
-    reward = sasrec_reward(tree, preference_scores, tokenizer=tokenizer)
-    if "row_index" not in dataset.column_names:
-        raise ValueError("the dataset needs a `row_index` column (row of preference_scores for each prompt)")
-    if method == "ppo":
-        if peft_config is not None:
-            raise ValueError("peft_config is not supported for method='ppo' here; pass it to make_ppo_trainer")
-        trainer = _make_ppo(model_path, ref_path, dataset, output_dir, reward, tokenizer, config_kwargs)
-        if train:
-            trainer.train()
-            if save:
-                trainer.save_model(str(output_dir))
-        return trainer
-    from trl_flower.chain import set_reference_policy
-
-    if method == "grpo":
-        from trl import GRPOConfig as Config
-    else:
-        from trl import RLOOConfig as Config
-    kwargs = dict(max_completion_length=int(tree.item_length.max()), remove_unused_columns=False)
-    kwargs.update(config_kwargs)
-    args = Config(output_dir=str(output_dir), **kwargs)
-    if getattr(args, "use_vllm", False):
-        raise ValueError("trie-constrained rollouts use transformers generation; set use_vllm=False")
-    if args.max_completion_length < int(tree.item_length.max()):
-        raise ValueError(f"max_completion_length must be >= the longest item path ({int(tree.item_length.max())})")
-    cls = _constrained_trainer_class(method)
-    trainer = cls(
-        model=str(model_path),
-        reward_funcs=reward,
-        args=args,
-        train_dataset=dataset,
-        processing_class=tokenizer,
-        peft_config=peft_config,
-    )
-    trainer.rollout_tree = tree
-    if ref_path is not None and Path(ref_path).resolve() != Path(model_path).resolve():
-        set_reference_policy(trainer, ref_path)
-    if train:
-        trainer.train()
-        if save:
-            trainer.save_model(str(output_dir))
-    return trainer
-
-
-def _make_ppo(model_path, ref_path, dataset, output_dir, reward, tokenizer, config_kwargs):
-    from trl.experimental.ppo import PPOConfig
-
-    from trl_flower.chain import make_ppo_trainer
-
-    kwargs = dict(
-        learning_rate=1e-7,
-        per_device_train_batch_size=4,
-        num_mini_batches=2,
-        num_ppo_epochs=1,
-        kl_coef=0.9,
-        stop_token="eos",
-        response_length=int(reward.tree.item_length.max()),
-        missing_eos_penalty=None,
-    )
-    kwargs.update(config_kwargs)
-    args = PPOConfig(output_dir=str(output_dir), **kwargs)
-    prompts = list(dataset["prompt"])
-    ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
-    prompt_rows: dict[tuple, int] = {}
-    for p, r in zip(ids, dataset["row_index"]):
-        prompt_rows.setdefault(tuple(p), int(r))
-    trainer = make_ppo_trainer(
-        args,
-        model=str(model_path),
-        ref_model=str(ref_path if ref_path is not None else model_path),
-        reward=PrefixTreeRewardModel(reward.tree),
-        train_dataset=dataset.select_columns(["prompt"]),
-        processing_class=tokenizer,
-    )
-    scorer = _ppo_row_scorer(reward, tokenizer.pad_token_id, prompt_rows).to(trainer.accelerator.device)
-    trainer.reward_model = scorer
-    return trainer
+        return getattr(online_rl, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -402,6 +402,8 @@ class SASRecTrainingArguments:
         seed: seeds model initialisation (in `fit_sasrec`), dropout, shuffling and negatives.
         device: torch device string.
         progress: show a tqdm bar over epochs with the loss and the validation metric.
+        log_every: without the bar (``progress=False``), print one line with the loss and the validation metric
+            every this many epochs and at the last one (0: silent).
     """
 
     epochs: int = 200
@@ -414,8 +416,11 @@ class SASRecTrainingArguments:
     seed: int = 1
     device: str = "cpu"
     progress: bool = True
+    log_every: int = 1
 
     def __post_init__(self) -> None:
+        if self.log_every < 0:
+            raise ValueError(f"log_every must be >= 0 (0 = silent), got {self.log_every}")
         for name in ("epochs", "patience", "batch_size", "eval_k", "eval_batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -487,6 +492,13 @@ def train_sasrec(
         else:
             bad_epochs += 1
         bar.set_postfix(loss=f"{total / count:.4f}", ndcg=f"{ndcg:.4f}", best=f"{best_ndcg:.4f}@{best_epoch}")
+        if not args.progress and args.log_every and (epoch % args.log_every == 0 or bad_epochs >= args.patience):
+            # without the bar a long run would print nothing at all; one line per `log_every` epochs instead
+            print(
+                f"SASRec epoch {epoch}/{args.epochs}: loss {total / count:.4f}, valid NDCG@{args.eval_k} {ndcg:.4f} "
+                f"(best {best_ndcg:.4f} at epoch {best_epoch})",
+                flush=True,
+            )
         if bad_epochs >= args.patience:
             break
     bar.close()
@@ -525,6 +537,98 @@ def fit_sasrec(
     torch.manual_seed(args.seed)  # initialisation
     model = SASRec(config)
     return model, train_sasrec(model, train, valid, args)
+
+
+def out_of_fold_logits(
+    data: AmazonData,
+    path: str | os.PathLike,
+    folds: int = 5,
+    args: SASRecTrainingArguments | None = None,
+    fold_seed: int = 0,
+    **config_overrides: Any,
+) -> Path:
+    """Out-of-fold logits of the training rows: float32 ``.npy`` [R, num_items], row i = CSV row i.
+
+    The training rows are split into `folds` random folds (`fold_seed`); for each fold a fresh SASRec (same
+    settings and seed as `fit_sasrec`, early stopping on the valid split) is trained on the other folds and scores
+    the held-out rows. Why: SASRec's logits on its own training rows are in-sample (it was fit on those very
+    targets and ranks them in its top 10 about nine times as often as on unseen rows), so rewards built from them
+    mostly repeat the target SFT already teaches; out-of-fold logits carry what the model generalises to.
+    SASRec is trained on the last position of each row only, so a held-out row's (history, target) pair is never
+    a training example of its fold's model.
+
+    Costs `folds` SASRec trainings. Written fold by fold into a memory map.
+
+    Args:
+        data: from `trl_flower.data.load_amazon`, with ``train`` and ``valid`` splits (train in CSV order).
+        path: the ``.npy`` file to write.
+        folds: number of folds K >= 2.
+        args: training settings of every fold model (default `SASRecTrainingArguments()`).
+        fold_seed: seed of the row-to-fold assignment.
+        **config_overrides: `SASRecConfig` fields other than ``num_items``.
+    """
+    if folds < 2:
+        raise ValueError(f"folds must be >= 2 (each model leaves one fold out), got {folds}")
+    args = args or SASRecTrainingArguments()
+    config = SASRecConfig(num_items=data.num_items, **config_overrides)
+    train = SequenceSplit.from_dataset(data.splits["train"], config.num_items, config.max_len)
+    valid = SequenceSplit.from_dataset(data.splits["valid"], config.num_items, config.max_len)
+    if len(train) < folds:
+        raise ValueError(f"{len(train)} training rows cannot fill {folds} folds; lower folds")
+    fold_of_row = np.random.default_rng(fold_seed).permutation(len(train)) % folds  # [R] balanced folds
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    out = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(len(train), config.num_items))
+    for fold in range(folds):
+        held = torch.from_numpy(np.flatnonzero(fold_of_row == fold))  # [R_f]
+        kept = torch.from_numpy(np.flatnonzero(fold_of_row != fold))  # [R - R_f]
+        fit_rows = SequenceSplit(train.seq[kept], train.lengths[kept], train.targets[kept])
+        torch.manual_seed(args.seed)  # initialisation, as fit_sasrec
+        model = SASRec(config)
+        result = train_sasrec(model, fit_rows, valid, args)
+        print(
+            f"SASRec fold {fold + 1}/{folds}: best epoch {result.best_epoch}, valid NDCG@{args.eval_k} "
+            f"{result.best_valid_ndcg:.4f}, {result.wall_time_s:.0f} s",
+            flush=True,
+        )
+        out[held.numpy()] = model._score(train.seq[held], train.lengths[held], args.eval_batch_size).numpy()
+    out.flush()
+    del out
+    return path
+
+
+def target_probability_stats(
+    logits: np.ndarray, targets: Sequence[int], rows: int = 2000, seed: int = 0
+) -> dict[str, float]:
+    """How strongly per-row logits point at each row's own target (the check of in-sample vs out-of-fold logits).
+
+    On a random sample of `rows` rows (`seed`; all if fewer), with p = softmax over the catalogue of each row:
+    mean and median p(target), the share of rows whose target is in the top 10 and first, the mean top-1 mass and
+    the mean entropy (nats).
+
+    Args:
+        logits: [R, num_items] (a memory map is fine: only the sampled rows are read).
+        targets: the target item id of each of the R rows.
+    """
+    targets = np.asarray(targets, dtype=np.int64)
+    if logits.shape[0] != len(targets):
+        raise ValueError(f"{logits.shape[0]} logit rows but {len(targets)} targets")
+    pick = np.arange(len(targets))
+    if len(targets) > rows:
+        pick = np.sort(np.random.default_rng(seed).choice(len(targets), rows, replace=False))
+    log_p = torch.log_softmax(torch.as_tensor(np.asarray(logits[pick], dtype=np.float64)), dim=-1)  # [n, M]
+    t = torch.as_tensor(targets[pick])  # [n]
+    p_target = log_p.gather(1, t[:, None]).squeeze(1).exp()  # [n]
+    rank = (log_p > log_p.gather(1, t[:, None])).sum(1)  # [n] 0-based rank of the target
+    return {
+        "rows": int(len(pick)),
+        "mean_p_target": float(p_target.mean()),
+        "median_p_target": float(p_target.median()),
+        "target_in_top10": float((rank < 10).double().mean()),
+        "target_first": float((rank == 0).double().mean()),
+        "mean_top1_mass": float(log_p.max(1).values.exp().mean()),
+        "entropy_nats": float(-torch.special.xlogy(log_p.exp(), log_p.exp()).sum(1).mean()),  # 0·log 0 = 0
+    }
 
 
 def save_row_logits(

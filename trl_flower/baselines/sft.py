@@ -34,14 +34,13 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from trl import SFTTrainer
 
-from trl_flower.tree import TREE_FILE, PrefixTree
+from trl_flower.tree import PrefixTree
 
 __all__ = [
     "METHODS",
@@ -50,6 +49,7 @@ __all__ = [
     "build_sft_dataset",
     "ifair_group_weights",
     "ifair_sample_weights",
+    "official_sft_args",
     "train_sft",
     "weighted_response_nll",
 ]
@@ -238,6 +238,7 @@ def train_sft(
     train: bool = True,
     save: bool = True,
     peft_config: Any = None,
+    args: Any = None,
     **config_kwargs: Any,
 ):
     """Train BIGRec (``method="sft"``) or IFairLRS (``method="ifair"``) with TRL's ``SFTTrainer``.
@@ -246,14 +247,15 @@ def train_sft(
         method: ``"sft"`` or ``"ifair"``.
         model_path: the base model directory.
         prompts, item_ids: training prompts and their target item ids.
-        output_dir: where the model, tokenizer and ``prefix_tree.npz`` are saved.
+        output_dir: where the model, tokenizer, prefix tree and model card are saved.
         tree: the catalogue's prefix tree over the model's tokenizer.
         tokenizer: default loaded from `model_path`.
         histories, target_titles: training history titles and target titles per row (IFairLRS weights; required
             for ``"ifair"``).
         add_special_tokens: tokenizer flag for the prompts (see :func:`build_sft_dataset`).
-        train, save: run training; save after it.
+        train, save: run training; save the run after it (`trl_flower.run.finish_run`: model, tokenizer, tree, card).
         peft_config: e.g. ``peft.LoraConfig(...)``, passed to ``SFTTrainer`` (only the adapter is trained and saved).
+        args: a ready ``SFTConfig`` (then `config_kwargs` must be empty); it must keep ``completion_only_loss``.
         **config_kwargs: ``SFTConfig`` fields (defaults :data:`OFFICIAL_SFT_ARGS`, ``completion_only_loss=True``).
 
     Returns:
@@ -264,6 +266,8 @@ def train_sft(
 
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if args is not None and config_kwargs:
+        raise ValueError(f"pass either args= or config keyword arguments, not both (got {sorted(config_kwargs)})")
     weights = None
     if method == "ifair":
         if histories is None or target_titles is None:
@@ -274,23 +278,24 @@ def train_sft(
     dataset = build_sft_dataset(
         prompts, item_ids, tree, tokenizer, weights=weights, add_special_tokens=add_special_tokens
     )
-    kwargs = {**OFFICIAL_SFT_ARGS, "completion_only_loss": True, **config_kwargs}
-    if not kwargs["completion_only_loss"]:
-        raise ValueError("completion_only_loss=False would train on the prompt; BIGRec's loss is on the response only")
-    args = SFTConfig(output_dir=str(output_dir), **kwargs)
+    if args is None:
+        args = SFTConfig(output_dir=str(output_dir), **{**official_sft_args(), **config_kwargs})
+    if args.completion_only_loss is not True:
+        raise ValueError(
+            f"SFTConfig.completion_only_loss={args.completion_only_loss}: BIGRec's loss is on the response (the item's "
+            "tree path) only, and the pre-tokenised rows mark it with a completion mask; set completion_only_loss=True."
+        )
     cls = IFairSFTTrainer if method == "ifair" else SFTTrainer
     trainer = cls(
         model=str(model_path), args=args, train_dataset=dataset, processing_class=tokenizer, peft_config=peft_config
     )
     if train:
-        train_and_save(trainer, output_dir if save else None, tokenizer, tree)
+        from trl_flower.run import finish_run
+
+        finish_run(trainer, output_dir if save else None, tokenizer=tokenizer, tree=tree, method=method)
     return trainer
 
 
-def train_and_save(trainer, output_dir: str | os.PathLike | None, tokenizer, tree: PrefixTree) -> None:
-    """Train, then (if `output_dir`) save the model, the tokenizer and the tree: a checkpoint `evaluate` can read."""
-    trainer.train()
-    if output_dir is not None:
-        trainer.save_model(str(output_dir))
-        tokenizer.save_pretrained(str(output_dir))
-        tree.save(Path(output_dir) / TREE_FILE)
+def official_sft_args() -> dict[str, Any]:
+    """The SFTConfig settings of the official BIGRec/IFairLRS runs (:data:`OFFICIAL_SFT_ARGS`), loss on the response."""
+    return {**OFFICIAL_SFT_ARGS, "completion_only_loss": True}

@@ -17,7 +17,8 @@ Steps (each reported with its wall time):
 5. **Report**: a table on stdout, and ``report.json``, ``report.md`` and ``group_shares.png`` (popularity-group
    shares of the recommendations of SFT and Flower against the data, as in the paper's Figure 2) in
    ``--output-dir``, plus the two trained checkpoints (``sft/``, ``flower/``), which are plain Hugging Face model
-   directories with the prefix tree (``prefix_tree.npz``) beside the weights.
+   directories with the prefix tree beside the weights (`trl_flower.checkpoint`) and a model card; both runs are
+   built through `trl_flower.run.train`.
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from trl_flower.cli._parsing import HelpFormatter, report_error
 
 DEFAULT_OUTPUT_DIR = "./trl-flower-demo"
 CATEGORY = "musics"  # the synthetic catalogue is music-like (genres); the paper's CDs category words
@@ -125,37 +128,28 @@ class DemoArguments:
             self.top_k = min(self.top_k, 5)
 
 
-def make_parser(subparsers=None) -> argparse.ArgumentParser:
-    """Register ``demo`` on the ``trl-flower`` subparsers (or return a standalone parser)."""
-    description = (
-        "Train SFT and Flower side by side on a built-in synthetic catalogue (no download) and report accuracy "
-        "(HR/NDCG@K), popularity-group fairness against the data (DGU/MGU), and diversity, with a plot."
+def make_parser(subparsers: argparse._SubParsersAction | None = None, prog: str | None = None):
+    """The `TrlParser` over `DemoArguments` (or the ``demo`` subcommand of `subparsers`, a TrlParser's)."""
+    from trl import TrlParser
+
+    kwargs = dict(
+        description="Train SFT and Flower side by side on a built-in synthetic catalogue (no download) and report "
+        "accuracy (HR/NDCG@K), popularity-group fairness against the data (DGU/MGU), and diversity, with a plot.",
+        formatter_class=HelpFormatter,
     )
-    if subparsers is None:
-        parser = argparse.ArgumentParser(prog="trl-flower demo", description=description)
-    else:
-        parser = subparsers.add_parser(
-            "demo", help="SFT vs Flower on a built-in synthetic catalogue (CPU, minutes)", description=description
-        )
-    defaults = DemoArguments()
-    for f in dataclasses.fields(DemoArguments):
-        flag = "--" + f.name.replace("_", "-")
-        default = getattr(defaults, f.name)
-        if f.type == "bool" or isinstance(default, bool):
-            parser.add_argument(flag, action="store_true", help=f.metadata["help"])
-        else:
-            kind = {"int": int, "float": float}.get(str(f.type), str)
-            shown = "" if default is None else f" (default: {default})"
-            parser.add_argument(flag, type=kind, default=default, help=f.metadata["help"] + shown)
-    parser.set_defaults(func=main)
-    return parser
+    if subparsers is not None:
+        return subparsers.add_parser("demo", help="SFT vs Flower on a built-in synthetic catalogue", **kwargs)
+    return TrlParser(DemoArguments, prog=prog or "trl-flower demo", **kwargs)
 
 
-def main(args: argparse.Namespace) -> int:
-    """Run the demo from parsed command-line arguments."""
-    names = {f.name for f in dataclasses.fields(DemoArguments)}
+def main(argv: list[str] | None = None) -> int:
+    """Parse the arguments and run the demo; argument errors are printed as one line and give exit status 2."""
+    try:
+        (cfg,) = make_parser().parse_args_and_config(argv)
+    except ValueError as err:
+        return report_error("trl-flower demo", err)
     _quiet_libraries()
-    report = run_demo(DemoArguments(**{k: v for k, v in vars(args).items() if k in names}))
+    report = run_demo(cfg)
     print()
     print(format_summary(report))
     return 0
@@ -184,12 +178,12 @@ def _quiet_libraries() -> None:
 
 def run_demo(cfg: DemoArguments) -> dict[str, Any]:
     """Build data and model, train SFT and Flower, evaluate both, write the report; returns the report dict."""
-    import numpy as np
     import torch
 
-    from trl_flower.data.popularity import history_item_counts, popularity_from_histories
+    from trl_flower.data.popularity import popularity_from_histories
     from trl_flower.data.synthetic import make_synthetic
     from trl_flower.evaluation.report import write_report
+    from trl_flower.run import recommendation_data
     from trl_flower.tree import PrefixTree
 
     start = time.time()
@@ -205,17 +199,14 @@ def run_demo(cfg: DemoArguments) -> dict[str, Any]:
         f"{torch.get_num_threads()} CPU thread(s)",
     )
     data = make_synthetic(cfg.num_items, cfg.num_users, seed=cfg.seed)
-    train_split = data.splits["train"]
-    popularity = popularity_from_histories(train_split["history_item_title"])
-    counts = history_item_counts(train_split["history_item_id"], data.num_items)  # [M] item rewards R(i)
+    popularity = popularity_from_histories(data.splits["train"]["history_item_title"])
     timing["data"] = time.time() - start
 
     t = time.time()
     tokenizer, init_dir, builder = _prepare_model(cfg, data, out)
     eval_tree = PrefixTree.from_titles(data.items, tokenizer)
-    # Flower's outcome reward: interaction counts in training histories, +1 so that every item stays reachable
-    train_tree = eval_tree.with_rewards(counts.astype(np.float64) + 1.0)
-    train_ds = _training_dataset(train_split, builder)
+    # prompts, item counts (Flower's item rewards: counts in training histories + 1) and popularity groups
+    run_data = recommendation_data(data, builder)
     eval_split = data.splits[cfg.eval_split]
     if cfg.eval_rows > 0:
         eval_split = eval_split.select(range(min(cfg.eval_rows, eval_split.num_rows)))
@@ -226,14 +217,12 @@ def run_demo(cfg: DemoArguments) -> dict[str, Any]:
     results: dict[str, dict[str, Any]] = {}
     shares: dict[str, list[float]] = {}
     results[labels["popularity"]], shares[labels["popularity"]] = _evaluate_titles(
-        _most_popular(counts, data.items, cfg.top_k, len(eval_prompts)), eval_split, popularity, data.items
+        _most_popular(run_data.counts(), data.items, cfg.top_k, len(eval_prompts)), eval_split, popularity, data.items
     )
     for name, lam in (("sft", 0.0), ("flower", cfg.flow_lambda)):
         t = time.time()
         _stage(name, f"training {labels[name]} from {init_dir}")
-        model = _train(
-            name, lam, cfg, init_dir, tokenizer, train_tree, train_ds, out / name, popularity.item_groups(data.items)
-        )
+        model = _train(lam, cfg, init_dir, tokenizer, eval_tree, run_data, out / name)
         timing[f"train_{name}"] = time.time() - t
         t = time.time()
         _stage(name, f"constrained beam search on {len(eval_prompts)} {cfg.eval_split} rows (K = {cfg.top_k})")
@@ -345,26 +334,14 @@ def _prepare_model(cfg: DemoArguments, data, out: Path):
     return tokenizer, init_dir, builder
 
 
-def _training_dataset(split, builder):
-    """The trainer's columns: ``prompt``, ``item_id`` (SFT target), ``row_index``."""
-    return split.map(
-        lambda batch: {"prompt": [builder(h) for h in batch["history_item_title"]]},
-        batched=True,
-        remove_columns=["history_item_id", "history_item_title", "item_title"],
-        desc="prompts",
-    )
-
-
-def _train(
-    name: str, flow_lambda: float, cfg: DemoArguments, init_dir: Path, tokenizer, tree, train_ds, out: Path, item_groups
-):
-    """Train one model from `init_dir` with `FlowerTrainer` and save the checkpoint to `out`; return the model.
+def _train(flow_lambda: float, cfg: DemoArguments, init_dir: Path, tokenizer, tree, run_data, out: Path):
+    """Train one model from `init_dir` through `trl_flower.run.train` and save the run to `out`; return the model.
 
     Both runs share everything (initial weights, rows, batch order, steps, learning rate, seed) except λ: with
     λ = 0 `FlowerTrainer` samples nothing and is plain SFT on the target's tree path.
     """
     from trl_flower.config import FlowerConfig
-    from trl_flower.trainer import FlowerTrainer
+    from trl_flower.run import train
 
     args = FlowerConfig(
         output_dir=str(out),
@@ -387,18 +364,7 @@ def _train(
         report_to="none",
         disable_tqdm=False,
     )
-    trainer = FlowerTrainer(
-        model=str(init_dir),
-        tree=tree,
-        args=args,
-        train_dataset=train_ds,
-        processing_class=tokenizer,
-        item_groups=item_groups,
-    )
-    trainer.train()
-    trainer.save_model(str(out))
-    model = trainer.accelerator.unwrap_model(trainer.model)
-    return model
+    return train("flower", init_dir, run_data, args, tree=tree, tokenizer=tokenizer).model
 
 
 def _evaluate_model(model, tokenizer, prompts, tree, split, popularity, data, cfg: DemoArguments):

@@ -13,9 +13,10 @@ against the training-history popularity groups, word entropy H, TTR, invalid and
 Task ``distribution`` (§3.3): the history-free prompt, ``--num-samples`` constrained samples over the target's
 titles, title- and token-level KL(T‖R), KL(R‖T), JS, and the item-frequency plot.
 
-The prefix tree is the one saved beside the weights (``flower_config.json`` -> ``prefix_tree.npz``, as
-``FlowerTrainer`` saves it) if present and built for this catalogue, else built from the titles with the tokenizer
-(terminator: its EOS). Outputs in ``--output-dir``: ``metrics.json`` (metrics, command, settings, versions, seed,
+The prefix tree is the one saved beside the weights (`trl_flower.checkpoint`: every run `trl-flower train` saves
+has one) if present and built for this catalogue, else built from the titles with the tokenizer (terminator: its
+EOS). The arguments are parsed by TRL's ``TrlParser`` (``--config file.yaml`` works; flags take ``--max_rows`` or
+``--max-rows``). Outputs in ``--output-dir``: ``metrics.json`` (metrics, command, settings, versions, seed,
 wall times), ``metrics.md``, ``group_shares.png`` or ``item_frequency.png``, and ``predictions.json`` (official
 form) with ``--export-official-json``. The metrics table is printed on stdout; progress goes to stderr.
 """
@@ -31,15 +32,13 @@ from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from trl_flower.cli._args import add_dataclass_arguments, subcommand_parser, to_dataclass
+from trl_flower.cli._parsing import HelpFormatter, report_error
+from trl_flower.data.targets import load_target
 
 TASKS = ("recommend", "distribution")
 PROMPT_MODES = ("reference", "chat")
 DECODINGS = ("beam", "temp", "d3")
 EVAL_SPLITS = ("train", "valid", "test")
-INFO_FILE = "flower_config.json"  # FlowerTrainer._save: names the tree file and the tokenization mode
-TREE_FILES = ("prefix_tree.npz", "flower_tree.npz")  # looked for in the model directory, in this order
-TARGET_DIR = "movies_popularity"  # <data root>/movies_popularity/<name>.json: the RQ1 targets
 OFFICIAL_JSON = "predictions.json"
 
 
@@ -89,19 +88,15 @@ class EvaluateArguments:
             "help": "With --max-rows: evaluate a random sample of N rows drawn with this seed "
             "instead of the first N (the splits are sorted by time, so the first rows are "
             "not a fair sample).",
-            "type": int,
         },
     )
     top_k: int = field(default=10, metadata={"help": "K: recommendations per row (num_return_sequences)."})
-    num_beams: int | None = field(
-        default=None, metadata={"help": "Beams per row, >= K (default: K, as the paper).", "type": int}
-    )
+    num_beams: int | None = field(default=None, metadata={"help": "Beams per row, >= K (default: K, as the paper)."})
     batch_size: int | None = field(
         default=None,
         metadata={
             "help": "Rows per generate call: prompts for beam search (each with num_beams beams; default 16), "
             "samples for --task distribution (default 64). Results do not depend on it.",
-            "type": int,
         },
     )
     length_penalty: float = field(
@@ -131,12 +126,11 @@ class EvaluateArguments:
         metadata={
             "help": "--decoding d3: guidance g in g*(score - cf) + cf. 1 = no guidance (the official script's "
             "default, which makes D3 only the length-penalty removal); < 1 moves towards SASRec.",
-            "type": float,
         },
     )
     max_new_tokens: int | None = field(
         default=None,
-        metadata={"help": "Decoding budget (default: the longest item path, so every title can end).", "type": int},
+        metadata={"help": "Decoding budget (default: the longest item path, so every title can end)."},
     )
     prompt_mode: str = field(
         default="reference",
@@ -204,8 +198,10 @@ class EvaluateArguments:
     no_progress: bool = field(default=False, metadata={"help": "Hide the progress bar and stage messages."})
 
 
-def make_parser(subparsers: argparse._SubParsersAction | None = None) -> argparse.ArgumentParser:
-    """Register ``evaluate`` on ``subparsers`` (or build a standalone parser) with one option per field."""
+def make_parser(subparsers: argparse._SubParsersAction | None = None, prog: str | None = None):
+    """The `TrlParser` over `EvaluateArguments` (or the ``evaluate`` subcommand of `subparsers`, a TrlParser's)."""
+    from trl import TrlParser
+
     kwargs = dict(
         description=textwrap.fill(
             "Evaluate a local causal LM as a recommender with the Flower paper's protocol: trie-constrained beam "
@@ -215,12 +211,11 @@ def make_parser(subparsers: argparse._SubParsersAction | None = None) -> argpars
             width=100,
         ),
         epilog="examples:\n" + __doc__.split("Examples::\n\n")[1].split("\n\n")[0],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=HelpFormatter,
     )
-    parser = subcommand_parser(subparsers, "evaluate", "top-K recommendation metrics and plots of a model", **kwargs)
-    add_dataclass_arguments(parser, EvaluateArguments)
-    parser.set_defaults(func=main)
-    return parser
+    if subparsers is not None:
+        return subparsers.add_parser("evaluate", help="top-K recommendation metrics of a model", **kwargs)
+    return TrlParser(EvaluateArguments, prog=prog or "trl-flower evaluate", **kwargs)
 
 
 def command_line(args: EvaluateArguments) -> str:
@@ -237,12 +232,15 @@ def command_line(args: EvaluateArguments) -> str:
 
 def check_arguments(args: EvaluateArguments) -> None:
     """Cheap checks before anything is loaded. Raises ValueError/FileNotFoundError with the option and the fix."""
+    from trl_flower.checkpoint import is_model_dir
+
     model = Path(args.model).expanduser()
     if not model.exists():
         raise FileNotFoundError(f"--model {args.model}: no such directory; pass a local model directory")
-    if not (model / "config.json").is_file():
+    if not is_model_dir(model):
         raise FileNotFoundError(
-            f"--model {args.model}: no config.json in it; pass a Hugging Face model directory (save_pretrained output)"
+            f"--model {args.model}: no config.json (or adapter_config.json) in it; pass a Hugging Face model "
+            "directory (save_pretrained output, e.g. a `trl-flower train` run)"
         )
     if args.task not in TASKS:
         raise ValueError(f"--task must be one of {TASKS}, got {args.task!r}")
@@ -304,16 +302,17 @@ def check_decoding(args: EvaluateArguments) -> None:
         raise ValueError("--sasrec-logits and --guidance-scale are only used with --decoding d3; drop them")
 
 
-def main(args: argparse.Namespace | EvaluateArguments) -> int:
-    """Run the evaluation; errors are printed as one line (no traceback) and give exit status 2."""
-    args = to_dataclass(args, EvaluateArguments)
+def main(argv: list[str] | EvaluateArguments | None = None) -> int:
+    """Parse (or take) the arguments and run the evaluation; errors are printed as one line and give exit status 2."""
     try:
+        if isinstance(argv, EvaluateArguments):
+            args = argv
+        else:
+            (args,) = make_parser().parse_args_and_config(argv)
         check_arguments(args)
         report = run_evaluation(args)
     except (FileNotFoundError, ValueError, OSError) as err:
-        message = " ".join(str(err).split())
-        print(f"trl-flower evaluate: error: {message}", file=sys.stderr)
-        return 2
+        return report_error("trl-flower evaluate", err)
     if report["files"]:  # not on the non-writing processes of a multi-process launch
         print(report["table"])
         print("\nwrote " + ", ".join(str(p) for p in report["files"].values()))
@@ -362,9 +361,9 @@ def run_evaluation(args: EvaluateArguments) -> dict[str, Any]:
 
 def _load_model(args: EvaluateArguments):
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
+    from trl_flower.checkpoint import load_model
     from trl_flower.evaluation.sharding import process_device
 
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
@@ -373,71 +372,21 @@ def _load_model(args: EvaluateArguments):
     if args.no_progress:
         hf_logging.disable_progress_bar()  # transformers' "Loading weights" bar
     try:
-        tokenizer = AutoTokenizer.from_pretrained(args.model)
-        model = AutoModelForCausalLM.from_pretrained(args.model, dtype="auto").to(device).eval()
+        model, tokenizer = load_model(args.model, device)
     finally:
         if bars:
             hf_logging.enable_progress_bar()
     return model, tokenizer, str(device)
 
 
-def _read_info(model_dir: Path) -> dict[str, Any]:
-    import json
+def catalogue_tree(args: EvaluateArguments, titles: list[str], tokenizer, record: dict[str, Any]):
+    """The prefix tree to decode with and where it came from (`trl_flower.checkpoint.catalogue_tree` with
+    ``--tree`` / ``--rebuild-tree``)."""
+    from trl_flower.checkpoint import catalogue_tree as saved_or_built_tree
 
-    path = model_dir / INFO_FILE
-    return json.loads(path.read_text()) if path.is_file() else {}
-
-
-def catalogue_tree(args: EvaluateArguments, titles: list[str], tokenizer, info: dict[str, Any]):
-    """The prefix tree to decode with and where it came from (see ``--tree`` / ``--rebuild-tree``).
-
-    A saved tree must hold exactly the catalogue's items, in id order: its item paths (without the terminator)
-    must decode to the titles, else a ValueError says how to fix it.
-    """
-    from trl_flower.tree import PrefixTree
-
-    path: Path | None = None
-    if args.tree is not None:
-        path = Path(args.tree).expanduser()
-        if not path.is_file():
-            raise FileNotFoundError(f"--tree {args.tree}: no such file")
-    elif not args.rebuild_tree:
-        model_dir = Path(args.model).expanduser()
-        names = [info["tree_file"]] if info.get("tree_file") else []
-        found = [model_dir / n for n in dict.fromkeys([*names, *TREE_FILES]) if (model_dir / n).is_file()]
-        path = found[0] if found else None
-    if path is None:
-        return PrefixTree.from_titles(titles, tokenizer), "built from the catalogue titles"
-    tree = PrefixTree.load(path)
-    check_tree_matches(tree, titles, tokenizer, str(path))
-    return tree, str(path)
-
-
-def check_tree_matches(tree, titles: list[str], tokenizer, where: str) -> None:
-    """Raise ValueError unless `tree` has one path per title, over this tokenizer, decoding to the titles."""
-    import torch
-
-    fix = "pass --rebuild-tree to build one from the titles, or --tree with the matching tree"
-    if tree.num_items != len(titles):
-        raise ValueError(
-            f"the prefix tree {where} has {tree.num_items} items but the catalogue has {len(titles)}; "
-            f"it was built for another catalogue: {fix}"
-        )
-    if tree.vocab_bound > len(tokenizer):
-        raise ValueError(
-            f"the prefix tree {where} uses token ids up to {tree.vocab_bound - 1} but the tokenizer has "
-            f"{len(tokenizer)}: it was built with another tokenizer; {fix}"
-        )
-    paths, lengths = tree.item_paths(torch.arange(tree.num_items))  # [N, L], [N]
-    rows = [p[: n - 1] for p, n in zip(paths.tolist(), lengths.tolist())]  # title tokens, terminator dropped
-    decoded = tokenizer.batch_decode(rows, skip_special_tokens=False, clean_up_tokenization_spaces=False)
-    bad = [i for i, (d, t) in enumerate(zip(decoded, titles)) if d.strip() != t.strip()]
-    if bad:
-        shown = "; ".join(f"item {i}: tree {decoded[i]!r} vs catalogue {titles[i]!r}" for i in bad[:3])
-        raise ValueError(
-            f"the prefix tree {where} does not match the catalogue for {len(bad)} of {len(titles)} "
-            f"items ({shown}); {fix}"
-        )
+    return saved_or_built_tree(
+        args.model, titles, tokenizer, tree_path=args.tree, rebuild=args.rebuild_tree, record=record
+    )
 
 
 def _check_sample(prompts: list[str]) -> list[str]:
@@ -449,6 +398,7 @@ def _check_sample(prompts: list[str]) -> list[str]:
 def _run_recommend(args: EvaluateArguments, stages: _Stages) -> dict[str, Any]:
     import numpy as np
 
+    from trl_flower.checkpoint import read_record
     from trl_flower.data import (
         PromptBuilder,
         check_prompt_tokenization,
@@ -468,7 +418,7 @@ def _run_recommend(args: EvaluateArguments, stages: _Stages) -> dict[str, Any]:
     if rows.num_rows == 0:
         raise ValueError(f"the {args.split} split of {data.path} has no rows")
     model, tokenizer, device = stages.run("load model", _load_model, args)
-    info = _read_info(Path(args.model).expanduser())
+    info = read_record(args.model)
     tree, tree_source = stages.run("prefix tree", catalogue_tree, args, data.items, tokenizer, info)
 
     builder = (
@@ -581,36 +531,6 @@ def _split_logits(path: str, row_index, num_items: int):
     return np.asarray(logits[rows], dtype=np.float64)
 
 
-def load_target(target: str, data_root: str | None) -> tuple[Path, dict[str, float]]:
-    """Read a {title: count} target from a path, or from ``<data root>/movies_popularity/<name>``."""
-    import json
-
-    from trl_flower.data import default_data_root
-
-    path = Path(target).expanduser()
-    if not path.is_file() and len(path.parts) == 1:
-        root = Path(data_root).expanduser() if data_root else default_data_root()
-        candidates = [root / TARGET_DIR / target, root / TARGET_DIR / f"{target}.json"]
-        path = next((p for p in candidates if p.is_file()), path)
-        if not path.is_file():
-            available = sorted(p.name for p in (root / TARGET_DIR).glob("*.json"))
-            raise FileNotFoundError(
-                f"--target {target}: no such file, nor in {root / TARGET_DIR} (available: {available or 'none'})"
-            )
-    if not path.is_file():
-        raise FileNotFoundError(f"--target {target}: no such file")
-    try:
-        counts = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise ValueError(f"--target {path}: not valid JSON ({err})") from None
-    if not isinstance(counts, dict) or not counts:
-        raise ValueError(f"--target {path}: expected a non-empty JSON object {{title: count}}")
-    bad = [k for k, v in counts.items() if isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0]
-    if bad:
-        raise ValueError(f"--target {path}: counts must be positive numbers; {bad[0]!r} has {counts[bad[0]]!r}")
-    return path, {str(k): float(v) for k, v in counts.items()}
-
-
 def history_free(args: EvaluateArguments, tokenizer) -> str:
     """The history-free prompt (reference text, or its instruction as a chat user message)."""
     from trl_flower.data import history_free_prompt
@@ -629,6 +549,7 @@ def history_free(args: EvaluateArguments, tokenizer) -> str:
 def _run_distribution(args: EvaluateArguments, stages: _Stages) -> dict[str, Any]:
     from collections import Counter
 
+    from trl_flower.checkpoint import read_record
     from trl_flower.data import check_prompt_tokenization
     from trl_flower.evaluation.distribution import distribution_metrics
     from trl_flower.evaluation.recommend import sample_items
@@ -637,7 +558,7 @@ def _run_distribution(args: EvaluateArguments, stages: _Stages) -> dict[str, Any
     target_path, target = stages.run("load target", load_target, args.target, args.data_root)
     titles = list(target)
     model, tokenizer, device = stages.run("load model", _load_model, args)
-    info = _read_info(Path(args.model).expanduser())
+    info = read_record(args.model)
     tree, tree_source = stages.run("prefix tree", catalogue_tree, args, titles, tokenizer, info)
     prompt = history_free(args, tokenizer)
     terminator = None if info.get("tokenization_mode") == "reference" else tree.terminator_id

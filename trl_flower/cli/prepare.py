@@ -18,7 +18,7 @@ import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from trl_flower.cli._args import add_dataclass_arguments, subcommand_parser, to_dataclass
+from trl_flower.cli._parsing import HelpFormatter, report_error
 from trl_flower.data.prepare import DEFAULT_WINDOWS
 
 _WINDOWS = "; ".join(f"{c}: {s}..{e}" for c, (s, e) in DEFAULT_WINDOWS.items())
@@ -63,8 +63,10 @@ class PrepareArguments:
     quiet: bool = field(default=False, metadata={"help": "Do not print the summary (stats.json is still written)."})
 
 
-def make_parser(subparsers: argparse._SubParsersAction | None = None) -> argparse.ArgumentParser:
-    """Register ``prepare`` on ``subparsers`` (or build a standalone parser) with one option per field."""
+def make_parser(subparsers: argparse._SubParsersAction | None = None, prog: str | None = None):
+    """The `TrlParser` over `PrepareArguments` (or the ``prepare`` subcommand of `subparsers`, a TrlParser's)."""
+    from trl import TrlParser
+
     kwargs = dict(
         description=textwrap.fill(
             "Turn raw Amazon Review Data (2018) into the splits trl-flower trains and evaluates on: "
@@ -74,12 +76,11 @@ def make_parser(subparsers: argparse._SubParsersAction | None = None) -> argpars
             width=100,
         ),
         epilog="examples:\n" + __doc__.split("Examples::\n\n")[1].split("\n\n")[0],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=HelpFormatter,
     )
-    parser = subcommand_parser(subparsers, "prepare", "raw Amazon 2018 reviews -> train/valid/test splits", **kwargs)
-    add_dataclass_arguments(parser, PrepareArguments)
-    parser.set_defaults(func=main)
-    return parser
+    if subparsers is not None:
+        return subparsers.add_parser("prepare", help="raw Amazon 2018 reviews -> train/valid/test splits", **kwargs)
+    return TrlParser(PrepareArguments, prog=prog or "trl-flower prepare", **kwargs)
 
 
 def _input_paths(args: PrepareArguments) -> tuple[Path, Path]:
@@ -93,12 +94,12 @@ def _input_paths(args: PrepareArguments) -> tuple[Path, Path]:
     return Path(reviews).expanduser(), Path(meta).expanduser()
 
 
-def main(args: argparse.Namespace | PrepareArguments) -> int:
-    """Run the preparation; errors are printed as one line (no traceback) and give exit status 2."""
+def main(argv: list[str] | None = None) -> int:
+    """Parse the arguments and run the preparation; errors are printed as one line and give exit status 2."""
     from trl_flower.data.prepare import prepare_amazon
 
-    args = to_dataclass(args, PrepareArguments)
     try:
+        (args,) = make_parser().parse_args_and_config(argv)
         reviews, meta = _input_paths(args)
         prepare_amazon(
             reviews,
@@ -114,10 +115,9 @@ def main(args: argparse.Namespace | PrepareArguments) -> int:
             verbose=not args.quiet,
         )
     except (FileNotFoundError, ValueError) as err:
-        print(f"trl-flower prepare: error: {err}", file=sys.stderr)
-        return 2
+        return report_error("trl-flower prepare", err)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main(make_parser().parse_args()))
+    sys.exit(main())

@@ -1,363 +1,390 @@
-"""`trl-flower train`: fine-tune an LLM recommender with Flower or one of the paper's baselines.
+"""`trl-flower train`: fine-tune an LLM recommender with Flower or one of the paper's baselines, as a TRL script.
 
 Examples::
 
-    trl-flower train --method sft --model Qwen2.5-1.5B --data CDs_and_Vinyl --output-dir runs/bigrec_cds
-    trl-flower train --method flower --model runs/bigrec_cds --data CDs_and_Vinyl --flow-lambda 0.005 \\
-        --output-dir runs/flower_cds
-    trl-flower train --method ifair --model Qwen2.5-1.5B --data CDs_and_Vinyl --output-dir runs/ifair_cds
-    trl-flower train --method sdpo --model runs/bigrec_cds --data CDs_and_Vinyl --output-dir runs/sdpo_cds
+    trl-flower train --config examples/recipes/flower_cds.yaml
+    trl-flower train --config examples/recipes/flower_cds.yaml --resume_from_checkpoint true
+    trl-flower train --method sft --model_name_or_path Qwen/Qwen2.5-1.5B-Instruct --dataset_name CDs_and_Vinyl \\
+        --output_dir runs/bigrec_cds
+    trl-flower train --method flower --model_name_or_path runs/bigrec_cds --dataset_name CDs_and_Vinyl \\
+        --flow_lambda 0.005 --use_peft --lora_r 16 --output_dir runs/flower_cds
+    trl-flower train --method sdpo --model_name_or_path runs/bigrec_cds --dataset_name CDs_and_Vinyl \\
+        --output_dir runs/sdpo_cds
+    accelerate launch --config_file examples/accelerate/zero2.yaml -m trl_flower.cli train \\
+        --config examples/recipes/flower_cds.yaml
 
-Methods (docs/baselines.md says which paper each follows and how it deviates):
+The arguments are three dataclasses parsed by TRL's ``TrlParser`` (``--config recipe.yaml`` sets any of them; flags
+override the recipe): the script arguments below (data, prompts, method), the method's TRL config (``FlowerConfig``
+for ``flower``, ``SFTConfig`` for ``sft``/``ifair``, ``DPOConfig`` for the DPO family, ``GRPOConfig``/``RLOOConfig``
+and ``PPOConfig`` for online RL; `trl_flower.run.config_class`), and TRL's ``ModelConfig`` (model, dtype, LoRA with
+``--use_peft``). Every Flower setting is a ``FlowerConfig`` field, so a new field is a new flag. Training arguments
+work as in any TRL script: ``--save_strategy``/``--save_steps`` write checkpoints, ``--resume_from_checkpoint <dir>``
+(or ``true`` for the last one in ``--output_dir``) continues an interrupted run, ``--report_to``, ``--push_to_hub``.
+``trl-flower train --method <method> --help`` lists that method's options.
 
-* ``sft``: BIGRec, TRL ``SFTTrainer`` on the target's tree path (loss on the response only);
-* ``ifair``: IFairLRS, the same with per-sample group weights (response-length normalised);
-* ``flower``: ``FlowerTrainer``, (1 − λ)·SFT + λ·flow loss on trie-constrained samples; item rewards are the
-  training-history interaction counts plus ``--reward-smoothing``;
-* ``dpo``, ``sdpo``, ``dmpo``, ``rosepo``: TRL ``DPOTrainer`` with catalogue negatives
-  (`trl_flower.baselines.preference.train_preference`), policy and reference from ``--model`` unless ``--ref-model``;
-* ``rloo``, ``grpo``, ``ppo``: SASRec-reward online RL with trie-constrained rollouts (``--sasrec-logits`` = the
-  training rows' SASRec logits; ``ppo`` needs trl 1.11/1.12).
+Methods (docs/baselines.md says which paper each follows and how it deviates): ``sft`` (BIGRec), ``ifair``
+(IFairLRS), ``flower`` (FlowerTrainer; item rewards = training-history interaction counts + ``--reward_smoothing``),
+``dpo``/``sdpo``/``dmpo``/``rosepo`` (TRL ``DPOTrainer`` with catalogue negatives), ``rloo``/``grpo``/``ppo``
+(SASRec-reward online RL with trie-constrained rollouts; ``--sasrec_logits``; ``ppo`` needs trl 1.11/1.12).
 
-Every run trains on the ``train`` split (prompts built from the histories as ``trl-flower evaluate`` builds them) and
-saves the model, its tokenizer and ``prefix_tree.npz`` in ``--output-dir``, ready for ``trl-flower evaluate``.
+Every run trains on the ``train`` split (prompts built from the histories as ``trl-flower evaluate`` builds them)
+through `trl_flower.run.train` and saves the model, its tokenizer, the prefix tree (and for Flower its record)
+and a model card in ``--output_dir``, ready for ``trl-flower evaluate``.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
-import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from trl_flower.cli._args import add_dataclass_arguments, subcommand_parser, to_dataclass
+from trl_flower.cli._parsing import HelpFormatter, report_error
 
-SFT_METHODS = ("sft", "ifair")
-PREFERENCE_METHODS = ("dpo", "sdpo", "dmpo", "rosepo")
-ONLINE_METHODS = ("rloo", "grpo", "ppo")
-METHODS = (*SFT_METHODS, "flower", *PREFERENCE_METHODS, *ONLINE_METHODS)
+METHODS = ("sft", "ifair", "flower", "dpo", "sdpo", "dmpo", "rosepo", "rloo", "grpo", "ppo")  # = trl_flower.run
 PROMPT_MODES = ("reference", "chat")
 
 
 @dataclass
-class TrainArguments:
-    """Options of `trl-flower train` (each field's ``help`` is the command-line help)."""
+class TrainScriptArguments:
+    """Script arguments of `trl-flower train` (the data and the method; training arguments: the method's config).
 
-    method: str = field(metadata={"help": "Training method.", "choices": METHODS})
-    model: str = field(metadata={"help": "Local model directory to start from (weights, config and tokenizer)."})
-    data: str = field(
+    Args:
+        method: training method (one of :data:`METHODS`).
+        dataset_name: a category under ``<data_root>/amazon/`` or a directory with the Amazon-format files.
+        data_root: root holding ``amazon/<category>/``.
+        max_train_rows: train on the first N training rows only.
+        dataset_test_split: the split evaluated during training when ``eval_strategy`` is not ``"no"`` (Flower).
+        max_eval_rows: evaluate on the first N rows of that split only.
+        prompt_mode: ``"reference"`` or ``"chat"``.
+        category: category words of the prompt.
+        reward_smoothing: Flower's item reward R(i) = training-history count + this.
+        sasrec_logits: RLOO / GRPO / PPO: the SASRec logits of the training rows (the reward).
+        ref_model: DPO family / online RL: the frozen reference policy.
+        num_negatives: DPO family: negatives per row.
+        early_stopping_patience: Flower: evaluations without improvement before training stops.
+        num_threads: CPU threads for torch.
+    """
+
+    method: str = field(
+        default="flower",
         metadata={
-            "help": "A category name under <data-root>/amazon/ (e.g. CDs_and_Vinyl) or a "
-            "directory with items.tsv and train/valid/test.csv."
-        }
+            "help": "Training method: sft (BIGRec), ifair (IFairLRS), flower, dpo, sdpo, dmpo, rosepo, rloo, grpo or "
+            "ppo. It selects the config class whose options apply (see --method <m> --help).",
+            "choices": list(METHODS),
+        },
     )
-    output_dir: str = field(metadata={"help": "Where the trained model, tokenizer and prefix_tree.npz are saved."})
+    dataset_name: str | None = field(
+        default=None,
+        metadata={
+            "help": "A category name under <data_root>/amazon/ (e.g. CDs_and_Vinyl) or a directory with items.tsv "
+            "and train/valid/test.csv."
+        },
+    )
     data_root: str | None = field(
         default=None,
         metadata={"help": "Root holding amazon/<category>/ (default: $TRL_FLOWER_DATA, else ../shared/data)."},
     )
-    max_rows: int = field(default=0, metadata={"help": "Train on the first N training rows only; 0 = all."})
+    max_train_rows: int | None = field(
+        default=None, metadata={"help": "Train on the first N training rows only (default: all)."}
+    )
+    dataset_test_split: str = field(
+        default="valid",
+        metadata={
+            "help": "Split evaluated during training when --eval_strategy is not 'no' (method flower).",
+            "choices": ["valid", "test"],
+        },
+    )
+    max_eval_rows: int | None = field(
+        default=None, metadata={"help": "Evaluate on the first N rows of --dataset_test_split only (default: all)."}
+    )
     prompt_mode: str = field(
         default="reference",
         metadata={
-            "help": "'reference': the paper's plain-text prompt. 'chat': the same text as a user message "
-            "through the tokenizer's chat template.",
-            "choices": PROMPT_MODES,
+            "help": "'reference': the paper's plain-text prompt. 'chat': the same text as a user message through the "
+            "tokenizer's chat template (instruct models).",
+            "choices": list(PROMPT_MODES),
         },
     )
     category: str | None = field(
         default=None, metadata={"help": "Category words in the prompt (default: from the dataset name)."}
     )
-    learning_rate: float | None = field(
-        default=None,
-        metadata={
-            "help": "Learning rate (default: the method's official value: sft/ifair 3e-4, "
-            "DPO family 1e-6, flower FlowerConfig's default).",
-            "type": float,
-        },
-    )
-    num_train_epochs: float | None = field(
-        default=None,
-        metadata={"help": "Epochs (default: the method's official value, e.g. 7 for sft/ifair).", "type": float},
-    )
-    max_steps: int = field(default=-1, metadata={"help": "Stop after this many optimiser steps; -1 = use epochs."})
-    per_device_train_batch_size: int = field(default=8, metadata={"help": "Rows per device per micro-step."})
-    gradient_accumulation_steps: int = field(default=1, metadata={"help": "Micro-steps per optimiser step."})
-    flow_lambda: float = field(
-        default=0.005, metadata={"help": "flower: weight λ of the flow loss, loss = (1 − λ)·SFT + λ·flow."}
-    )
-    flow_loss: str = field(
-        default="flower_subtb",
-        metadata={"help": "flower: flow-balance loss (flower_subtb, db, tb, full_distribution)."},
-    )
-    title_log_term: str = field(
-        default="official",
-        metadata={
-            "help": "flower: termination target at a complete title passed on the way to "
-            "a longer one: official (the e^-15 constant) or flow (its own R/F).",
-            "choices": ("official", "flow"),
-        },
-    )
-    flow_policy_support: str = field(
-        default="vocabulary",
-        metadata={
-            "help": "flower: match the flow ratios with π over the whole vocabulary "
-            "(official) or renormalised over the tree's children (tree).",
-            "choices": ("vocabulary", "tree"),
-        },
-    )
-    offline_trajectory_prob: float = field(
-        default=0.0,
-        metadata={
-            "help": "flower: probability that a batch trains the flow loss on its target items "
-            "(teacher-forced) instead of on-policy samples; 0 = always on-policy."
-        },
-    )
-    offline_trajectory_prob_final: float | None = field(
-        default=None,
-        metadata={
-            "help": "flower: if set, the offline probability moves linearly to this value over training.",
-            "type": float,
-        },
-    )
-    reward_variant: str = field(
-        default="none",
-        metadata={
-            "help": "flower: personalisation of the rewards by SASRec scores (none, div_s, "
-            "add_logs, exact); all but none need --sasrec-logits."
-        },
-    )
     reward_smoothing: float = field(
         default=1.0,
         metadata={
-            "help": "flower: item reward R(i) = training-history count + this (keeps items "
-            "that never occur reachable; 0 = raw counts)."
+            "help": "flower: item reward R(i) = training-history interaction count + this (keeps items that never "
+            "occur reachable; 0 = raw counts)."
         },
     )
     sasrec_logits: str | None = field(
         default=None,
         metadata={
-            "help": "SASRec logits of the training rows (.npy [train rows, items], from "
-            "`trl-flower sasrec`: train_logits.npy): flower's personalised rewards and "
-            "the rloo/grpo/ppo reward."
+            "help": "rloo/grpo/ppo: SASRec logits of the training rows (.npy [train rows, items], train_logits.npy of "
+            "`trl-flower sasrec`), the reward. (Flower's personalised rewards read --preference_scores_path.)"
         },
     )
     ref_model: str | None = field(
-        default=None, metadata={"help": "DPO family / online RL: the frozen reference policy (default: --model)."}
+        default=None,
+        metadata={"help": "DPO family / online RL: the frozen reference policy (default: --model_name_or_path)."},
     )
     num_negatives: int | None = field(
+        default=None, metadata={"help": "DPO family: negatives per row (default: dpo/rosepo 1, sdpo/dmpo 3)."}
+    )
+    early_stopping_patience: int | None = field(
         default=None,
-        metadata={"help": "DPO family: negatives per row (default: dpo/rosepo 1, sdpo/dmpo 3).", "type": int},
+        metadata={
+            "help": "flower: stop after this many evaluations without a better --metric_for_best_model (transformers' "
+            "EarlyStoppingCallback; needs --eval_strategy and --load_best_model_at_end, as the official runs: 2)."
+        },
     )
-    seed: int = field(default=0, metadata={"help": "Seed of initialisation order, shuffling and sampling."})
-    bf16: bool = field(default=False, metadata={"help": "Train in bf16 mixed precision (GPU)."})
     num_threads: int = field(default=0, metadata={"help": "CPU threads for torch; 0 = torch's default."})
-    logging_steps: int = field(default=10, metadata={"help": "Log the loss every N optimiser steps."})
-    no_progress: bool = field(default=False, metadata={"help": "Hide the progress bar."})
 
 
-def make_parser(subparsers: argparse._SubParsersAction | None = None) -> argparse.ArgumentParser:
-    """Register ``train`` on ``subparsers`` (or build a standalone parser) with one option per field."""
+def method_from_argv(argv: list[str]) -> str:
+    """The ``--method`` of a command line, else the ``method`` of its ``--config`` recipe, else ``"flower"``."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--method")
+    pre.add_argument("--config")
+    known, _ = pre.parse_known_args(argv)
+    if known.method:
+        return known.method
+    if known.config and Path(known.config).is_file():
+        import yaml
+
+        recipe = yaml.safe_load(Path(known.config).read_text()) or {}
+        if isinstance(recipe, dict) and recipe.get("method"):
+            return str(recipe["method"])
+    return "flower"
+
+
+def make_parser(subparsers: argparse._SubParsersAction | None = None, method: str = "flower", prog: str | None = None):
+    """The `TrlParser` over (TrainScriptArguments, the method's config, ModelConfig), with the method's defaults.
+
+    Args:
+        subparsers: register as the ``train`` subcommand of this parser (``parser_class=TrlParser``) instead.
+        method: whose config class and official defaults to use (`trl_flower.run.config_class`, `method_defaults`).
+        prog: the program name shown in the usage line.
+    """
+    from trl import ModelConfig, TrlParser
+
+    from trl_flower.run import check_method, config_class, method_defaults
+
+    check_method(method)
+    dataclass_types = (TrainScriptArguments, config_class(method), ModelConfig)
     kwargs = dict(
-        description=textwrap.fill(
-            "Fine-tune a local causal LM as a recommender on an Amazon-format dataset with Flower or a baseline "
-            "(BIGRec SFT, IFairLRS, DPO/S-DPO/DMPO/RosePO, RLOO/GRPO/PPO with a SASRec reward), and save it for "
-            "`trl-flower evaluate`.",
-            width=100,
-        ),
+        description=f"Fine-tune an LLM recommender with method {method!r} (a TRL script; --config recipe.yaml).",
         epilog="examples:\n" + __doc__.split("Examples::\n\n")[1].split("\n\n")[0],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=HelpFormatter,
     )
-    parser = subcommand_parser(subparsers, "train", "fine-tune with Flower or a baseline", **kwargs)
-    add_dataclass_arguments(parser, TrainArguments)
-    parser.set_defaults(func=main)
+    if subparsers is not None:
+        parser = subparsers.add_parser("train", help="fine-tune with Flower or a baseline", **kwargs)
+    else:
+        parser = TrlParser(dataclass_types, prog=prog or "trl-flower train", **kwargs)
+    parser.set_defaults(**method_defaults(method))
     return parser
 
 
-def check_arguments(args: TrainArguments) -> None:
-    """Cheap checks before anything is loaded; each error names the option and the fix."""
-    if args.method not in METHODS:
-        raise ValueError(f"--method must be one of {METHODS}, got {args.method!r}")
-    if not (Path(args.model).expanduser() / "config.json").is_file():
-        raise FileNotFoundError(f"--model {args.model}: no config.json; pass a local Hugging Face model directory")
-    if args.prompt_mode not in PROMPT_MODES:
-        raise ValueError(f"--prompt-mode must be one of {PROMPT_MODES}, got {args.prompt_mode!r}")
-    if args.max_rows < 0 or args.num_threads < 0:
-        raise ValueError("--max-rows and --num-threads must be >= 0")
-    if args.sasrec_logits is not None and not Path(args.sasrec_logits).is_file():
-        raise FileNotFoundError(f"--sasrec-logits {args.sasrec_logits}: no such file")
-    needs_logits = args.method in ONLINE_METHODS or (args.method == "flower" and args.reward_variant != "none")
-    if needs_logits and args.sasrec_logits is None:
+def parse_args(argv: list[str] | None = None) -> tuple[Any, Any, Any]:
+    """(script arguments, training config, ModelConfig) of a command line, after repairing a CPU multi-process launch.
+
+    The method's config builds the distributed state in ``__post_init__``, so `prepare_cpu_distributed` runs before
+    parsing and its settings become parser defaults.
+    """
+    from trl_flower.distributed import prepare_cpu_distributed
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    method = method_from_argv(argv)
+    parser = make_parser(method=method)
+    parser.set_defaults(**prepare_cpu_distributed({}))
+    *parsed, from_recipe, from_flags = parser.parse_args_and_config(
+        argv, return_remaining_strings=True, separate_remaining_strings=True
+    )
+    unknown = [*from_recipe, *from_flags]
+    if unknown:
+        config = type(parsed[1]).__name__
         raise ValueError(
-            f"--method {args.method} (reward variant {args.reward_variant!r}) needs --sasrec-logits "
-            "(train_logits.npy of `trl-flower sasrec`)"
+            f"{' '.join(unknown)}: not an option of method {method!r} (its training arguments are {config}'s); "
+            f"drop it, or see `trl-flower train --method {method} --help`"
         )
-    if args.ref_model is not None and args.method not in (*PREFERENCE_METHODS, *ONLINE_METHODS):
-        raise ValueError(f"--ref-model is only used by {PREFERENCE_METHODS + ONLINE_METHODS}; drop it")
-    if args.num_negatives is not None and args.method not in PREFERENCE_METHODS:
-        raise ValueError(f"--num-negatives is only used by {PREFERENCE_METHODS}; drop it")
-    if args.method != "flower":
-        for name, default in (
-            ("flow_lambda", 0.005),
-            ("flow_loss", "flower_subtb"),
-            ("reward_variant", "none"),
-            ("reward_smoothing", 1.0),
-            ("title_log_term", "official"),
-            ("flow_policy_support", "vocabulary"),
-            ("offline_trajectory_prob", 0.0),
-            ("offline_trajectory_prob_final", None),
-        ):
-            if getattr(args, name) != default:
-                raise ValueError(f"--{name.replace('_', '-')} is only used by --method flower; drop it")
+    script_args, training_args, model_args = parsed
+    return script_args, training_args, model_args
 
 
-def main(args: argparse.Namespace | TrainArguments) -> int:
-    """Run the training; errors are printed as one line and give exit status 2."""
-    args = to_dataclass(args, TrainArguments)
+def check_arguments(script_args: TrainScriptArguments, training_args: Any, model_args: Any) -> None:
+    """Cheap checks before anything is loaded; each error names the option and the fix."""
+    from trl_flower.run import ONLINE_METHODS, PREFERENCE_METHODS, evaluates
+
+    method = script_args.method
+    if script_args.dataset_name is None:
+        raise ValueError("--dataset_name is required: a category such as CDs_and_Vinyl or a dataset directory")
+    model = model_args.model_name_or_path
+    if model is None:
+        raise ValueError("--model_name_or_path is required: a local model directory or a Hugging Face Hub id")
+    if Path(model).expanduser().exists() and not (Path(model).expanduser() / "config.json").is_file():
+        raise FileNotFoundError(
+            f"--model_name_or_path {model}: no config.json in it; pass a Hugging Face model directory (for a LoRA "
+            "run, its merged model) or a Hub id"
+        )
+    if script_args.num_threads < 0:
+        raise ValueError(f"--num_threads must be >= 0 (0 = torch's default), got {script_args.num_threads}")
+    if method in ONLINE_METHODS:
+        if script_args.sasrec_logits is None:
+            raise ValueError(f"--method {method} needs --sasrec_logits (train_logits.npy of `trl-flower sasrec`)")
+    elif script_args.sasrec_logits is not None:
+        hint = " (Flower's personalised rewards read --preference_scores_path)" if method == "flower" else ""
+        raise ValueError(f"--sasrec_logits is only used by {ONLINE_METHODS}; drop it{hint}")
+    if script_args.sasrec_logits is not None and not Path(script_args.sasrec_logits).is_file():
+        raise FileNotFoundError(f"--sasrec_logits {script_args.sasrec_logits}: no such file")
+    if script_args.ref_model is not None and method not in (*PREFERENCE_METHODS, *ONLINE_METHODS):
+        raise ValueError(f"--ref_model is only used by {PREFERENCE_METHODS + ONLINE_METHODS}; drop it")
+    if script_args.num_negatives is not None and method not in PREFERENCE_METHODS:
+        raise ValueError(f"--num_negatives is only used by {PREFERENCE_METHODS}; drop it")
+    if script_args.reward_smoothing != 1.0 and method != "flower":
+        raise ValueError("--reward_smoothing is only used by --method flower; drop it")
+    if method == "flower" and evaluates(training_args) and training_args.reward_variant != "none":
+        raise ValueError(
+            f"--eval_strategy {training_args.eval_strategy.value} with --reward_variant "
+            f"{training_args.reward_variant}: the {script_args.dataset_test_split} rows would look up their scores "
+            "in --preference_scores_path, the training rows' SASRec logits (row_index counts the rows of each "
+            "split). Set --eval_strategy no and pick a checkpoint with `trl-flower evaluate --split valid`, or "
+            "evaluate with --reward_variant none"
+        )
+    if script_args.early_stopping_patience is not None:
+        if method != "flower":
+            raise ValueError("--early_stopping_patience is only used by --method flower (the one that evaluates)")
+        if not (evaluates(training_args) and training_args.load_best_model_at_end):
+            raise ValueError(
+                "--early_stopping_patience needs evaluations to compare: set --eval_strategy epoch (or steps) and "
+                "--load_best_model_at_end true"
+            )
+
+
+def run(script_args: TrainScriptArguments, training_args: Any, model_args: Any):
+    """Load the data and tokenizer, build the prompts, and train and save through `trl_flower.run.train`."""
+    import torch
+    from trl import get_peft_config
+
+    from trl_flower.data import PromptBuilder, load_amazon
+    from trl_flower.run import evaluates, load_tokenizer, recommendation_data, train
+
+    check_arguments(script_args, training_args, model_args)
+    if script_args.num_threads:
+        torch.set_num_threads(script_args.num_threads)
+    method = script_args.method
+    evaluating = method == "flower" and evaluates(training_args)
+    splits = ("train", script_args.dataset_test_split) if evaluating else ("train",)
+    data = load_amazon(script_args.dataset_name, data_root=script_args.data_root, splits=splits)
+    model = model_args.model_name_or_path
+    tokenizer = load_tokenizer(
+        model,
+        method,
+        revision=model_args.model_revision,
+        trust_remote_code=getattr(training_args, "trust_remote_code", False),
+    )
+    mode = script_args.prompt_mode
+    builder = (
+        PromptBuilder(category=script_args.category, mode=mode, tokenizer=tokenizer)
+        if script_args.category
+        else PromptBuilder.from_dataset(data.name, mode=mode, tokenizer=tokenizer)
+    )
+    run_data = recommendation_data(
+        data,
+        builder,
+        max_train_rows=script_args.max_train_rows,
+        eval_split=script_args.dataset_test_split if evaluating else None,
+        max_eval_rows=script_args.max_eval_rows,
+    )
+    if hasattr(training_args, "model_init_kwargs"):  # TRL loads the model from its path with these (as TRL's scripts)
+        init = {"revision": model_args.model_revision, "dtype": model_args.dtype}
+        if model_args.attn_implementation:
+            init["attn_implementation"] = model_args.attn_implementation
+        training_args.model_init_kwargs = {**init, **(training_args.model_init_kwargs or {})}
+    callbacks = []
+    if script_args.early_stopping_patience is not None:
+        from transformers import EarlyStoppingCallback
+
+        callbacks.append(EarlyStoppingCallback(early_stopping_patience=script_args.early_stopping_patience))
+    return train(
+        method,
+        model,
+        run_data,
+        training_args,
+        callbacks=callbacks,
+        tokenizer=tokenizer,
+        reward_smoothing=script_args.reward_smoothing,
+        peft_config=get_peft_config(model_args),
+        ref_model=script_args.ref_model,
+        reward_scores=script_args.sasrec_logits,
+        num_negatives=script_args.num_negatives,
+        negative_seed=training_args.seed,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`trl-flower train`: parse, train, save; errors are printed as one line and give exit status 2."""
+    from trl_flower.distributed import finish_distributed
+
     try:
-        check_arguments(args)
-        out = run_training(args)
+        script_args, training_args, model_args = parse_args(argv)
+        result = run(script_args, training_args, model_args)
     except (FileNotFoundError, ValueError, OSError, ImportError) as err:
-        print(f"trl-flower train: error: {' '.join(str(err).split())}", file=sys.stderr)
-        return 2
-    print(f"wrote {out}")
+        return report_error("trl-flower train", err)
+    if result.trainer.is_world_process_zero():
+        print(f"wrote {result.output_dir}")
+    finish_distributed()
     return 0
 
 
-def _common_config(args: TrainArguments) -> dict[str, Any]:
-    config: dict[str, Any] = dict(
-        max_steps=args.max_steps,
-        per_device_train_batch_size=args.per_device_train_batch_size,
-        gradient_accumulation_steps=args.gradient_accumulation_steps,
-        seed=args.seed,
-        bf16=args.bf16,
-        logging_steps=args.logging_steps,
-        save_strategy="no",
-        report_to="none",
-        disable_tqdm=args.no_progress,
-    )
-    if args.learning_rate is not None:
-        config["learning_rate"] = args.learning_rate
-    if args.num_train_epochs is not None:
-        config["num_train_epochs"] = args.num_train_epochs
-    return config
+# ---------------------------------------------------------------------------------------------------------------
+# Phase 2 of issue 21 removes this: bench/rq3_reference.py (build_pair) still builds runs through the old
+# hand-written `TrainArguments` and `run_training`. They translate to the command line above.
+
+
+@dataclass
+class TrainArguments:
+    """The old `trl-flower train` options that bench/rq3_reference.py uses (translated to the TRL command line)."""
+
+    method: str
+    model: str
+    data: str
+    output_dir: str
+    data_root: str | None = None
+    max_rows: int = 0
+    learning_rate: float | None = None
+    num_train_epochs: float | None = None
+    per_device_train_batch_size: int = 8
+    num_threads: int = 0
+    logging_steps: int = 10
+    no_progress: bool = False
+    seed: int = 0
+
+    def argv(self) -> list[str]:
+        """The equivalent `trl-flower train` command line (the old defaults: seed 0, no checkpoints, fp32)."""
+        argv = ["--method", self.method, "--model_name_or_path", self.model, "--dataset_name", self.data]
+        argv += [
+            "--output_dir",
+            self.output_dir,
+            "--per_device_train_batch_size",
+            str(self.per_device_train_batch_size),
+        ]
+        argv += ["--num_threads", str(self.num_threads), "--logging_steps", str(self.logging_steps)]
+        argv += ["--seed", str(self.seed), "--save_strategy", "no", "--bf16", "false", "--report_to", "none"]
+        argv += ["--disable_tqdm", str(self.no_progress)]
+        optional = {
+            "--data_root": self.data_root,
+            "--max_train_rows": self.max_rows or None,
+            "--learning_rate": self.learning_rate,
+            "--num_train_epochs": self.num_train_epochs,
+        }
+        return argv + [item for flag, value in optional.items() if value is not None for item in (flag, str(value))]
 
 
 def run_training(args: TrainArguments) -> Path:
-    """Load the data and tokenizer, build prompts and the tree, train with the chosen method, save; return the dir."""
-    import numpy as np
-    import torch
-    from transformers import AutoTokenizer
-
-    from trl_flower.data import PromptBuilder, load_amazon
-    from trl_flower.data.popularity import history_item_counts, popularity_from_histories
-    from trl_flower.tree import PrefixTree
-
-    if args.num_threads:
-        torch.set_num_threads(args.num_threads)
-    data = load_amazon(args.data, data_root=args.data_root, splits=("train",))
-    rows = data.splits["train"]
-    if args.max_rows:
-        rows = rows.select(range(min(args.max_rows, rows.num_rows)))
-    tokenizer = AutoTokenizer.from_pretrained(args.model)
-    builder = (
-        PromptBuilder(category=args.category, mode=args.prompt_mode, tokenizer=tokenizer)
-        if args.category
-        else PromptBuilder.from_dataset(data.name, mode=args.prompt_mode, tokenizer=tokenizer)
-    )
-    prompts = [builder(h) for h in rows["history_item_title"]]
-    tree = PrefixTree.from_titles(data.items, tokenizer)
-    out = Path(args.output_dir)
-    config = _common_config(args)
-
-    if args.method in SFT_METHODS:
-        from trl_flower.baselines.sft import train_sft
-
-        train_sft(
-            args.method,
-            args.model,
-            prompts,
-            rows["item_id"],
-            out,
-            tree=tree,
-            tokenizer=tokenizer,
-            histories=rows["history_item_title"],
-            target_titles=rows["item_title"],
-            add_special_tokens=args.prompt_mode == "reference",
-            **config,
-        )
-        return out
-
-    dataset = rows.add_column("prompt", prompts)
-    if args.method == "flower":
-        from trl_flower.config import FlowerConfig
-        from trl_flower.trainer import FlowerTrainer
-
-        counts = history_item_counts(rows["history_item_id"], data.num_items)  # [M]
-        train_tree = tree.with_rewards(counts.astype(np.float64) + args.reward_smoothing)
-        popularity = popularity_from_histories(rows["history_item_title"])
-        flower_args = FlowerConfig(
-            output_dir=str(out),
-            flow_lambda=args.flow_lambda,
-            flow_loss=args.flow_loss,
-            title_log_term=args.title_log_term,
-            flow_policy_support=args.flow_policy_support,
-            offline_trajectory_prob=args.offline_trajectory_prob,
-            offline_trajectory_prob_final=args.offline_trajectory_prob_final,
-            reward_variant=args.reward_variant,
-            preference_scores_path=args.sasrec_logits,
-            max_completion_length=int(tree.item_length.max()),
-            **config,
-        )
-        trainer = FlowerTrainer(
-            model=args.model,
-            tree=train_tree,
-            args=flower_args,
-            train_dataset=dataset.select_columns(["prompt", "item_id", "row_index"]),
-            processing_class=tokenizer,
-            item_groups=popularity.item_groups(data.items),
-        )
-        trainer.train()
-        trainer.save_model(str(out))
-        tokenizer.save_pretrained(str(out))
-        return out
-
-    preference = _preference_module()
-    if args.method in PREFERENCE_METHODS:
-        preference.train_preference(
-            args.method,
-            args.model,
-            args.ref_model,
-            dataset,
-            out,
-            tree=tree,
-            tokenizer=tokenizer,
-            num_negatives=args.num_negatives,
-            **config,
-        )
-    else:
-        scores = np.load(args.sasrec_logits, mmap_mode="r")
-        preference.train_online_rl(
-            args.method, args.model, args.ref_model, dataset, out, preference_scores=scores, tree=tree, **config
-        )
-    return out
-
-
-def _preference_module():
-    """`trl_flower.baselines.preference` (the DPO family and online RL), or an ImportError naming what is available."""
-    try:
-        from trl_flower.baselines import preference
-    except ModuleNotFoundError as err:
-        if err.name != "trl_flower.baselines.preference":
-            raise
-        raise ImportError(
-            "the DPO-family and online RL methods are not available in this build "
-            f"(trl_flower.baselines.preference is missing); available: {SFT_METHODS + ('flower',)}"
-        ) from None
-    return preference
+    """Train with the old `TrainArguments` (bench/rq3_reference.py); returns the output directory."""
+    script_args, training_args, model_args = parse_args(args.argv())
+    return run(script_args, training_args, model_args).output_dir
 
 
 if __name__ == "__main__":
-    sys.exit(main(make_parser().parse_args()))
+    sys.exit(main())

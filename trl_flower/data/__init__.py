@@ -22,6 +22,7 @@ _LAZY = {
     "category_words": "trl_flower.data.prompts",
     "check_prompt_tokenization": "trl_flower.data.prompts",
     "prepare_amazon": "trl_flower.data.prepare",
+    "load_target": "trl_flower.data.targets",
 }
 
 __getattr__, __all__ = lazy_exports(__name__, _LAZY)

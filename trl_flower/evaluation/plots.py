@@ -4,6 +4,8 @@
   the training-history interaction shares (the paper's Figure 2). Group 1 is the most popular.
 * `plot_item_frequencies`: for distribution fitting, each target item's share among the generated samples next to
   its target share, items sorted by target count (the paper's Figure 4).
+* `plot_tradeoff`: accuracy against popularity fairness (e.g. NDCG@5 against DGU@10), one marker per method and
+  seed, so the trade-off frontier of several methods is seen at a glance.
 
 Both build a `matplotlib.figure.Figure` on a `FigureCanvasAgg` directly: no `pyplot`, so no global state, no GUI
 backend and no figure kept alive after the call. They return the figure (tests count its bars) and save it when
@@ -188,5 +190,54 @@ def plot_item_frequencies(
     ax.legend(frameon=False)
     if title:
         ax.set_title(title)
+    _save(fig, path)
+    return fig
+
+
+def plot_tradeoff(
+    points: Mapping[str, Sequence[tuple[float, float]]],
+    *,
+    x_label: str = "NDCG@5 (higher is better)",
+    y_label: str = "DGU@10 (lower is fairer)",
+    title: str | None = None,
+    path: str | os.PathLike | None = None,
+) -> Figure:
+    """Scatter of (accuracy, unfairness) per method: one marker per seed, the method's mean as a larger marker.
+
+    The better corner is bottom right (accurate and fair). A method dominates another when its markers lie right of
+    and below the other's.
+
+    Args:
+        points: method name -> ``[(x, y), ...]``, one pair per seed (e.g. ``(NDCG@5, DGU@10)``).
+        x_label, y_label, title: axis labels and title.
+        path: write a PNG there.
+
+    Returns:
+        The figure: one axes with two scatter collections per method (seeds, mean).
+
+    Example:
+        >>> fig = plot_tradeoff({"BIGRec": [(0.04, 0.45), (0.05, 0.43)], "Flower": [(0.05, 0.3)]})
+        >>> len(fig.axes[0].collections)  # seeds and mean for each of the two methods
+        4
+    """
+    if not points or any(len(p) == 0 for p in points.values()):
+        raise ValueError("nothing to plot: every method needs at least one (x, y) point")
+    fig = _new_figure(6.0, 4.2)
+    ax = fig.add_subplot()
+    markers = ("o", "s", "^", "D", "v", "P", "X", "*")
+    for i, (name, pts) in enumerate(points.items()):
+        xy = np.asarray(pts, dtype=np.float64).reshape(-1, 2)  # [seeds, 2]
+        color, _ = _method_style(i, METHOD_HATCHES)
+        marker = markers[i % len(markers)]
+        ax.scatter(xy[:, 0], xy[:, 1], color=color, marker=marker, alpha=0.45, s=30)
+        mean = xy.mean(axis=0)
+        ax.scatter([mean[0]], [mean[1]], color=color, marker=marker, s=110, edgecolor="black", label=str(name))
+    ax.set_xlabel(x_label)
+    ax.set_ylabel(y_label)
+    ax.grid(alpha=0.3)
+    ax.set_axisbelow(True)
+    ax.legend(frameon=False, fontsize="small")
+    if title:
+        ax.set_title(title, fontsize="medium")
     _save(fig, path)
     return fig

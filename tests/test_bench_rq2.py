@@ -1,0 +1,84 @@
+"""The RQ2 benchmark's bookkeeping (bench/rq2_recommend.py, loaded by path): a finished checkpoint is reused only
+with the budget and options it was trained with, distilled-reward recipes are checked, and the pre-registered
+criterion is computed per seed."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def rq2():
+    spec = importlib.util.spec_from_file_location("rq2_recommend", ROOT / "bench" / "rq2_recommend.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _args(rq2, *extra):
+    return rq2.make_parser().parse_args(["--sasrec-dir", "unused", *extra])
+
+
+def _finished(path: Path) -> Path:
+    path.mkdir(parents=True)
+    (path / "config.json").write_text("{}")
+    (path / "prefix_tree.npz").write_text("")
+    return path
+
+
+def test_a_sizing_run_is_not_reused_as_the_full_run(rq2, tmp_path):
+    out = _finished(tmp_path / "sft")
+    sizing = rq2.training_record(_args(rq2, "--max-steps", "4"), 0, "sft", {})
+    (out / rq2.BUDGET_FILE).write_text(json.dumps(sizing, sort_keys=True))
+    rq2.check_reuse(out, sizing)  # same budget: reused
+    full = rq2.training_record(_args(rq2, "--epochs", "3"), 0, "sft", {})
+    with pytest.raises(SystemExit, match=r"max_steps: 4 there, -1 now.*another --runs-dir"):
+        rq2.check_reuse(out, full)
+
+
+def test_a_checkpoint_without_record_is_refused(rq2, tmp_path):
+    out = _finished(tmp_path / "flower")
+    with pytest.raises(SystemExit, match="without rq2_budget.json"):
+        rq2.check_reuse(out, rq2.training_record(_args(rq2), 0, "flower", {}))
+
+
+def test_distilled_settings_are_part_of_the_record(rq2, tmp_path):
+    grid = {"a": {"flow_lambda": 0.1, "logits": "oof", "distill_alpha": 0.5}}
+    before = rq2.training_record(_args(rq2), 1, "distill_a", grid)
+    out = _finished(tmp_path / "distill_a")
+    (out / rq2.BUDGET_FILE).write_text(json.dumps(before, sort_keys=True))
+    grid["a"]["distill_alpha"] = 1.0  # the recipe changed under the same name
+    with pytest.raises(SystemExit, match="options"):
+        rq2.check_reuse(out, rq2.training_record(_args(rq2), 1, "distill_a", grid))
+
+
+def test_distill_grid_recipe_is_checked(rq2, tmp_path):
+    recipe = tmp_path / "grid.json"
+    recipe.write_text(json.dumps({"_comment": "ignored", "ok": {"flow_lambda": 0.1, "logits": "train"}}))
+    assert list(rq2.load_distill_grid(_args(rq2, "--distill-grid", str(recipe)))) == ["ok"]
+    recipe.write_text(json.dumps({"bad": {"flow_lambda": 0.1}}))
+    with pytest.raises(SystemExit, match="lacks \\['logits'\\]"):
+        rq2.load_distill_grid(_args(rq2, "--distill-grid", str(recipe)))
+
+
+def test_distilled_criterion_per_seed(rq2):
+    def rec(ndcg, dgu):
+        return {"metrics": {"NDCG@5": ndcg, "DGU@10": dgu}}
+
+    per_seed = {
+        0: {"BIGRec": rec(0.04, 0.5), "D3": rec(0.08, 0.3), rq2.DISTILLED: rec(0.05, 0.3)},  # 1.25x, 0.6x: holds
+        1: {"BIGRec": rec(0.05, 0.5), "D3": rec(0.08, 0.3), rq2.DISTILLED: rec(0.05, 0.3)},  # 1.0x: accuracy fails
+    }
+    crit = rq2.distilled_criterion(per_seed)
+    assert crit["per_seed"]["0"]["accuracy holds"] and crit["per_seed"]["0"]["fairness holds"]
+    assert crit["per_seed"]["0"]["NDCG@5 / D3"] == pytest.approx(0.625)
+    assert not crit["per_seed"]["1"]["accuracy holds"]
+    assert crit["holds"] is False
+    del per_seed[1]
+    assert rq2.distilled_criterion(per_seed)["holds"] is True

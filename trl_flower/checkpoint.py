@@ -1,0 +1,359 @@
+"""The on-disk format of a saved trl-flower run: the one module that names the files a run holds beside its weights.
+
+A saved run is a plain Hugging Face model directory (weights, ``config.json``, generation config, tokenizer, chat
+template; written by transformers / TRL, loadable with ``AutoModelForCausalLM.from_pretrained``, usable as a TRL
+reference policy) plus the files below. Every module and script writes and reads them through this module:
+
+==========================  ============================================  ==========================================
+file                        content                                       written by / read by
+==========================  ============================================  ==========================================
+``prefix_tree.npz``         the catalogue's `PrefixTree` (structure and   :func:`save_run_files` / :func:`find_tree`,
+                            item rewards)                                 :func:`load_tree`, :func:`catalogue_tree`
+``flower_config.json``      the Flower record: format tag, tree file,     :func:`save_run_files` / :func:`read_record`
+                            terminator, tokenisation mode, reward and
+                            loss settings (every Flower field of the
+                            config)
+``item_groups.npy``         popularity group per item id (when given)     :func:`save_run_files` /
+                                                                          :func:`load_item_groups`
+``offline_rng_state.pth``   checkpoints only: the generator of the        :func:`save_offline_rng` /
+                            offline/on-policy draws                       :func:`load_offline_rng`
+``README.md``               the model card (TRL's, plus a trl-flower      `trl_flower.model_card` through
+                            section)                                      :func:`model_card_path`
+==========================  ============================================  ==========================================
+
+``from_pretrained`` ignores all of them. Runs saved by older versions may hold the tree as ``flower_tree.npz``;
+:func:`find_tree` still reads it.
+
+Nothing here imports TRL: the functions take the pieces (tree, record, arrays) and plain paths.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from trl_flower.tree import PrefixTree
+
+__all__ = [
+    "ITEM_GROUPS_FILE",
+    "MODEL_CARD_FILE",
+    "OFFLINE_RNG_FILE",
+    "RECORD_FILE",
+    "RECORD_FORMAT",
+    "TREE_FILE",
+    "catalogue_tree",
+    "check_tree_matches",
+    "find_tree",
+    "flower_record",
+    "has_tree",
+    "is_model_dir",
+    "load_item_groups",
+    "load_model",
+    "load_offline_rng",
+    "load_tree",
+    "model_card_path",
+    "read_record",
+    "resolve_tree",
+    "save_offline_rng",
+    "save_run_files",
+]
+
+TREE_FILE = "prefix_tree.npz"
+RECORD_FILE = "flower_config.json"
+ITEM_GROUPS_FILE = "item_groups.npy"
+OFFLINE_RNG_FILE = "offline_rng_state.pth"
+MODEL_CARD_FILE = "README.md"  # the name TRL's `create_model_card` and the Hub use
+LEGACY_TREE_FILES = ("flower_tree.npz",)  # read only: runs saved before the tree was called prefix_tree.npz
+RECORD_FORMAT = "trl-flower/1"
+
+PathLike = str | os.PathLike
+
+
+# ---------------------------------------------------------------------------------------------------- writing
+
+
+def flower_record(
+    args: Any,
+    tree: PrefixTree,
+    reward_model: Any,
+    finished_token_id: int | None,
+    has_item_groups: bool,
+) -> dict[str, Any]:
+    """The Flower record of a run: what an evaluation or a chained trainer needs besides the weights and the tree.
+
+    Args:
+        args: the run's `FlowerConfig`. Every field `FlowerConfig` declares beyond `GRPOConfig` is recorded (so a
+            new Flower field is recorded without touching this function), plus the GRPO-level fields Flower reads.
+        tree: the tree the run trained with (its terminator and size are recorded).
+        reward_model: the run's `PrefixTreeRewardModel`; its reward settings win over the config's (a trainer given a
+            reward model keeps the config's reward fields at their defaults).
+        finished_token_id: the token forced after the terminator in ``tokenization_mode="reference"`` (else None).
+        has_item_groups: whether ``item_groups.npy`` is written beside it.
+
+    Returns:
+        A JSON-serialisable dict with the keys ``format``, ``tree_file``, ``item_groups_file``, ``terminator_id``,
+        ``num_items``, ``finished_token_id``, the Flower fields, and the reward model's ``reward_variant``,
+        ``row_index_column``, ``nonterminal_log_term``, ``title_log_term`` and ``distill`` (its resolved distilled
+        reward settings, or None).
+    """
+    from trl import GRPOConfig  # the record is written by the trainer, which has TRL loaded already
+
+    grpo_fields = {f.name for f in fields(GRPOConfig)}
+    flower_fields = {f.name: getattr(args, f.name) for f in fields(args) if f.name not in grpo_fields}
+    return {
+        "format": RECORD_FORMAT,
+        "tree_file": TREE_FILE,
+        "item_groups_file": ITEM_GROUPS_FILE if has_item_groups else None,
+        "terminator_id": int(tree.terminator_id),
+        "num_items": int(tree.num_items),
+        "finished_token_id": finished_token_id,
+        **flower_fields,
+        "reward_variant": reward_model.variant,
+        "row_index_column": reward_model.row_column,
+        "nonterminal_log_term": reward_model.nonterminal_log_term,
+        "title_log_term": reward_model.title_log_term,
+        "distill": asdict(reward_model.distill) if getattr(reward_model, "distill", None) else None,
+        "num_generations": args.num_generations,
+        "temperature": args.temperature,
+    }
+
+
+def save_run_files(
+    output_dir: PathLike,
+    *,
+    tree: PrefixTree,
+    record: Mapping[str, Any] | None = None,
+    item_groups: np.ndarray | torch.Tensor | Sequence[int] | None = None,
+) -> Path:
+    """Write what a saved run holds beside its weights: the tree, the Flower record (if any), the item groups (if any).
+
+    Called on the main process only (``args.should_save``): `FlowerTrainer._save` for every Flower checkpoint, and
+    the baselines' save for SFT / DPO / online RL runs (tree only), so that ``trl-flower evaluate`` finds the tree
+    of any run.
+
+    Args:
+        output_dir: the model directory (created if missing).
+        tree: the catalogue's prefix tree (with the item rewards the run used).
+        record: the Flower record (:func:`flower_record`); None for the baselines, which have none.
+        item_groups: popularity group per item id, [num_items].
+
+    Returns:
+        The directory.
+    """
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tree.save(out / TREE_FILE)
+    if item_groups is not None:
+        groups = item_groups.cpu().numpy() if isinstance(item_groups, torch.Tensor) else np.asarray(item_groups)
+        np.save(out / ITEM_GROUPS_FILE, groups)
+    if record is not None:
+        (out / RECORD_FILE).write_text(json.dumps(dict(record), indent=2, default=str) + "\n")
+    return out
+
+
+def save_offline_rng(checkpoint_dir: PathLike, generator: torch.Generator) -> None:
+    """Save the offline/on-policy draw generator's state into a Trainer checkpoint directory."""
+    torch.save(generator.get_state(), Path(checkpoint_dir) / OFFLINE_RNG_FILE)
+
+
+# ---------------------------------------------------------------------------------------------------- reading
+
+
+def read_record(model_dir: PathLike) -> dict[str, Any]:
+    """The Flower record of a saved run, or ``{}`` when the directory has none (a baseline or a foreign model)."""
+    path = Path(model_dir).expanduser() / RECORD_FILE
+    if not path.is_file():
+        return {}
+    try:
+        record = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(
+            f"{path} is not valid JSON ({err}); it is the Flower record a FlowerTrainer writes on save. Delete it to "
+            "treat the directory as a plain model, or save the run again."
+        ) from None
+    if not isinstance(record, dict):
+        raise ValueError(f"{path} must hold a JSON object (the Flower record); got {type(record).__name__}")
+    return record
+
+
+def find_tree(model_dir: PathLike, record: Mapping[str, Any] | None = None) -> Path | None:
+    """The tree file of a saved run: the one its record names, else ``prefix_tree.npz``, else a legacy name; or None.
+
+    Args:
+        model_dir: the model directory.
+        record: its Flower record, if already read (:func:`read_record`).
+    """
+    model_dir = Path(model_dir).expanduser()
+    record = read_record(model_dir) if record is None else record
+    named = [record["tree_file"]] if record.get("tree_file") else []
+    for name in dict.fromkeys([*named, TREE_FILE, *LEGACY_TREE_FILES]):
+        if (model_dir / name).is_file():
+            return model_dir / name
+    return None
+
+
+def is_model_dir(path: PathLike) -> bool:
+    """Whether `path` is a Hugging Face model directory: full weights (``config.json``) or a PEFT adapter
+    (``adapter_config.json``, whose base model transformers loads first)."""
+    path = Path(path).expanduser()
+    return (path / "config.json").is_file() or (path / "adapter_config.json").is_file()
+
+
+def has_tree(model_dir: PathLike) -> bool:
+    """Whether `model_dir` is a model directory with a saved tree (a finished trl-flower run)."""
+    return is_model_dir(model_dir) and find_tree(model_dir) is not None
+
+
+def load_tree(model_dir: PathLike) -> PrefixTree | None:
+    """The prefix tree saved in `model_dir` (with the item rewards the run used), or None when it has none."""
+    path = find_tree(model_dir)
+    return None if path is None else PrefixTree.load(path)
+
+
+def resolve_tree(
+    tree: PrefixTree | PathLike | None = None,
+    *,
+    titles: Sequence[str] | None = None,
+    tokenizer=None,
+    model_dirs: Sequence[PathLike | None] = (),
+) -> PrefixTree:
+    """The tree a baseline trains with: `tree` itself (a `PrefixTree` or an ``.npz`` path), else one built from
+    `titles` with `tokenizer`, else the tree saved in the first of `model_dirs` that has one."""
+    if isinstance(tree, PrefixTree):
+        return tree
+    if tree is not None:
+        return PrefixTree.load(tree)
+    if titles is not None:
+        return PrefixTree.from_titles(list(titles), tokenizer)
+    for model_dir in model_dirs:
+        found = None if model_dir is None else load_tree(model_dir)
+        if found is not None:
+            return found
+    raise ValueError(
+        f"no prefix tree: pass tree= (a PrefixTree or an .npz path) or titles=, or start from a saved run that has "
+        f"{TREE_FILE} (a directory saved by trl-flower)"
+    )
+
+
+def load_item_groups(model_dir: PathLike) -> np.ndarray | None:
+    """The popularity group per item id saved with a Flower run ([num_items] int64), or None."""
+    path = Path(model_dir).expanduser() / ITEM_GROUPS_FILE
+    return np.load(path) if path.is_file() else None
+
+
+def load_offline_rng(checkpoint_dir: PathLike) -> torch.Generator | None:
+    """The offline/on-policy draw generator saved in a Trainer checkpoint, or None when the run never drew."""
+    path = Path(checkpoint_dir) / OFFLINE_RNG_FILE
+    if not path.is_file():
+        return None
+    generator = torch.Generator()
+    generator.set_state(torch.load(path, weights_only=True))
+    return generator
+
+
+def model_card_path(model_dir: PathLike) -> Path:
+    """Where the model card of a saved run lives (``README.md``, as TRL and the Hub name it)."""
+    return Path(model_dir) / MODEL_CARD_FILE
+
+
+def load_model(model_dir: PathLike, device: str | torch.device = "cpu"):
+    """The causal LM and tokenizer of a saved run, in evaluation mode on `device` (weights in their saved dtype).
+
+    A LoRA run's directory holds the adapter; transformers loads its base model and applies it (needs peft).
+
+    Returns:
+        ``(model, tokenizer)``.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model_dir = Path(model_dir).expanduser()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype="auto").to(device).eval()
+    return model, tokenizer
+
+
+# ---------------------------------------------------------------------------------------------------- catalogue
+
+
+def check_tree_matches(tree: PrefixTree, titles: Sequence[str], tokenizer, where: str) -> None:
+    """Raise ValueError unless `tree` has one path per title, over this tokenizer, decoding to the titles (in order).
+
+    Args:
+        tree: a saved tree.
+        titles: the catalogue's titles, item id = index.
+        tokenizer: the model's tokenizer.
+        where: where the tree came from (named in the error).
+    """
+    fix = (
+        "rebuild it from the titles (`trl-flower evaluate --rebuild-tree`, catalogue_tree(..., rebuild=True)) or "
+        "pass the matching tree (`--tree`)"
+    )
+    if tree.num_items != len(titles):
+        raise ValueError(
+            f"the prefix tree {where} has {tree.num_items} items but the catalogue has {len(titles)}; "
+            f"it was built for another catalogue: {fix}"
+        )
+    if tree.vocab_bound > len(tokenizer):
+        raise ValueError(
+            f"the prefix tree {where} uses token ids up to {tree.vocab_bound - 1} but the tokenizer has "
+            f"{len(tokenizer)}: it was built with another tokenizer; {fix}"
+        )
+    paths, lengths = tree.item_paths(torch.arange(tree.num_items))  # [N, L], [N]
+    rows = [p[: n - 1] for p, n in zip(paths.tolist(), lengths.tolist())]  # title tokens, terminator dropped
+    decoded = tokenizer.batch_decode(rows, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+    bad = [i for i, (d, t) in enumerate(zip(decoded, titles)) if d.strip() != t.strip()]
+    if bad:
+        shown = "; ".join(f"item {i}: tree {decoded[i]!r} vs catalogue {titles[i]!r}" for i in bad[:3])
+        raise ValueError(
+            f"the prefix tree {where} does not match the catalogue for {len(bad)} of {len(titles)} "
+            f"items ({shown}); {fix}"
+        )
+
+
+def catalogue_tree(
+    model_dir: PathLike,
+    titles: Sequence[str],
+    tokenizer,
+    *,
+    tree_path: PathLike | None = None,
+    rebuild: bool = False,
+    record: Mapping[str, Any] | None = None,
+) -> tuple[PrefixTree, str]:
+    """The prefix tree to decode a saved run with, and where it came from.
+
+    Order: `tree_path` if given; else (unless `rebuild`) the tree saved in `model_dir` (:func:`find_tree`); else one
+    built from `titles` with the tokenizer (terminator: its EOS). A saved or given tree must match the catalogue
+    (:func:`check_tree_matches`).
+
+    Args:
+        model_dir: the model directory.
+        titles: the catalogue's titles, item id = index.
+        tokenizer: the model's tokenizer.
+        tree_path: an explicit ``.npz`` tree.
+        rebuild: ignore a saved tree.
+        record: the Flower record, if already read.
+
+    Returns:
+        ``(tree, source)``: source is the tree file's path or ``"built from the catalogue titles"``.
+    """
+    if tree_path is not None and rebuild:
+        raise ValueError("a tree path and rebuild=True contradict each other (--tree and --rebuild-tree); give one")
+    path: Path | None = None
+    if tree_path is not None:
+        path = Path(tree_path).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f"--tree {tree_path}: no such file")
+    elif not rebuild:
+        path = find_tree(model_dir, record)
+    if path is None:
+        return PrefixTree.from_titles(list(titles), tokenizer), "built from the catalogue titles"
+    tree = PrefixTree.load(path)
+    check_tree_matches(tree, titles, tokenizer, str(path))
+    return tree, str(path)
