@@ -75,3 +75,16 @@ def test_recommend_on_a_shard_forms_the_single_process_batches(
         lambda i: recommend(model, tiny_tokenizer, [prompts[j] for j in i], tree, **kwargs), lengths, 3, tree
     )
     np.testing.assert_array_equal(one.scores, full.scores)
+
+
+def test_a_job_with_a_process_group_decodes_everything_in_the_calling_process(monkeypatch):
+    """A training job evaluating on its main process only (examples/flower_cds.py) must not wait for the others."""
+    import torch.distributed as dist
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)  # the job's own group; no collective may run
+    monkeypatch.setattr(dist, "all_gather_object", lambda *a, **k: pytest.fail("a collective was started"))
+    called = []
+    out = decode_across_processes(lambda idx: called.append(idx.tolist()) or "all", [3, 1, 2], 2, tree=None)
+    assert out == "all" and called == [[0, 1, 2]]

@@ -8,7 +8,11 @@ would use. The gathered lists and scores are therefore the single-process ones b
 rounding, and so are the metrics, predictions and report computed from them (tested in the distributed group with
 2 CPU processes). Dealing batches round-robin also balances the work: consecutive batches have similar lengths.
 
-Outside a multi-process launch (``WORLD_SIZE`` unset or 1) everything here is a plain function call.
+Outside a multi-process launch (``WORLD_SIZE`` unset or 1) everything here is a plain function call. Sharding also
+needs every process to take part, so it happens only when the evaluation owns the launch: no process group exists
+yet (``trl-flower evaluate`` under ``accelerate launch``). Inside a job that already has one, e.g. a training script
+that evaluates its saved model on the main process only (``examples/flower_cds.py``), the calling process decodes
+every prompt itself: waiting for processes that never come would hang.
 """
 
 from __future__ import annotations
@@ -65,7 +69,11 @@ def shard_batches(lengths: Sequence[int], batch_size: int, rank: int, world_size
 
 
 def decode_across_processes(
-    decode: Callable[[np.ndarray], object], lengths: Sequence[int], batch_size: int, tree: PrefixTree
+    decode: Callable[[np.ndarray], object],
+    lengths: Sequence[int],
+    batch_size: int,
+    tree: PrefixTree,
+    shard: bool | None = None,
 ):
     """``decode(all prompt indices)`` computed by every process of the launch together; the full result on all.
 
@@ -75,15 +83,20 @@ def decode_across_processes(
         lengths: token count of every prompt (as ``recommend`` tokenises it), to rebuild its batches.
         batch_size: ``recommend``'s batch size.
         tree: the prefix tree the recommendations come from.
+        shard: True: every process of the launch calls this and shares the work; False: decode everything here;
+            None (default): True in a multi-process launch without a process group yet, else False (see the
+            module docstring).
 
     Returns:
         Recommendations for all prompts, in prompt order, identical to ``decode(np.arange(len(lengths)))``.
     """
-    rank, size = world()
-    if size == 1:
-        return decode(np.arange(len(lengths)))
     import torch.distributed as dist
 
+    rank, size = world()
+    if shard is None:
+        shard = size > 1 and not (dist.is_available() and dist.is_initialized())
+    if size == 1 or not shard:
+        return decode(np.arange(len(lengths)))
     from trl_flower.evaluation.recommend import Recommendations
 
     created = not dist.is_initialized()
