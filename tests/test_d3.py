@@ -126,7 +126,15 @@ def test_recommend_d3_same_lists_with_and_without_the_shared_prompt_cache(tiny_m
     logits = np.random.default_rng(0).normal(size=(3, len(tiny_titles)))
     runs = [
         recommend_d3(
-            tiny_model, tiny_tokenizer, prompts, tree, logits, guidance_scale=0.5, top_k=3, share_prompt_cache=shared
+            tiny_model,
+            tiny_tokenizer,
+            prompts,
+            tree,
+            logits,
+            guidance_scale=0.5,
+            top_k=3,
+            share_prompt_cache=shared,
+            decoder="generate",
         )
         for shared in (True, False)
     ]

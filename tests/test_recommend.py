@@ -16,7 +16,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, GenerationConfig
 
-import trl_flower.evaluation.recommend as recommend_module
+from trl_flower.evaluation import generate_path
 from trl_flower.evaluation.recommend import Recommendations, export_official_json, recommend, sample_items
 from trl_flower.tree import PrefixTree
 
@@ -78,7 +78,7 @@ class TestRecommend:
         self, model, tiny_tokenizer, tree, prompts, batch_size, temperature, length_penalty
     ):
         kwargs = dict(top_k=5, num_beams=6, batch_size=batch_size, temperature=temperature, show_progress=False)
-        kwargs["length_penalty"] = length_penalty
+        kwargs.update(length_penalty=length_penalty, decoder="generate")
         shared = recommend(model, tiny_tokenizer, prompts, tree, share_prompt_cache=True, **kwargs)
         plain = recommend(model, tiny_tokenizer, prompts, tree, share_prompt_cache=False, **kwargs)
         np.testing.assert_array_equal(shared.item_ids, plain.item_ids)
@@ -92,7 +92,7 @@ class TestRecommend:
         peft_model = get_peft_model(base, lora).eval()  # random non-zero adapters: the adapter changes the logits
         tokens_embedded = []  # token positions run through the model: fewer when the prompts are shared
         hook = base.get_input_embeddings().register_forward_hook(lambda m, i, o: tokens_embedded.append(i[0].numel()))
-        kwargs = dict(top_k=5, batch_size=16, show_progress=False)
+        kwargs = dict(top_k=5, batch_size=16, show_progress=False, decoder="generate")
         shared = recommend(peft_model, tiny_tokenizer, prompts, tree, share_prompt_cache=True, **kwargs)
         shared_tokens = sum(tokens_embedded)
         tokens_embedded.clear()
@@ -113,17 +113,9 @@ class TestRecommend:
             return original(*args, **kwargs)
 
         monkeypatch.setattr(model, "generate", spy)
-        recommend(model, tiny_tokenizer, prompts[:3], tree, top_k=5, batch_size=3, show_progress=False)
-        recommend(
-            model,
-            tiny_tokenizer,
-            prompts[:3],
-            tree,
-            top_k=5,
-            batch_size=3,
-            show_progress=False,
-            share_prompt_cache=False,
-        )
+        kwargs = dict(top_k=5, batch_size=3, show_progress=False, decoder="generate")
+        recommend(model, tiny_tokenizer, prompts[:3], tree, **kwargs)
+        recommend(model, tiny_tokenizer, prompts[:3], tree, share_prompt_cache=False, **kwargs)
         longest = max(len(tiny_tokenizer(p)["input_ids"]) for p in prompts[:3])
         assert seen[0] == (longest - 1, (3, longest))  # every prompt token but the last is cached
         assert seen[1] is None
@@ -249,9 +241,11 @@ class TestHostileGenerationDefaults:
         assert loaded.generation_config.top_k == 2 and loaded.generation_config.min_new_tokens == 30
         return loaded
 
-    def test_recommend_ignores_shipped_defaults(self, model, hostile_model, tiny_tokenizer, tree, prompts):
-        clean = recommend(model, tiny_tokenizer, prompts[:6], tree, top_k=4, show_progress=False)
-        hostile = recommend(hostile_model, tiny_tokenizer, prompts[:6], tree, top_k=4, show_progress=False)
+    @pytest.mark.parametrize("decoder", ["trie", "generate"])
+    def test_recommend_ignores_shipped_defaults(self, model, hostile_model, tiny_tokenizer, tree, prompts, decoder):
+        kwargs = dict(top_k=4, show_progress=False, decoder=decoder)
+        clean = recommend(model, tiny_tokenizer, prompts[:6], tree, **kwargs)
+        hostile = recommend(hostile_model, tiny_tokenizer, prompts[:6], tree, **kwargs)
         np.testing.assert_array_equal(hostile.item_ids, clean.item_ids)
         np.testing.assert_allclose(hostile.scores, clean.scores, atol=1e-6, rtol=0)
         assert hostile_model.generation_config.top_k == 2  # restored after the call
@@ -267,9 +261,10 @@ class TestHostileGenerationDefaults:
     ):
         """Without hiding the model's generation_config, its None-only fields (here suppress_tokens and
         bad_words_ids, which have no neutral non-None value) reach generate and change the lists."""
-        monkeypatch.setattr(recommend_module, "_own_generation_defaults", lambda model: contextlib.nullcontext())
-        clean = recommend(model, tiny_tokenizer, prompts[:6], tree, top_k=4, show_progress=False)
-        leaked = recommend(hostile_model, tiny_tokenizer, prompts[:6], tree, top_k=4, show_progress=False)
+        monkeypatch.setattr(generate_path, "own_generation_defaults", lambda model: contextlib.nullcontext())
+        kwargs = dict(top_k=4, show_progress=False, decoder="generate")  # the trie decoder never reads them
+        clean = recommend(model, tiny_tokenizer, prompts[:6], tree, **kwargs)
+        leaked = recommend(hostile_model, tiny_tokenizer, prompts[:6], tree, **kwargs)
         assert not np.array_equal(leaked.item_ids, clean.item_ids)
 
 

@@ -61,6 +61,36 @@ def generated_nodes(tree: PrefixTree, generated: torch.Tensor) -> tuple[torch.Te
     return nodes, off_at
 
 
+def allowed_edges(
+    tree: PrefixTree, nodes: torch.Tensor, finished_token_id: int, positive_flow_only: bool = False
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Every allowed (row, token) pair of rows at tree `nodes` [R] (all ≥ 0), with the node each one leads to.
+
+    A non-terminal row allows its children (with `positive_flow_only`, those of positive flow), in token order; a
+    terminal row (a finished item) allows only `finished_token_id` and stays on its node. Pairs are ordered by row,
+    then token: the order of the flat index ``row * V + token`` that ``generate``'s beam search ranks ties by.
+    Built from the compact child arrays with one ``repeat_interleave``: O(R + E), independent of the vocabulary.
+
+    Returns:
+        rows [E], tokens [E], next nodes [E] (int64).
+    """
+    t = tree.tensors(nodes.device)
+    R = nodes.shape[0]
+    terminal = t.is_terminal[nodes]  # [R]
+    # a terminal row gets one edge (the finished token), the others one per child
+    count = torch.where(terminal, torch.ones_like(nodes), t.num_children[nodes])  # [R]
+    E = int(count.sum())
+    rows = torch.repeat_interleave(torch.arange(R, device=nodes.device), count, output_size=E)  # [E]
+    # child of edge e = first_child[row] + (e - index of the row's first edge)
+    offset = torch.arange(E, device=nodes.device) - (torch.cumsum(count, 0) - count)[rows]  # [E]
+    child = torch.where(terminal[rows], nodes[rows], t.first_child[nodes][rows] + offset)  # [E]
+    tokens = torch.where(terminal[rows], torch.full_like(child, finished_token_id), t.token[child])  # [E]
+    if positive_flow_only:
+        keep = terminal[rows] | torch.isfinite(t.log_flow[child])  # [E]
+        rows, tokens, child = rows[keep], tokens[keep], child[keep]
+    return rows, tokens, child
+
+
 class TrieLogitsProcessor(LogitsProcessor):
     r"""[`LogitsProcessor`] that restricts generation to the item token paths of a [`PrefixTree`].
 
@@ -206,23 +236,9 @@ class TrieLogitsProcessor(LogitsProcessor):
         """The allowed (row, token) pairs of rows at `nodes` [R] (all ≥ 0), as two flat int64 tensors [E].
 
         Non-terminal rows allow their children (with `positive_flow_only`, those of positive flow), sorted by token;
-        terminal rows allow only `finished_token_id`. Built from the compact child arrays with one
-        ``repeat_interleave``: cost O(R + E), independent of the vocabulary.
+        terminal rows allow only `finished_token_id` (see :func:`allowed_edges`).
         """
-        t = self.tree.tensors(nodes.device)
-        R = nodes.shape[0]
-        count = t.num_children[nodes]  # [R], 0 for terminal nodes
-        E = int(count.sum())
-        rows = torch.repeat_interleave(torch.arange(R, device=nodes.device), count, output_size=E)  # [E]
-        # child of edge e = first_child[row] + (e - index of the row's first edge)
-        shift = t.first_child[nodes] - (torch.cumsum(count, 0) - count)  # [R]
-        child = shift[rows] + torch.arange(E, device=nodes.device)  # [E]
-        if self.positive_flow_only:
-            keep = torch.isfinite(t.log_flow[child])  # [E]
-            rows, child = rows[keep], child[keep]
-        finished_rows = torch.nonzero(t.is_terminal[nodes]).squeeze(1)  # [F]
-        rows = torch.cat([rows, finished_rows])  # [E + F]
-        tokens = torch.cat([t.token[child], torch.full_like(finished_rows, self.finished_token_id)])  # [E + F]
+        rows, tokens, _ = allowed_edges(self.tree, nodes, self.finished_token_id, self.positive_flow_only)
         return rows, tokens
 
     # ------------------------------------------------------------------ state tracking

@@ -7,8 +7,8 @@ detached copy of the same cache (:func:`detached_cache`, `trl_flower.sampling`).
 
 Entry points: :func:`shared_prompt_logits` (prompt once when possible, else the stacked rows), or the pieces
 :func:`prompt_forward`, :func:`detached_cache`, :func:`continue_on_cache`, :func:`stacked_continuation_logits`.
-No TRL import. (Evaluation's beam search shares the prompt across its beams with its own cache code in
-`trl_flower.evaluation.recommend`.)
+No TRL import. (Evaluation's decoders share the prompt across their beams with their own cache code:
+`trl_flower.evaluation.trie_beam_search` and `trl_flower.evaluation.generate_path`.)
 """
 
 from __future__ import annotations

@@ -23,6 +23,7 @@ _LAZY = {
     "IFairSFTTrainer": "trl_flower.baselines.sft",
     "train_sft": "trl_flower.baselines.sft",
     "D3GuidanceProcessor": "trl_flower.baselines.d3",
+    "guided_edge_scores": "trl_flower.baselines.d3",
     "recommend_d3": "trl_flower.baselines.d3",
     "sdpo_loss": "trl_flower.baselines.preference",
     "dmpo_loss": "trl_flower.baselines.preference",

@@ -21,31 +21,69 @@ NOTE: a child whose SASRec mass underflows to 0 would get cf = −inf and an und
 masses are floored at the smallest normal float of the dtype before normalising (the official code has the same
 hazard and no guard).
 
-Implementation: :func:`~trl_flower.tree.PrefixTree.aggregate_to_nodes` sums each batch row's SASRec probabilities up
-the tree once per ``generate`` call ([B, num_nodes]); every step gathers the children of each beam's node with
-:meth:`~trl_flower.tree.PrefixTree.children` and reads the node masses; no Python loop over beams or vocabulary. The
-beam's node comes from :func:`~trl_flower.decoding.generated_nodes`, a pure function of its generated tokens, so
-``generate``'s beam reordering cannot desynchronise it.
+Implementation: :func:`~trl_flower.tree.PrefixTree.aggregate_to_nodes` sums each prompt's SASRec probabilities up
+the tree once per batch ([B, num_nodes]). :func:`guided_edge_scores` applies the guidance to the allowed (beam, token)
+pairs of the trie beam search (:mod:`trl_flower.evaluation.trie_beam_search`, the default decoder);
+:class:`D3GuidanceProcessor` applies the same formula inside ``generate`` (``decoder="generate"``), where a beam's
+node comes from :func:`~trl_flower.decoding.generated_nodes`, a pure function of its generated tokens, so
+``generate``'s beam reordering cannot desynchronise it. No Python loop over beams or vocabulary in either.
 """
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Sequence
 
 import numpy as np
 import torch
-from transformers import LogitsProcessor, LogitsProcessorList
+from transformers import LogitsProcessor
 
-from trl_flower.decoding import TrieLogitsProcessor, generated_nodes
+from trl_flower.decoding import generated_nodes
 from trl_flower.tree import PrefixTree
 
-__all__ = ["D3GuidanceProcessor", "recommend_d3", "sasrec_probabilities"]
+__all__ = ["D3GuidanceProcessor", "guided_edge_scores", "recommend_d3", "sasrec_probabilities"]
 
 
 def sasrec_probabilities(logits: np.ndarray | torch.Tensor) -> torch.Tensor:
     """Row-wise softmax of SASRec logits [U, num_items] (float64; the official D3 softmaxes the saved logits)."""
     return torch.softmax(torch.as_tensor(np.asarray(logits), dtype=torch.float64), dim=-1)  # [U, M]
+
+
+def guided_edge_scores(
+    scores: torch.Tensor,
+    rows: torch.Tensor,
+    children: torch.Tensor,
+    row_is_terminal: torch.Tensor,
+    row_prompt: torch.Tensor,
+    guidance,
+) -> torch.Tensor:
+    r"""D3's guided scores of allowed (row, token) pairs given as a flat edge list (the trie beam search's form).
+
+    The same numbers as :class:`D3GuidanceProcessor`: for an edge of row r to child c,
+    cf = log(P_u(c) / Σ_{children c' of r} P_u(c')) with masses floored at the dtype's smallest normal, and the
+    score becomes g · (score − cf) + cf; edges of finished rows (terminal nodes) are unchanged.
+
+    Args:
+        scores: [E] float32 step scores of the edges.
+        rows: [E] row of each edge (edges of a row are all its children).
+        children: [E] node each edge leads to.
+        row_is_terminal: [R] bool, rows sitting on a terminal node.
+        row_prompt: [R] index of each row's prompt in ``guidance.node_mass``.
+        guidance: a :class:`~trl_flower.evaluation.trie_beam_search.Guidance` (node masses [B, N] and scale g).
+
+    Returns:
+        [E] guided scores (a new tensor).
+    """
+    g = float(guidance.scale)
+    if g == 1.0:
+        return scores  # g·(s − cf) + cf = s
+    guided = ~row_is_terminal[rows]  # [E]
+    node_mass = guidance.node_mass.to(scores.device)
+    tiny = torch.finfo(node_mass.dtype).tiny
+    mass = node_mass[row_prompt[rows], children].clamp(min=tiny)  # [E]
+    mass = torch.where(guided, mass, torch.zeros_like(mass))
+    total = torch.zeros(row_prompt.shape[0], dtype=mass.dtype, device=mass.device).index_add_(0, rows, mass)  # [R]
+    cf = torch.log(mass / total[rows].clamp(min=tiny)).to(scores.dtype)  # [E]
+    return torch.where(guided & torch.isfinite(scores), g * (scores - cf) + cf, scores)
 
 
 class D3GuidanceProcessor(LogitsProcessor):
@@ -119,60 +157,6 @@ class D3GuidanceProcessor(LogitsProcessor):
         return out
 
 
-class _GuidedModel:
-    """A model stand-in whose ``generate`` inserts a :class:`D3GuidanceProcessor` after the trie processor.
-
-    :func:`~trl_flower.evaluation.recommend.recommend` builds the processors of each ``generate`` call itself and
-    reorders prompts (longest first). This wrapper finds each generate row's prompt by its unpadded token ids among
-    the prompts of the current chunk (identical prompts are taken in order: that sort is stable) and gives the
-    processor the matching SASRec rows. Everything else is forwarded to the wrapped model.
-    """
-
-    def __init__(self, model, tree: PrefixTree, guidance_scale: float) -> None:
-        self._model = model
-        self._tree = tree
-        self._g = guidance_scale
-        self._prompts: dict[tuple[int, ...], list[int]] = {}
-        self._probs: torch.Tensor | None = None
-
-    def set_chunk(self, token_ids: Sequence[Sequence[int]], probs: torch.Tensor) -> None:
-        self._prompts = {}
-        for i, ids in enumerate(token_ids):
-            self._prompts.setdefault(tuple(ids), []).append(i)
-        self._probs = probs
-
-    def get_base_model(self):
-        return self._model.get_base_model() if hasattr(self._model, "get_base_model") else self._model
-
-    def __getattr__(self, name):
-        return getattr(self._model, name)
-
-    def __call__(self, *args, **kwargs):  # the forward (special methods bypass __getattr__); `recommend` runs the
-        return self._model(*args, **kwargs)  # prompt prefill of its shared cache through it
-
-    def generate(self, input_ids, attention_mask, logits_processor: LogitsProcessorList, **kwargs):
-        taken: dict[tuple[int, ...], int] = {}
-        order = []
-        for ids, m in zip(input_ids.tolist(), attention_mask.tolist()):
-            key = tuple(t for t, keep in zip(ids, m) if keep)
-            candidates = self._prompts.get(key)
-            if not candidates or taken.get(key, 0) >= len(candidates):
-                raise RuntimeError("D3: a generate row matches no prompt of the chunk (a bug: please report)")
-            order.append(candidates[taken.get(key, 0)])
-            taken[key] = taken.get(key, 0) + 1
-        probs = self._probs[torch.as_tensor(order)]  # [B, M] in generate's row order
-        processors = list(logits_processor)
-        where = next(i for i, p in enumerate(processors) if isinstance(p, TrieLogitsProcessor))
-        guide = D3GuidanceProcessor(self._tree, probs, self._g, prompt_length=input_ids.shape[1])
-        processors.insert(where + 1, guide)  # before the score recorder: beam scores include the guidance
-        return self._model.generate(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            logits_processor=LogitsProcessorList(processors),
-            **kwargs,
-        )
-
-
 def recommend_d3(
     model,
     tokenizer,
@@ -192,48 +176,34 @@ def recommend_d3(
         model, tokenizer, prompts, tree: as in :func:`~trl_flower.evaluation.recommend.recommend`.
         sasrec_logits: [len(prompts), num_items] SASRec logits of each prompt's row (softmaxed here).
         guidance_scale: g of :class:`D3GuidanceProcessor` (1 = the official default, no guidance).
-        batch_size: prompts per ``generate`` call.
+        batch_size: prompts per decoding batch.
         **kwargs: other :func:`~trl_flower.evaluation.recommend.recommend` options (``top_k``, ``num_beams``,
-            ``temperature``, ``titles``, ``max_new_tokens``); ``length_penalty`` is fixed to 0.
+            ``temperature``, ``titles``, ``max_new_tokens``, ``decoder``, ``share_prompt_cache``);
+            ``length_penalty`` is fixed to 0.
 
     Returns:
         :class:`~trl_flower.evaluation.recommend.Recommendations` for all prompts, in order.
     """
-    from trl_flower.evaluation.recommend import Recommendations, recommend
+    from trl_flower.evaluation.recommend import recommend
 
     if "length_penalty" in kwargs:
         raise ValueError("D3 decodes without length normalisation (length_penalty=0); do not pass length_penalty")
+    if not isinstance(guidance_scale, (int, float)) or not guidance_scale >= 0:
+        raise ValueError(f"`guidance_scale` must be a float >= 0 (1 = no guidance), got {guidance_scale!r}")
     logits = np.asarray(sasrec_logits)
     if logits.shape != (len(prompts), tree.num_items):
         raise ValueError(
             f"`sasrec_logits` must have shape [{len(prompts)} prompts, {tree.num_items} items], got {logits.shape}"
         )
-    guided = _GuidedModel(model, tree, guidance_scale)
-    token_ids = tokenizer(list(prompts), add_special_tokens=add_special_tokens)["input_ids"]
-    parts = []
-    for start in range(0, len(prompts), batch_size):
-        stop = min(start + batch_size, len(prompts))
-        guided.set_chunk(token_ids[start:stop], sasrec_probabilities(logits[start:stop]))
-        parts.append(
-            recommend(
-                guided,
-                tokenizer,
-                list(prompts[start:stop]),
-                tree,
-                batch_size=stop - start,
-                length_penalty=0.0,
-                add_special_tokens=add_special_tokens,
-                show_progress=False,
-                **kwargs,
-            )
-        )
-        if show_progress:
-            print(f"d3: {stop}/{len(prompts)} prompts", file=sys.stderr, flush=True)
-    titles = None if parts[0].titles is None else [row for p in parts for row in p.titles]
-    return Recommendations(
-        item_ids=np.concatenate([p.item_ids for p in parts]),
-        nodes=np.concatenate([p.nodes for p in parts]),
-        scores=np.concatenate([p.scores for p in parts]),
-        titles=titles,
-        tree=tree,
+    return recommend(
+        model,
+        tokenizer,
+        prompts,
+        tree,
+        batch_size=batch_size,
+        length_penalty=0.0,
+        add_special_tokens=add_special_tokens,
+        show_progress=show_progress,
+        guidance=(sasrec_probabilities(logits), float(guidance_scale)),
+        **kwargs,
     )

@@ -381,6 +381,7 @@ def _evaluate_model(model, tokenizer, prompts, tree, split, popularity, data, cf
         batch_size=cfg.eval_batch_size,
         titles=data.items,
         show_progress=True,
+        decoder="trie",  # the trie beam search (docs/decoding.md): the generate path's lists, faster
     )
     return _evaluate_titles(rec.titles, split, popularity, data.items)
 

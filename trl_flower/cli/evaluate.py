@@ -313,8 +313,9 @@ def main(argv: list[str] | EvaluateArguments | None = None) -> int:
         report = run_evaluation(args)
     except (FileNotFoundError, ValueError, OSError) as err:
         return report_error("trl-flower evaluate", err)
-    print(report["table"])
-    print("\nwrote " + ", ".join(str(p) for p in report["files"].values()))
+    if report["files"]:  # not on the non-writing processes of a multi-process launch
+        print(report["table"])
+        print("\nwrote " + ", ".join(str(p) for p in report["files"].values()))
     return 0
 
 
@@ -363,8 +364,10 @@ def _load_model(args: EvaluateArguments):
     from transformers.utils import logging as hf_logging
 
     from trl_flower.checkpoint import load_model
+    from trl_flower.evaluation.sharding import process_device
 
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    device = process_device(device)  # one GPU per process under a multi-process launch
     bars = hf_logging.is_progress_bar_enabled()
     if args.no_progress:
         hf_logging.disable_progress_bar()  # transformers' "Loading weights" bar
@@ -406,6 +409,7 @@ def _run_recommend(args: EvaluateArguments, stages: _Stages) -> dict[str, Any]:
     from trl_flower.evaluation.metrics import TOPKS, group_fairness_at_k, recommendation_metrics
     from trl_flower.evaluation.recommend import export_official_json, recommend
     from trl_flower.evaluation.report import markdown_table, write_report
+    from trl_flower.evaluation.sharding import decode_across_processes, is_main_process
 
     splits = ("train",) if args.split == "train" else ("train", args.split)
     data = stages.run("load data", load_amazon, args.data, data_root=args.data_root, splits=splits)
@@ -443,13 +447,20 @@ def _run_recommend(args: EvaluateArguments, stages: _Stages) -> dict[str, Any]:
         from trl_flower.baselines.d3 import recommend_d3
 
         logits = _split_logits(args.sasrec_logits, rows["row_index"], data.num_items)
-        recs = stages.run(
-            "D3 beam search", recommend_d3, model, tokenizer, prompts, tree, logits, args.guidance_scale, **common
-        )
+
+        def decode(idx):
+            subset = [prompts[i] for i in idx]
+            return recommend_d3(model, tokenizer, subset, tree, logits[idx], args.guidance_scale, **common)
     else:
-        recs = stages.run(
-            "beam search", recommend, model, tokenizer, prompts, tree, length_penalty=args.length_penalty, **common
-        )
+
+        def decode(idx):
+            subset = [prompts[i] for i in idx]
+            return recommend(model, tokenizer, subset, tree, length_penalty=args.length_penalty, **common)
+
+    # under `accelerate launch --num_processes N` each process decodes every N-th batch; all get every list
+    lengths = [len(ids) for ids in tokenizer(prompts, add_special_tokens=common["add_special_tokens"])["input_ids"]]
+    stage = "D3 beam search" if args.decoding == "d3" else "beam search"
+    recs = stages.run(stage, decode_across_processes, decode, lengths, common["batch_size"], tree)
 
     def score():
         popularity = popularity_from_histories(data.splits["train"]["history_item_title"])
@@ -478,6 +489,8 @@ def _run_recommend(args: EvaluateArguments, stages: _Stages) -> dict[str, Any]:
         "num_items": data.num_items,
         "tree_nodes": tree.num_nodes,
     }
+    if not is_main_process():  # the other processes of a multi-process launch decoded their share; rank 0 writes
+        return {"metrics": metrics, "group_shares": shares, "table": "", "files": {}, "recommendations": recs}
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     extra: dict[str, Path] = {}

@@ -2,30 +2,38 @@
 
 :func:`recommend` is the evaluation decoder of the Flower reference (flower_reference.md §3.1): beam search with
 ``num_beams = num_return_sequences = K``, only catalogue titles allowed, length penalty 1 (D3: 0), optional decoding
-temperature (the "Temp" baseline). Unlike the reference it runs many prompts per ``generate`` call (left padding and
-an attention mask) and maps every returned sequence to its item by walking the prefix tree, without decoding or
-string matching. :func:`sample_items` draws items by constrained sampling (distribution fitting, RQ1), and
+temperature (the "Temp" baseline). Unlike the reference it decodes many prompts per batch (left padding and an
+attention mask) and maps every result to its item through the prefix tree, without decoding or string matching.
+Its default decoder is the trie beam search of :mod:`trl_flower.evaluation.trie_beam_search`, which never builds a
+[rows × vocabulary] tensor; ``decoder="generate"`` runs transformers' ``generate`` with the trie processor, with the
+same lists (tested). :func:`sample_items` draws items by constrained sampling (distribution fitting, RQ1), and
 :func:`export_official_json` writes the official evaluation JSON that the authors' ``calc.py`` reads.
 
 Results do not depend on the batch size: a prompt's top-K list is the same alone or in a batch of 16 (tested). The
 model's own ``generation_config`` (e.g. a shipped ``generation_config.json`` with sampling, top-k, repetition
-penalty or a max length) never leaks into these calls: every setting is explicit (see :func:`_generation_config`).
+penalty or a max length) never leaks into these calls: the trie decoder never reads it, and every ``generate`` call
+sets all knobs explicitly (see :mod:`trl_flower.evaluation.generate_path`).
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
-from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
+from transformers import LogitsProcessorList
 
-from trl_flower.decoding import LogProbTemperatureProcessor, TrieLogitsProcessor, generated_nodes
+from trl_flower.decoding import TrieLogitsProcessor, generated_nodes
+from trl_flower.evaluation import generate_path
+from trl_flower.evaluation.output_head import ModelParts, split_matches_model, split_model
+from trl_flower.evaluation.trie_beam_search import POLICY_SUPPORTS, Guidance, trie_beam_search
 from trl_flower.tree import PrefixTree
+
+DECODERS = ("trie", "generate")
 
 
 @dataclass
@@ -55,100 +63,6 @@ class Recommendations:
         return self.tree.items_of_node(node) if node >= 0 else np.empty(0, dtype=np.int64)
 
 
-class _ScoreRecorder(LogitsProcessor):
-    """Records the allowed entries of each step's final scores (sparse) to rebuild beam scores afterwards.
-
-    ``generate`` returns beam scores only with ``output_scores=True``, which keeps a dense [rows, V] copy per step
-    (about 100 MB per step for 160 beams × a 152k vocabulary). The scores that matter are the few allowed entries,
-    which the trie processor just listed (``last_allowed``), so we keep only those: sorted flat keys
-    ``row * V + token`` and their values. Place it right after `trie`.
-    """
-
-    def __init__(self, trie: TrieLogitsProcessor) -> None:
-        self.trie = trie
-        self.steps: list[tuple[torch.Tensor, torch.Tensor]] = []
-        self.vocab_size = 0
-
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.Tensor) -> torch.Tensor:
-        self.vocab_size = scores.shape[1]
-        rows, tokens = self.trie.last_allowed  # [E], [E]
-        keys, order = torch.sort(rows * self.vocab_size + tokens)  # [E]
-        self.steps.append((keys, scores[rows, tokens][order]))
-        return scores
-
-    def sequence_scores(
-        self, generated: torch.Tensor, beam_indices: torch.Tensor, length_penalty: float
-    ) -> torch.Tensor:
-        """Σ_s score_s[beam_indices[:, s], generated[:, s]] / n ** length_penalty, n = number of generated tokens.
-
-        Args:
-            generated: [N, L] generated tokens of the returned sequences.
-            beam_indices: [N, L] the flat beam row that produced each token at each step (-1 after the end).
-        """
-        total = torch.zeros(generated.shape[0], dtype=torch.float64, device=generated.device)  # [N]
-        for s in range(generated.shape[1]):  # one lookup per decoding step
-            rows = beam_indices[:, s].long()  # [N]
-            keys, values = self.steps[s]
-            query = rows.clamp(min=0) * self.vocab_size + generated[:, s]  # [N]
-            pos = torch.searchsorted(keys, query).clamp(max=max(keys.numel() - 1, 0))  # [N]
-            total += torch.where(rows >= 0, values[pos].double(), torch.zeros_like(total))
-        n = (beam_indices >= 0).sum(1).clamp(min=1).double()  # [N]
-        return (total / n**length_penalty).float()
-
-
-@contextmanager
-def _own_generation_defaults(model) -> Iterator[None]:
-    """Hide the model's ``generation_config`` during a ``generate`` call.
-
-    ``generate`` fills every field of the passed config that is None from ``model.generation_config`` (transformers
-    ≥ 4.50, "defaults_only" merge). Many fields (``min_new_tokens``, ``bad_words_ids``, ``suppress_tokens``,
-    ``min_p``, ``max_time``, ``stop_strings``, ...) have no neutral non-None value, so a config built from scratch
-    cannot shut them out; swapping in an empty config for the duration of the call does.
-    """
-    owner = model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT wraps the HF model
-    saved = owner.generation_config
-    owner.generation_config = GenerationConfig()
-    try:
-        yield
-    finally:
-        owner.generation_config = saved
-
-
-def _generation_config(
-    tree: PrefixTree, pad_id: int, max_new_tokens: int, do_sample: bool, **kwargs
-) -> GenerationConfig:
-    """A complete generation config: the caller's settings and neutral values for every other knob.
-
-    Fields left None would be filled from transformers' global defaults (``top_k=50``!), so the sampling knobs are
-    set explicitly when sampling; without sampling they are unused and left out (setting them only draws a
-    warning). Used together with :func:`_own_generation_defaults`.
-    """
-    config = dict(
-        max_new_tokens=max_new_tokens,
-        min_new_tokens=0,
-        num_beams=1,
-        num_return_sequences=1,
-        do_sample=do_sample,
-        early_stopping=False,
-        repetition_penalty=1.0,
-        encoder_repetition_penalty=1.0,
-        no_repeat_ngram_size=0,
-        length_penalty=1.0,
-        renormalize_logits=False,
-        remove_invalid_values=False,
-        use_cache=True,
-        pad_token_id=pad_id,
-        eos_token_id=tree.terminator_id,  # a sequence ends when it emits the terminator
-        bos_token_id=None,
-        return_dict_in_generate=True,
-        output_scores=False,
-    )
-    if do_sample:
-        config.update(temperature=1.0, top_k=0, top_p=1.0, typical_p=1.0, epsilon_cutoff=0.0, eta_cutoff=0.0)
-    config.update(kwargs)
-    return GenerationConfig(**config)
-
-
 def _left_pad(rows: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     """Left-pad token lists: input_ids and attention_mask [B, P]."""
     P = max(map(len, rows))
@@ -159,58 +73,6 @@ def _left_pad(rows: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor,
             ids[i, P - len(r) :] = torch.tensor(r)
             mask[i, P - len(r) :] = 1
     return ids.to(device), mask.to(device)
-
-
-def _beam_prompt_cache(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, num_beams: int):
-    """The KV cache of every prompt without its last token, encoded once per prompt and copied to its beams.
-
-    ``generate`` copies each prompt ``num_beams`` times before its first forward, so beam search encodes every
-    prompt ``num_beams`` times; when prompts are much longer than item titles that prefill is most of the work.
-    Handed this cache, ``generate`` runs only the uncached last prompt token. Positions follow the attention mask
-    as in ``generate`` (left padding), so the result is the same as without the cache.
-
-    Args:
-        input_ids, attention_mask: [B, P] left-padded prompts, P ≥ 2.
-
-    Returns:
-        a transformers ``Cache`` over [B * num_beams] rows (prompt b's copies next to each other, as ``generate``
-        orders beams), or None for a model that returns no copyable cache (``generate`` then encodes the prompts
-        itself: the same lists, only slower).
-    """
-    cache = _prompt_cache(model, input_ids, attention_mask)
-    if cache is not None:
-        cache.batch_repeat_interleave(num_beams)
-    return cache
-
-
-def _prompt_cache(model, input_ids: torch.Tensor, attention_mask: torch.Tensor):
-    """The KV cache of [B, P] left-padded prompts without their last token (positions from the attention mask,
-    as ``generate`` computes them), or None for a model that returns no cache that can be copied across rows."""
-    position_ids = (attention_mask.cumsum(-1) - 1).masked_fill(attention_mask == 0, 1)  # [B, P]
-    out = model(
-        input_ids=input_ids[:, :-1],
-        attention_mask=attention_mask[:, :-1],
-        position_ids=position_ids[:, :-1],
-        use_cache=True,
-    )
-    cache = getattr(out, "past_key_values", None)
-    if not (hasattr(cache, "batch_repeat_interleave") and hasattr(cache, "batch_select_indices")):
-        return None
-    return cache
-
-
-def _sampling_prompt_cache(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, rows: np.ndarray):
-    """The prompt cache of a sampling batch whose rows repeat prompts: each distinct prompt is encoded once and its
-    cache copied to the rows that draw from it (`rows`: [B] prompt index of each row). None when no prompt repeats
-    (nothing to save) or the model returns no copyable cache; ``generate`` then encodes the rows itself."""
-    _, first, row_to_distinct = np.unique(rows, return_index=True, return_inverse=True)
-    if first.size == rows.size:
-        return None
-    first = torch.as_tensor(first, device=input_ids.device)
-    cache = _prompt_cache(model, input_ids[first], attention_mask[first])  # same P: the same prompts, padded alike
-    if cache is not None:
-        cache.batch_select_indices(torch.as_tensor(row_to_distinct, device=input_ids.device))
-    return cache
 
 
 def _tokenize(tokenizer, prompts: Sequence[str], add_special_tokens: bool) -> list[list[int]]:
@@ -258,22 +120,31 @@ def recommend(
     add_special_tokens: bool = True,
     show_progress: bool = True,
     share_prompt_cache: bool = True,
+    decoder: str = "trie",
+    policy_support: str = "vocabulary",
+    guidance: tuple[torch.Tensor, float] | None = None,
 ) -> Recommendations:
-    """Top-K items per prompt by trie-constrained beam search, many prompts per ``generate`` call.
+    """Top-K items per prompt by trie-constrained beam search, many prompts per batch.
 
     Prompts are tokenised once, sorted by length (less padding), split into batches of `batch_size`, left-padded
-    with an attention mask, and decoded with ``num_beams`` beams and ``num_return_sequences=top_k``. Each returned
-    sequence is mapped to its terminal node by walking the tree (:func:`~trl_flower.decoding.generated_nodes`).
+    with an attention mask, and decoded with ``num_beams`` beams, keeping the best `top_k` finished titles.
     Rows come back in the order of `prompts`; the lists do not depend on `batch_size`.
 
+    Two decoders give the same lists (tested): ``"trie"`` (default), the trie beam search of
+    :mod:`trl_flower.evaluation.trie_beam_search`, which never builds a [rows × vocabulary] tensor, and
+    ``"generate"``, transformers' ``generate`` with :class:`~trl_flower.decoding.TrieLogitsProcessor` (each
+    returned sequence mapped to its node by :func:`~trl_flower.decoding.generated_nodes`). A model whose logits are
+    not ``lm_head(decoder(x))`` (soft-capping, a LoRA-wrapped head; checked once on the first prompt) is decoded
+    with ``generate`` and a warning.
+
     Args:
-        model: a causal LM (``generate``-capable; PEFT models work).
+        model: a causal LM (PEFT models work).
         tokenizer: its tokenizer; prompts are tokenised with it, pad = its pad token (else the terminator).
         prompts: U rendered prompts (chat template already applied), one per user.
         tree: the evaluation prefix tree (all catalogue items, over this tokenizer).
         top_k: K, recommendations per prompt (≤ number of distinct titles).
         num_beams: beams per prompt, ≥ top_k (default: top_k, as in the reference).
-        batch_size: prompts per ``generate`` call (rows = batch_size × num_beams).
+        batch_size: prompts per decoding batch (rows = batch_size × num_beams).
         max_new_tokens: decoding budget (default: the longest item path, so every beam can finish).
         length_penalty: exponent of the length normalisation of finished beams (1.0 reference, 0.0 D3).
         temperature: decoding temperature: per-step log-probs become log_softmax(log p / T) before the trie mask
@@ -281,9 +152,18 @@ def recommend(
         titles: item titles indexed by item id (optional) to fill :attr:`Recommendations.titles`.
         add_special_tokens: passed to the tokenizer (False if `prompts` already contain BOS).
         show_progress: show a tqdm bar over batches.
-        share_prompt_cache: encode each prompt once and copy its KV cache to its beams (see
-            :func:`_beam_prompt_cache`) instead of letting ``generate`` encode it ``num_beams`` times; same lists,
-            less time. A model that returns no copyable cache gets plain ``generate``; False forces it (to compare).
+        share_prompt_cache: ``decoder="generate"`` only: encode each prompt once and copy its KV cache to its
+            beams (:func:`~trl_flower.evaluation.generate_path.beam_prompt_cache`) instead of letting ``generate``
+            encode it ``num_beams`` times; same lists, less time. False forces plain ``generate`` (to compare). The
+            trie decoder always encodes each prompt once.
+        decoder: ``"trie"`` (default) or ``"generate"`` (see above).
+        policy_support: ``"vocabulary"`` (default): per-step log-probs over the whole vocabulary, the paper's
+            scoring. ``"tree"`` (trie decoder only): the policy renormalised over each node's children (as
+            ``FlowerConfig(flow_policy_support="tree")`` trains it); no vocabulary-wide pass, other lists (see
+            docs/decoding.md).
+        guidance: guided decoding by an auxiliary recommender, as D3 does (normally set by
+            :func:`~trl_flower.baselines.d3.recommend_d3`): per-prompt item probabilities [U, num_items] and the
+            scale g of ``g · (score − cf) + cf``. None: no guidance.
 
     Returns:
         :class:`Recommendations` with [U, K] item ids, nodes and scores.
@@ -291,7 +171,7 @@ def recommend(
     Raises:
         ValueError: for invalid arguments (each message names the argument and the fix).
     """
-    num_terminals = int(tree.is_terminal.sum())
+    num_terminals = int(tree.is_terminal.sum()) if isinstance(tree, PrefixTree) else 0
     num_beams = top_k if num_beams is None else num_beams
     if not isinstance(top_k, int) or not 1 <= top_k <= num_terminals:
         raise ValueError(
@@ -299,50 +179,58 @@ def recommend(
         )
     if not isinstance(num_beams, int) or num_beams < top_k:
         raise ValueError(f"`num_beams` must be an int >= top_k={top_k}, got {num_beams!r}")
+    if decoder not in DECODERS:
+        raise ValueError(f"`decoder` must be one of {DECODERS}, got {decoder!r}")
+    if policy_support not in POLICY_SUPPORTS:
+        raise ValueError(f"`policy_support` must be one of {POLICY_SUPPORTS}, got {policy_support!r}")
+    if policy_support != "vocabulary" and decoder != "trie":
+        raise ValueError(
+            f"`policy_support={policy_support!r}` needs decoder='trie'; generate scores over the whole vocabulary"
+        )
     _check_common(tree, batch_size, max_new_tokens, temperature, titles)
     max_new_tokens = int(tree.item_length.max()) if max_new_tokens is None else max_new_tokens
     token_ids = _tokenize(tokenizer, prompts, add_special_tokens)
     pad_id, device = _pad_id(tokenizer, tree), _device(model)
-    config = _generation_config(
-        tree,
-        pad_id,
-        max_new_tokens,
-        False,
-        num_beams=num_beams,
-        num_return_sequences=top_k,
-        length_penalty=float(length_penalty),
-    )
 
     U = len(token_ids)
     order = np.argsort([-len(r) for r in token_ids], kind="stable")  # longest first: memory peaks at once
     nodes = np.full((U, top_k), -1, dtype=np.int64)
     scores = np.zeros((U, top_k), dtype=np.float32)
+    parts = None  # None: the generate path
+    if decoder == "trie":
+        parts = _checked_parts(model, torch.tensor([token_ids[order[0]]], device=device))
+        if parts is None and policy_support == "tree":
+            raise ValueError("policy_support='tree' needs a model whose logits are lm_head(decoder(x)); see warning")
+    common = dict(
+        num_beams=num_beams,
+        top_k=top_k,
+        max_new_tokens=max_new_tokens,
+        length_penalty=float(length_penalty),
+        temperature=float(temperature),
+    )
+    g = 1.0 if guidance is None else float(guidance[1])
     starts = range(0, U, batch_size)
-    with torch.no_grad(), _own_generation_defaults(model):
+    with torch.no_grad(), generate_path.own_generation_defaults(model):
         for start in _progress(starts, len(starts), show_progress, "recommend"):
             rows = order[start : start + batch_size]  # [B] prompt indices
             input_ids, attention_mask = _left_pad([token_ids[i] for i in rows], pad_id, device)
-            P = input_ids.shape[1]
-            trie = TrieLogitsProcessor(tree, prompt_length=P)
-            recorder = _ScoreRecorder(trie)
-            processors = [trie, recorder]
-            if temperature != 1.0:
-                processors.insert(0, LogProbTemperatureProcessor(temperature))
-            shared = None  # None: generate encodes the prompts itself
-            if share_prompt_cache and P > 1:
-                shared = _beam_prompt_cache(model, input_ids, attention_mask, num_beams)
-            out = model.generate(
-                input_ids=input_ids,
-                attention_mask=attention_mask,
-                generation_config=config,
-                logits_processor=LogitsProcessorList(processors),
-                past_key_values=shared,
-            )
-            generated = out.sequences[:, P:]  # [B*K, L]
-            batch_nodes, off_at = generated_nodes(tree, generated)  # [B*K]
-            if bool((off_at >= 0).any()):
-                raise RuntimeError("beam search produced a sequence outside the item tree (a bug: please report)")
-            batch_scores = recorder.sequence_scores(generated, out.beam_indices, float(length_penalty))
+            probs = None if guidance is None else torch.as_tensor(guidance[0])[torch.as_tensor(rows)]  # [B, M]
+            if parts is not None:
+                batch_nodes, batch_scores = _trie_batch(
+                    input_ids, attention_mask, tree, parts, policy_support, probs, g, **common
+                )
+            else:
+                batch_nodes, batch_scores = generate_path.beam_search_batch(
+                    model,
+                    input_ids,
+                    attention_mask,
+                    tree,
+                    pad_id=pad_id,
+                    share_prompt_cache=share_prompt_cache,
+                    item_probs=probs,
+                    guidance_scale=g,
+                    **common,
+                )
             nodes[rows] = batch_nodes.view(len(rows), top_k).cpu().numpy()
             scores[rows] = batch_scores.view(len(rows), top_k).cpu().numpy()
 
@@ -351,6 +239,58 @@ def recommend(
     nodes = np.where(is_terminal, nodes, -1)  # an unfinished beam has no item
     item_ids = tree.terminal_item(torch.as_tensor(nodes)).numpy()
     return Recommendations(item_ids=item_ids, nodes=nodes, scores=scores, titles=_titles(item_ids, titles), tree=tree)
+
+
+def _checked_parts(model, first_prompt: torch.Tensor) -> ModelParts | None:
+    """The model's decoder and head for the trie decoder, or None (with a warning) if its logits are not
+    ``lm_head(decoder(x))``, checked on the first prompt [1, P]."""
+    parts = split_model(model)
+    with torch.no_grad():
+        ok = parts is not None and split_matches_model(model, parts, first_prompt, torch.ones_like(first_prompt))
+    if not ok:
+        warnings.warn(
+            f"recommend(decoder='trie'): the logits of {type(model).__name__} are not lm_head(decoder(x)) "
+            "(no plain linear head, or soft-capped/scaled logits); decoding with generate instead (same lists, "
+            "slower). Pass decoder='generate' to silence this.",
+            stacklevel=3,
+        )
+        return None
+    return parts
+
+
+def _trie_batch(
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    tree: PrefixTree,
+    parts: ModelParts,
+    policy_support: str,
+    probs: torch.Tensor | None,
+    guidance_scale: float,
+    *,
+    num_beams: int,
+    top_k: int,
+    max_new_tokens: int,
+    length_penalty: float,
+    temperature: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One batch through the trie beam search: nodes and scores [B, top_k]."""
+    guidance = None
+    if probs is not None and guidance_scale != 1.0:
+        guidance = Guidance(node_mass=tree.aggregate_to_nodes(probs.double()), scale=guidance_scale)
+    out = trie_beam_search(
+        input_ids,
+        attention_mask,
+        tree,
+        parts=parts,
+        num_beams=num_beams,
+        num_return_sequences=top_k,
+        max_new_tokens=max_new_tokens,
+        length_penalty=length_penalty,
+        temperature=temperature,
+        policy_support=policy_support,
+        guidance=guidance,
+    )
+    return out.nodes, out.scores
 
 
 def sample_items(
@@ -396,14 +336,14 @@ def sample_items(
     max_new_tokens = int(tree.item_length.max()) if max_new_tokens is None else max_new_tokens
     token_ids = _tokenize(tokenizer, prompts, add_special_tokens)
     pad_id, device = _pad_id(tokenizer, tree), _device(model)
-    config = _generation_config(tree, pad_id, max_new_tokens, True, temperature=float(temperature))
+    config = generate_path.generation_config(tree, pad_id, max_new_tokens, True, temperature=float(temperature))
 
     U = len(token_ids)
     row_prompt = np.repeat(np.arange(U), num_samples)  # [U*S] prompt of each row, samples of a prompt adjacent
     items = np.full(U * num_samples, -1, dtype=np.int64)
     starts = range(0, row_prompt.size, batch_size)
     devices = [device] if device.type == "cuda" else []
-    with torch.no_grad(), _own_generation_defaults(model), torch.random.fork_rng(devices=devices):
+    with torch.no_grad(), generate_path.own_generation_defaults(model), torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
         for start in _progress(starts, len(starts), show_progress, "sample"):
             rows = row_prompt[start : start + batch_size]
@@ -412,7 +352,7 @@ def sample_items(
             processor = TrieLogitsProcessor(tree, prompt_length=P, positive_flow_only=positive_flow_only)
             shared = None  # None: generate encodes the rows itself
             if share_prompt_cache and P > 1:
-                shared = _sampling_prompt_cache(model, input_ids, attention_mask, rows)
+                shared = generate_path.sampling_prompt_cache(model, input_ids, attention_mask, rows)
             out = model.generate(
                 input_ids=input_ids,
                 attention_mask=attention_mask,
