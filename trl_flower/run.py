@@ -489,7 +489,7 @@ def _baseline_trainer(
             rows,
             out,
             num_negatives=num_negatives,
-            item_counts=data.counts(),
+            item_counts=data.counts() if method == "rosepo" else None,  # RosePO's negatives ∝ counts; the rest: uniform
             negative_seed=negative_seed,
             **common,
         )
