@@ -162,6 +162,13 @@ def test_empty_training_dataset_is_refused_before_the_model_loads(tiny_model_dir
         )
 
 
+def test_fewer_rows_than_one_generation_batch_are_refused(tiny_model_dir, tree, dataset, tmp_path):
+    """Found with the README's example (3 rows, default batch 8): incomplete generation batches are dropped, so
+    train() failed with transformers' "args.max_steps must be set to a positive value"."""
+    with pytest.raises(ValueError, match=r"train_dataset has 3 rows, fewer than the 4 prompts of one generation batch"):
+        FlowerTrainer(str(tiny_model_dir), tree, args=config(tmp_path), train_dataset=dataset.select(range(3)))
+
+
 def test_empty_training_rows_are_refused_by_every_method(tiny_model_dir, tiny_titles, tmp_path):
     """`trl_flower.run.train` is the one entry point of every method: SFT gets the same early error."""
     from trl import SFTConfig

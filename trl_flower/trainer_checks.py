@@ -123,8 +123,29 @@ def check_dataset(name: str, dataset: Any, args: Any, tree: PrefixTree, reward_m
             f"{name} has no rows, so there is nothing to train or evaluate on (training would take 0 steps and report "
             "a loss of 0.0). Check the split or the filter that produced it."
         )
+    if name == "train_dataset" and hasattr(dataset, "__len__"):
+        check_rows_fill_a_batch(len(dataset), args)
     if hasattr(dataset, "__len__") and hasattr(dataset, "with_format"):
         check_item_ids(f"{name}[{args.item_id_column!r}]", dataset.with_format("numpy")[args.item_id_column], tree)
+
+
+def check_rows_fill_a_batch(num_rows: int, args: Any) -> None:
+    """Raise ValueError when the training rows cannot fill one generation batch.
+
+    GRPO's sampler cuts the shuffled rows into generation batches of ``generation_batch_size / num_generations``
+    prompts and drops an incomplete one, so with fewer rows no step would ever run (transformers then fails inside
+    `train()` asking for ``max_steps``).
+    """
+    prompts = args.generation_batch_size // args.num_generations
+    if num_rows < prompts:
+        raise ValueError(
+            f"train_dataset has {num_rows} rows, fewer than the {prompts} prompts of one generation batch "
+            f"(generation_batch_size={args.generation_batch_size} = per_device_train_batch_size "
+            f"{args.per_device_train_batch_size} x {args.world_size} process(es) x steps_per_generation "
+            f"{args.steps_per_generation}, over num_generations={args.num_generations}); incomplete batches are "
+            "dropped, so no training step would run. Lower per_device_train_batch_size (or steps_per_generation), "
+            "or add rows."
+        )
 
 
 def check_item_ids(where: str, item_ids: Any, tree: PrefixTree) -> None:
