@@ -316,6 +316,11 @@ def train(
         )
     if method == "ppo" and peft_config is not None:
         raise ValueError("PEFT (LoRA) is not supported for method 'ppo'; drop peft_config (--use_peft)")
+    if hasattr(data.train_dataset, "__len__") and len(data.train_dataset) == 0:
+        raise ValueError(
+            f"data.train_dataset has no rows, so method {method!r} has nothing to train on (it would take 0 steps "
+            "and save the starting model as if trained). Check the training split and max_train_rows."
+        )
     model = os.fspath(model)
     if tokenizer is None:
         tokenizer = load_tokenizer(model, method)
@@ -480,6 +485,11 @@ def finish_run(
             )
         result = trainer.train()
     else:
+        if resume and not hasattr(trainer, "flower_record"):  # FlowerTrainer.train checks its checkpoint itself
+            path = checkpoint.resume_checkpoint_dir(resume, trainer.args.output_dir)
+            checkpoint.check_resume_checkpoint(
+                path, world_size=trainer.args.world_size, process_index=trainer.args.process_index
+            )
         result = trainer.train(resume_from_checkpoint=resume or None)
     if output_dir is None:
         return result

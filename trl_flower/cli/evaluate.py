@@ -14,8 +14,9 @@ Task ``distribution`` (§3.3): the history-free prompt, ``--num-samples`` constr
 titles, title- and token-level KL(T‖R), KL(R‖T), JS, and the item-frequency plot.
 
 The prefix tree is the one saved beside the weights (`trl_flower.checkpoint`: every run `trl-flower train` saves
-has one) if present and built for this catalogue, else built from the titles with the tokenizer (terminator: its
-EOS). The arguments are parsed by TRL's ``TrlParser`` (``--config file.yaml`` works; flags take ``--max_rows`` or
+has one) and must be built for this catalogue; a model without one is refused unless ``--rebuild-tree`` asks for one
+built from the titles with the tokenizer (terminator: its EOS) or ``--tree`` names a file. The arguments are parsed
+by TRL's ``TrlParser`` (``--config file.yaml`` works; flags take ``--max_rows`` or
 ``--max-rows``). Outputs in ``--output-dir``: ``metrics.json`` (metrics, command, settings, versions, seed,
 wall times), ``metrics.md``, ``group_shares.png`` or ``item_frequency.png``, and ``predictions.json`` (official
 form) with ``--export-official-json``. The metrics table is printed on stdout; progress goes to stderr.
@@ -32,7 +33,7 @@ from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from trl_flower.cli._parsing import HelpFormatter, report_error
+from trl_flower.cli._parsing import HelpFormatter, check_category, report_error
 from trl_flower.data.targets import load_target
 
 TASKS = ("recommend", "distribution")
@@ -150,12 +151,16 @@ class EvaluateArguments:
     tree: str | None = field(
         default=None,
         metadata={
-            "help": "A PrefixTree .npz to decode with (default: the tree saved in --model if present, else "
-            "one built from the catalogue titles with the model's tokenizer and EOS terminator)."
+            "help": "A PrefixTree .npz to decode with (default: the tree saved in --model; a model without one "
+            "needs --rebuild-tree)."
         },
     )
     rebuild_tree: bool = field(
-        default=False, metadata={"help": "Ignore a tree saved in --model and build one from the titles."}
+        default=False,
+        metadata={
+            "help": "Build the tree from the catalogue titles with the model's tokenizer and EOS terminator "
+            "(needed for a model without a saved tree; ignores a saved one)."
+        },
     )
     target: str | None = field(
         default=None,
@@ -253,6 +258,7 @@ def check_arguments(args: EvaluateArguments) -> None:
             raise ValueError("--task recommend needs --data (a category name such as Movies_and_TV or a dataset dir)")
         if args.target is not None:
             raise ValueError("--target is only used with --task distribution")
+        check_category(args.data, args.category, "--data")
     else:
         if args.target is None:
             raise ValueError("--task distribution needs --target (a {title: count} JSON, e.g. movies_100.json)")
@@ -384,9 +390,27 @@ def catalogue_tree(args: EvaluateArguments, titles: list[str], tokenizer, record
     ``--tree`` / ``--rebuild-tree``)."""
     from trl_flower.checkpoint import catalogue_tree as saved_or_built_tree
 
-    return saved_or_built_tree(
+    tree, source = saved_or_built_tree(
         args.model, titles, tokenizer, tree_path=args.tree, rebuild=args.rebuild_tree, record=record
     )
+    check_max_new_tokens(args.max_new_tokens, tree)
+    return tree, source
+
+
+def check_max_new_tokens(max_new_tokens: int | None, tree) -> None:
+    """--max-new-tokens must let every item path end (terminator included); None means the longest path."""
+    if max_new_tokens is None:
+        return
+    lengths = tree.item_length
+    longest = int(lengths.max())
+    if max_new_tokens < longest:
+        cut = int((lengths > max_new_tokens).sum())
+        raise ValueError(
+            f"--max-new-tokens {max_new_tokens} is shorter than the longest item path ({longest} tokens with the "
+            f"terminator): {cut} of {tree.num_items} items ({100 * cut / tree.num_items:.0f}%) could never be "
+            f"produced, and lists that reach for them would count as invalid. Drop --max-new-tokens (default: the "
+            f"longest path) or set it to at least {longest}."
+        )
 
 
 def _check_sample(prompts: list[str]) -> list[str]:

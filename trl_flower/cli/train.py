@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from trl_flower.cli._parsing import HelpFormatter, report_error
+from trl_flower.cli._parsing import HelpFormatter, check_category, report_error
 
 METHODS = ("sft", "ifair", "flower", "dpo", "sdpo", "dmpo", "rosepo", "rloo", "grpo", "ppo")  # = trl_flower.run
 PROMPT_MODES = ("reference", "chat")
@@ -258,6 +258,7 @@ def check_arguments(script_args: TrainScriptArguments, training_args: Any, model
                 "--early_stopping_patience needs evaluations to compare: set --eval_strategy epoch (or steps) and "
                 "--load_best_model_at_end true"
             )
+    check_category(script_args.dataset_name, script_args.category, "--dataset_name")
 
 
 def run(script_args: TrainScriptArguments, training_args: Any, model_args: Any):
