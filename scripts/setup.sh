@@ -15,6 +15,13 @@ PIP=("$VENV/bin/python" -m pip --disable-pip-version-check -q)
 # torch first and alone: on CPU-only machines `pip install torch==2.13.0` takes the local CPU build; letting
 # another package pull torch in could select a multi-GB CUDA build instead.
 "${PIP[@]}" install "torch==2.13.0"
+# deepspeed (in [test], for the distributed group) is an sdist that imports torch to build: build it against the CPU
+# torch above (no build isolation, which would fetch another torch; no ops compiled ahead of time) before [test]
+# asks for it (--no-build-isolation builds with the venv's own setuptools, installed first).
+if ! "$VENV/bin/python" -c "import deepspeed" >/dev/null 2>&1; then
+  "${PIP[@]}" install -c "constraints/$LOCK.txt" "setuptools>=77"
+  DS_BUILD_OPS=0 "${PIP[@]}" install -c "constraints/$LOCK.txt" --no-build-isolation deepspeed
+fi
 "${PIP[@]}" install -c "constraints/$LOCK.txt" -e ".[test]"
 if [ "$LOCK" = "trl112" ]; then
   "${PIP[@]}" install -c "constraints/$LOCK.txt" "trl==1.12.0" requests

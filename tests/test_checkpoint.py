@@ -90,7 +90,9 @@ def test_offline_generator_round_trip(tmp_path):
 
 
 def test_catalogue_tree_uses_a_matching_saved_tree_and_refuses_another(tree, tiny_titles, tiny_tokenizer, tmp_path):
-    built, source = checkpoint.catalogue_tree(tmp_path, tiny_titles, tiny_tokenizer)
+    with pytest.raises(FileNotFoundError, match=r"prefix_tree.npz not found: .* ask for it: .*--rebuild-tree"):
+        checkpoint.catalogue_tree(tmp_path, tiny_titles, tiny_tokenizer)  # no silent rebuild
+    built, source = checkpoint.catalogue_tree(tmp_path, tiny_titles, tiny_tokenizer, rebuild=True)
     assert source == "built from the catalogue titles" and built.num_items == len(tiny_titles)
     tree.save(tmp_path / checkpoint.TREE_FILE)
     saved, source = checkpoint.catalogue_tree(tmp_path, tiny_titles, tiny_tokenizer)

@@ -209,6 +209,7 @@ def test_evaluate_decoding_d3_and_temp(tiny_model_dir, eval_data, tmp_path, caps
         "items",
         "--top-k",
         "3",
+        "--rebuild-tree",  # the tiny model has no saved tree
         "--num-threads",
         "1",
         "--no-progress",

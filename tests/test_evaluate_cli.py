@@ -95,6 +95,7 @@ def recommend_run(tiny_model_dir, dataset_dir, tmp_path_factory):
         "--output-dir",
         str(out),
         "--export-official-json",
+        "--rebuild-tree",  # the tiny model has no saved tree
         *FAST,
     ]
     stdout = io.StringIO()
@@ -242,6 +243,7 @@ def test_distribution_end_to_end(tiny_model_dir, tiny_titles, tmp_path, capsys):
         str(tmp_path / "target.json"),
         "--num-samples",
         "40",
+        "--rebuild-tree",  # the tiny model has no saved tree
         "--batch-size",
         "16",
         "--num-threads",
@@ -279,7 +281,11 @@ def test_distribution_end_to_end(tiny_model_dir, tiny_titles, tmp_path, capsys):
             ["--model", "{model}", "--task", "distribution", "--target", "nope.json", "--data-root", "{data}"],
             "no such file",
         ),
-        (["--model", "{model}", "--data", "{data}", "--top-k", "10"], "`top_k` must be an int in [1, 9]"),
+        (
+            ["--model", "{model}", "--data", "{data}", "--rebuild-tree", "--top-k", "10"],
+            "`top_k` must be an int in [1, 9]",
+        ),
+        (["--model", "{model}", "--data", "{data}"], "prefix_tree.npz not found"),  # no silent rebuild
         (["--model", "{model}", "--data", "{data}", "--num-beams", "2", "--top-k", "3"], "--num-beams must be >="),
         (["--model", "{model}", "--data", "{data}", "--temperature", "0"], "--temperature must be > 0"),
         (["--model", "{model}", "--data", "{data}", "--tree", "{missing}"], "no such file"),
@@ -356,6 +362,7 @@ def test_real_movies_rows_with_a_tokenizer_trained_on_the_titles(data_dir, tmp_p
         "--output-dir",
         str(out),
         "--export-official-json",
+        "--rebuild-tree",  # a model saved here, without a tree
         "--num-threads",
         "1",
         "--no-progress",
@@ -397,6 +404,7 @@ def test_chat_mode_and_the_tokenisation_check_is_applied(
         "--output-dir",
         str(out),
         "--export-official-json",
+        "--rebuild-tree",  # the tiny model has no saved tree
         *FAST,
     ]
     assert cli(argv) == 0
@@ -439,6 +447,7 @@ def test_row_sample_seed_evaluates_a_random_sample(tiny_model_dir, dataset_dir, 
         "--output-dir",
         str(out),
         "--export-official-json",
+        "--rebuild-tree",  # the tiny model has no saved tree
         *FAST,
     ]
     with contextlib.redirect_stdout(io.StringIO()):

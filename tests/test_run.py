@@ -129,7 +129,13 @@ def test_build_trainer_gives_the_trainer_train_would_train(tiny_model_dir, tiny_
 
     rows = Dataset.from_dict({"prompt": ["a\n", "b\n"], "item_id": [1, 2], "history_item_id": [[0, 1], [1]]})
     data = RunData(items=tiny_titles, train_dataset=rows)
-    args = FlowerConfig(output_dir=str(tmp_path / "run"), max_steps=1, report_to="none", save_strategy="no")
+    args = FlowerConfig(
+        output_dir=str(tmp_path / "run"),
+        max_steps=1,
+        per_device_train_batch_size=2,
+        report_to="none",
+        save_strategy="no",
+    )
     trainer, tree = build_trainer("flower", tiny_model_dir, data, args, tokenizer=tiny_tokenizer, reward_smoothing=2)
     assert isinstance(trainer, FlowerTrainer) and trainer.state.global_step == 0
     expected = np.full(len(tiny_titles), 2.0)

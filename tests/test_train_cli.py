@@ -130,6 +130,18 @@ def test_personalised_flower_rewards_from_the_config(tiny_model_dir, dataset_dir
     assert (record["reward_variant"], record["preference_scores_path"]) == ("div_s", str(scores))
 
 
+def test_distilled_rewards_and_state_granularity_from_the_command_line(tiny_model_dir, dataset_dir, scores, tmp_path):
+    out = tmp_path / "distill"
+    argv = [*base_argv(tiny_model_dir, dataset_dir, out), *FAST, "--flow_lambda", "0.5", "--reward_variant", "distill"]
+    argv += ["--preference_scores_path", str(scores), "--distill_alpha", "0.5", "--distill_beta", "2"]
+    argv += ["--distill_top_n", "4", "--state_granularity", "2"]
+    run(argv)
+    record = checkpoint.read_record(out)
+    assert record["reward_variant"] == "distill" and record["state_granularity"] == 2
+    assert (record["distill"]["alpha"], record["distill"]["beta"], record["distill"]["top_n"]) == (0.5, 2.0, 4)
+    assert changed_weights(tiny_model_dir, out) > 8
+
+
 def test_recipes_parse_into_the_paper_settings():
     """Every recipe is a valid `trl-flower train` config: its keys are fields of the three dataclasses."""
     from trl_flower.config import FlowerConfig

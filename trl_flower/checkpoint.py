@@ -24,6 +24,10 @@ file                        content                                       writte
 ``from_pretrained`` ignores all of them. Runs saved by older versions may hold the tree as ``flower_tree.npz``;
 :func:`find_tree` still reads it.
 
+Before a run resumes, :func:`check_resume_checkpoint` reads the files transformers' Trainer wrote into the
+``checkpoint-<step>`` directory (trainer state, weights, optimizer, scheduler, RNG state) cheaply, so that a damaged
+file is reported with its name before anything loads, and a missing RNG state warns.
+
 Nothing here imports TRL: the functions take the pieces (tree, record, arrays) and plain paths.
 """
 
@@ -31,6 +35,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, fields
 from pathlib import Path
@@ -49,6 +54,7 @@ __all__ = [
     "RECORD_FORMAT",
     "TREE_FILE",
     "catalogue_tree",
+    "check_resume_checkpoint",
     "check_tree_matches",
     "find_tree",
     "flower_record",
@@ -61,6 +67,7 @@ __all__ = [
     "model_card_path",
     "read_record",
     "resolve_tree",
+    "resume_checkpoint_dir",
     "save_offline_rng",
     "save_run_files",
 ]
@@ -258,6 +265,152 @@ def load_offline_rng(checkpoint_dir: PathLike) -> torch.Generator | None:
     return generator
 
 
+# ---------------------------------------------------------------------------------------------------- resuming
+
+TRAINER_STATE_FILE = "trainer_state.json"  # the files a transformers Trainer checkpoint holds (transformers' names)
+TORCH_STATE_FILES = ("optimizer.pt", "scheduler.pt", "scaler.pt")
+WEIGHT_FILES = ("model.safetensors", "adapter_model.safetensors", "pytorch_model.bin", "adapter_model.bin")
+SHARD_INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+
+
+def resume_checkpoint_dir(resume_from_checkpoint: PathLike | bool | None, output_dir: PathLike) -> Path | None:
+    """The checkpoint directory a ``resume_from_checkpoint`` value means (True: the last one in `output_dir`).
+
+    Raises:
+        FileNotFoundError: True but `output_dir` holds no ``checkpoint-*`` directory, or a path that does not exist.
+    """
+    if resume_from_checkpoint is None or resume_from_checkpoint is False:
+        return None
+    if resume_from_checkpoint is True:
+        from transformers.trainer_utils import get_last_checkpoint
+
+        last = get_last_checkpoint(os.fspath(output_dir)) if Path(output_dir).is_dir() else None
+        if last is None:
+            raise FileNotFoundError(
+                f"resume_from_checkpoint=True but {output_dir} holds no checkpoint-<step> directory to resume from; "
+                "drop resume_from_checkpoint to start afresh, or name a checkpoint directory"
+            )
+        return Path(last)
+    path = Path(resume_from_checkpoint).expanduser()
+    if not path.is_dir():
+        raise FileNotFoundError(f"resume_from_checkpoint={os.fspath(resume_from_checkpoint)}: no such directory")
+    return path
+
+
+def check_resume_checkpoint(checkpoint_dir: PathLike, *, world_size: int = 1, process_index: int = 0) -> None:
+    """Check a Trainer checkpoint before a run resumes from it: every error names the file and what to do.
+
+    Reads what is cheap to read without loading the run: the JSON trainer state, the header (and size) of every
+    safetensors weight file, and PyTorch state files memory-mapped (optimizer, scheduler, scaler, RNG). A missing
+    RNG state is not an error (transformers resumes without it) but the resumed run then draws other random numbers
+    than the uninterrupted one would have, so it gets a loud warning.
+
+    Args:
+        checkpoint_dir: a ``checkpoint-<step>`` directory written by a transformers Trainer.
+        world_size: processes of the resuming run (the RNG file is per process when > 1).
+        process_index: this process's rank.
+
+    Raises:
+        ValueError: a file is damaged (cut off by an interruption, overwritten) or not what its name says.
+        FileNotFoundError: the directory has no ``trainer_state.json`` (not a complete Trainer checkpoint).
+    """
+    ckpt = Path(checkpoint_dir).expanduser()
+    state = ckpt / TRAINER_STATE_FILE
+    if not state.is_file():
+        raise FileNotFoundError(
+            f"{state} not found: {ckpt} is not a complete Trainer checkpoint (its save was probably interrupted). "
+            f"{_earlier_checkpoints_hint(ckpt)}"
+        )
+    try:
+        content = json.loads(state.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{state} is not valid JSON ({err}): {_damaged(ckpt)}") from None
+    if not isinstance(content, dict) or not isinstance(content.get("global_step"), int):
+        raise ValueError(f"{state} is not a Trainer state (no integer 'global_step'): {_damaged(ckpt)}")
+    for name in SHARD_INDEX_FILES:
+        index = ckpt / name
+        if index.is_file():
+            try:
+                shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            except (json.JSONDecodeError, UnicodeDecodeError, KeyError, AttributeError, TypeError) as err:
+                problem = f"{type(err).__name__}: {err}"
+                raise ValueError(f"{index} is not a shard index ({problem}): {_damaged(ckpt)}") from None
+            for shard in shards:
+                _check_weights(ckpt / shard, ckpt)
+    for name in WEIGHT_FILES:
+        if (ckpt / name).is_file():
+            _check_weights(ckpt / name, ckpt)
+    for name in TORCH_STATE_FILES:
+        if (ckpt / name).is_file():
+            _check_torch_file(ckpt / name, ckpt)
+    rng_name = f"rng_state_{process_index}.pth" if world_size > 1 else "rng_state.pth"
+    rng = ckpt / rng_name
+    if rng.is_file():
+        _check_torch_file(rng, ckpt)
+    else:
+        warnings.warn(
+            f"{rng} is missing: the run resumes from {ckpt.name} with fresh random number generators, so its "
+            "sampling, dropout and data order differ from the uninterrupted run and the result is not "
+            "reproducible. Resume from a checkpoint that has its RNG state, or accept the difference.",
+            stacklevel=2,
+        )
+
+
+def _check_weights(path: Path, ckpt: Path) -> None:
+    """A weight file is readable: a safetensors header that fits the file's size, or a PyTorch state file."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is listed in the shard index but missing: {_damaged(ckpt)}")
+    if path.suffix != ".safetensors":
+        _check_torch_file(path, ckpt)
+        return
+    from safetensors import safe_open
+
+    try:
+        with safe_open(path, framework="pt") as weights:
+            weights.keys()
+    except Exception as err:  # safetensors raises its own error types for a bad header or a truncated file
+        raise ValueError(
+            f"{path} is not a readable safetensors file ({type(err).__name__}: {err}): {_damaged(ckpt)}"
+        ) from None
+
+
+def _check_torch_file(path: Path, ckpt: Path) -> None:
+    """A PyTorch state file (``torch.save``) loads with ``weights_only=True``, memory-mapped (nothing is copied)."""
+    import zipfile
+
+    if not zipfile.is_zipfile(path):
+        raise ValueError(
+            f"{path} is not a PyTorch state file (not a torch.save zip archive): {_damaged(ckpt, torch_file=True)}"
+        )
+    from transformers.trainer_pt_utils import safe_globals  # numpy RNG states, as transformers loads them
+
+    try:
+        with safe_globals():
+            torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as err:
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(f"{path} cannot be read ({first_line}): {_damaged(ckpt, torch_file=True)}") from None
+
+
+def _damaged(ckpt: Path, torch_file: bool = False) -> str:
+    unsafe = "Do not load it with weights_only=False: it is not a state file this run wrote. " if torch_file else ""
+    return (
+        f"the checkpoint is damaged (a save cut off by an interruption, or a file overwritten). {unsafe}"
+        f"{_earlier_checkpoints_hint(ckpt)}"
+    )
+
+
+def _earlier_checkpoints_hint(ckpt: Path) -> str:
+    """Which other checkpoints of the run could be resumed instead."""
+    others = sorted(
+        (p.name for p in ckpt.parent.glob("checkpoint-*") if p.is_dir() and p != ckpt),
+        key=lambda name: int(name.rsplit("-", 1)[-1]) if name.rsplit("-", 1)[-1].isdigit() else -1,
+    )
+    if others:
+        return f"Resume from another checkpoint of the run ({', '.join(others)}) or delete {ckpt} and resume again."
+    return "Delete it and start the run afresh (it has no other checkpoint)."
+
+
 def model_card_path(model_dir: PathLike) -> Path:
     """Where the model card of a saved run lives (``README.md``, as TRL and the Hub name it)."""
     return Path(model_dir) / MODEL_CARD_FILE
@@ -328,9 +481,11 @@ def catalogue_tree(
 ) -> tuple[PrefixTree, str]:
     """The prefix tree to decode a saved run with, and where it came from.
 
-    Order: `tree_path` if given; else (unless `rebuild`) the tree saved in `model_dir` (:func:`find_tree`); else one
-    built from `titles` with the tokenizer (terminator: its EOS). A saved or given tree must match the catalogue
-    (:func:`check_tree_matches`).
+    Order: `tree_path` if given; else (unless `rebuild`) the tree saved in `model_dir` (:func:`find_tree`), which
+    must exist; with `rebuild`, one built from `titles` with the tokenizer (terminator: its EOS). A saved or given
+    tree must match the catalogue (:func:`check_tree_matches`). A run without a saved tree is an error, not a silent
+    rebuild: a tree built now may differ from the one the model was trained on (another terminator or
+    tokenisation), so rebuilding is the caller's explicit choice.
 
     Args:
         model_dir: the model directory.
@@ -342,6 +497,10 @@ def catalogue_tree(
 
     Returns:
         ``(tree, source)``: source is the tree file's path or ``"built from the catalogue titles"``.
+
+    Raises:
+        FileNotFoundError: `tree_path` does not exist, or `model_dir` has no saved tree and `rebuild` is False.
+        ValueError: the tree file is not a tree, or it does not match the catalogue.
     """
     if tree_path is not None and rebuild:
         raise ValueError("a tree path and rebuild=True contradict each other (--tree and --rebuild-tree); give one")
@@ -352,6 +511,13 @@ def catalogue_tree(
             raise FileNotFoundError(f"--tree {tree_path}: no such file")
     elif not rebuild:
         path = find_tree(model_dir, record)
+        if path is None:
+            raise FileNotFoundError(
+                f"{Path(model_dir).expanduser() / TREE_FILE} not found: {model_dir} holds no saved prefix tree (every "
+                "run trl-flower saves has one; a model from elsewhere has none). To decode with a tree built from the "
+                "catalogue titles and the tokenizer's EOS terminator, ask for it: `trl-flower evaluate "
+                "--rebuild-tree` (catalogue_tree(..., rebuild=True)); or pass a tree file with --tree."
+            )
     if path is None:
         return PrefixTree.from_titles(list(titles), tokenizer), "built from the catalogue titles"
     tree = PrefixTree.load(path)

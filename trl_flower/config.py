@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 from transformers.utils import is_torch_bf16_gpu_available, is_torch_xla_available
 from trl import GRPOConfig
@@ -123,6 +124,7 @@ class FlowerConfig(GRPOConfig):
             prompt's SFT target is repeated as often (same expectation, more compute).
         temperature (`float`, *optional*, defaults to `1.0`):
             Sampling temperature of the on-policy trajectories. 1 samples from the policy itself, as the paper does.
+            Must be > 0.
         beta (`float`, *optional*, defaults to `0.0`):
             KL coefficient of GRPO. Flower's objective has no KL term, so it must stay 0.
 
@@ -320,7 +322,7 @@ class FlowerConfig(GRPOConfig):
         default=1.0,
         metadata={
             "help": "Sampling temperature of the on-policy trajectories. 1 samples from the policy itself, as the "
-            "paper does."
+            "paper does. Must be > 0."
         },
     )
     beta: float = field(
@@ -501,3 +503,41 @@ class FlowerConfig(GRPOConfig):
             raise ValueError(
                 f"num_generations={self.num_generations} must be >= 1 (trajectories sampled per prompt); Flower uses 1."
             )
+        self._check_sampling_and_batch_fields()
+
+    def _check_sampling_and_batch_fields(self) -> None:
+        """Sampling and batch sizes that GRPOConfig accepts but that fail (or do nothing) only inside `train()`."""
+        temperature = self.temperature
+        if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
+            raise ValueError(
+                f"temperature={self.temperature} must be a finite number > 0: the on-policy items are sampled from "
+                "softmax(logits / temperature), which is undefined at 0 (greedy decoding is not a sample of the "
+                "policy) and inverted below it. Use 1.0 (the policy itself, as the paper does)."
+            )
+        if self.max_completion_length is not None and not _is_positive_int(self.max_completion_length):
+            raise ValueError(
+                f"max_completion_length={self.max_completion_length!r} must be an integer >= 1 (tokens per sampled "
+                "item, terminator included): with 0 no item could ever end. Set it to at least the longest item path "
+                "(`int(tree.item_length.max())`), or None."
+            )
+        batch_fields = {
+            "per_device_train_batch_size": "prompts per device and micro-batch",
+            "per_device_eval_batch_size": "prompts per device in evaluation",
+            "gradient_accumulation_steps": "micro-batches per optimiser step",
+        }
+        for name, what in batch_fields.items():
+            value = getattr(self, name)
+            if not _is_positive_int(value):
+                raise ValueError(
+                    f"{name}={value!r} must be an integer >= 1 ({what}; with 0 nothing is trained and the failure "
+                    "only shows inside train()). Use 1 or more."
+                )
+        for name in ("generation_batch_size", "steps_per_generation"):
+            value = getattr(self, name)
+            if value is not None and not _is_positive_int(value):
+                raise ValueError(f"{name}={value!r} must be an integer >= 1, or None to derive it from the batch size.")
+
+
+def _is_positive_int(value: Any) -> bool:
+    """Whether `value` is an integer (not a bool) >= 1."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1

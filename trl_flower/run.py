@@ -290,7 +290,7 @@ def train(
     Returns:
         The :class:`TrainedRun`.
     """
-    method = _check_run(method, args, peft_config)  # before anything is loaded
+    method = _check_run(method, args, peft_config, data)  # before anything is loaded
     if tokenizer is None:  # loaded here, not only in build_trainer: finish_run saves it beside the weights
         tokenizer = load_tokenizer(model, method)
     trainer, tree = build_trainer(
@@ -373,7 +373,7 @@ def build_trainer(
         ``(trainer, tree)``: the TRL trainer and the catalogue's prefix tree (for Flower: with the item rewards it
         trains with).
     """
-    method = _check_run(method, args, peft_config)
+    method = _check_run(method, args, peft_config, data)
     model = os.fspath(model)
     if tokenizer is None:
         tokenizer = load_tokenizer(model, method)
@@ -415,8 +415,8 @@ def build_trainer(
     return trainer, tree
 
 
-def _check_run(method: str, args: Any, peft_config: Any) -> str:
-    """`method`, checked with its config and PEFT setting (cheap; each error names the fix)."""
+def _check_run(method: str, args: Any, peft_config: Any, data: RunData) -> str:
+    """`method`, checked with its config, PEFT setting and training rows (cheap; each error names the fix)."""
     method = check_method(method)
     expected = config_class(method)
     if not isinstance(args, expected):
@@ -431,6 +431,11 @@ def _check_run(method: str, args: Any, peft_config: Any) -> str:
         )
     if method == "ppo" and peft_config is not None:
         raise ValueError("PEFT (LoRA) is not supported for method 'ppo'; drop peft_config (--use_peft)")
+    if hasattr(data.train_dataset, "__len__") and len(data.train_dataset) == 0:
+        raise ValueError(
+            f"data.train_dataset has no rows, so method {method!r} has nothing to train on (it would take 0 steps "
+            "and save the starting model as if trained). Check the training split and max_train_rows."
+        )
     return method
 
 
@@ -546,6 +551,11 @@ def finish_run(
             )
         result = trainer.train()
     else:
+        if resume and not hasattr(trainer, "flower_record"):  # FlowerTrainer.train checks its checkpoint itself
+            path = checkpoint.resume_checkpoint_dir(resume, trainer.args.output_dir)
+            checkpoint.check_resume_checkpoint(
+                path, world_size=trainer.args.world_size, process_index=trainer.args.process_index
+            )
         result = trainer.train(resume_from_checkpoint=resume or None)
     if output_dir is None:
         return result

@@ -40,6 +40,7 @@ from trl_flower.trainer_checks import (
     check_dataset,
     check_item_groups,
     check_model_and_tree,
+    check_tokenizer,
     resolve_reward_model,
 )
 from trl_flower.tree import PrefixTree
@@ -168,6 +169,8 @@ class FlowerTrainer(TrieRolloutMixin, GRPOTrainer):
         self.item_groups = check_item_groups(item_groups, tree)
         for name, dataset in (("train_dataset", train_dataset), ("eval_dataset", eval_dataset)):
             check_dataset(name, dataset, args, tree, self.reward_model)
+        if processing_class is not None:
+            check_tokenizer(processing_class, tree)
 
         super().__init__(
             model=model,
@@ -509,7 +512,21 @@ class FlowerTrainer(TrieRolloutMixin, GRPOTrainer):
             warpers,
         )
 
-    # ------------------------------------------------------------------ saving
+    # ------------------------------------------------------------------ resuming and saving
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, *args, **kwargs):
+        """`Trainer.train`, after checking the checkpoint to resume from (if any) file by file.
+
+        A damaged weight, optimizer, scheduler or trainer-state file raises a ValueError that names the file and the
+        other checkpoints of the run, before anything is loaded; a missing RNG state warns
+        (`trl_flower.checkpoint.check_resume_checkpoint`). Arguments as in [`~transformers.Trainer.train`].
+        """
+        path = checkpoint.resume_checkpoint_dir(resume_from_checkpoint, self.args.output_dir)
+        if path is not None:
+            checkpoint.check_resume_checkpoint(
+                path, world_size=self.args.world_size, process_index=self.args.process_index
+            )
+        return super().train(resume_from_checkpoint, *args, **kwargs)
 
     def _save_rng_state(self, output_dir: str) -> None:
         # The Trainer saves the global RNG states with each checkpoint; the offline draws have their own generator

@@ -19,7 +19,9 @@ __all__ = [
     "COMPLETION_COLUMN",
     "check_dataset",
     "check_item_groups",
+    "check_item_ids",
     "check_model_and_tree",
+    "check_tokenizer",
     "resolve_reward_model",
 ]
 
@@ -116,13 +118,75 @@ def check_dataset(name: str, dataset: Any, args: Any, tree: PrefixTree, reward_m
     for column, what in needed.items():
         if column not in columns:
             raise ValueError(f"{name} has no column {column!r} ({what}); its columns are {sorted(columns)}.")
-    if hasattr(dataset, "__len__") and len(dataset) > 0 and hasattr(dataset, "with_format"):
-        ids = np.asarray(dataset.with_format("numpy")[args.item_id_column])
-        if not np.issubdtype(ids.dtype, np.integer) or ids.min() < 0 or ids.max() >= tree.num_items:
-            raise ValueError(
-                f"{name}[{args.item_id_column!r}] must hold integer item ids in [0, {tree.num_items}) (the tree's "
-                f"items); got dtype {ids.dtype}, range [{ids.min()}, {ids.max()}]."
-            )
+    if hasattr(dataset, "__len__") and len(dataset) == 0:
+        raise ValueError(
+            f"{name} has no rows, so there is nothing to train or evaluate on (training would take 0 steps and report "
+            "a loss of 0.0). Check the split or the filter that produced it."
+        )
+    if name == "train_dataset" and hasattr(dataset, "__len__"):
+        check_rows_fill_a_batch(len(dataset), args)
+    if hasattr(dataset, "__len__") and hasattr(dataset, "with_format"):
+        check_item_ids(f"{name}[{args.item_id_column!r}]", dataset.with_format("numpy")[args.item_id_column], tree)
+
+
+def check_rows_fill_a_batch(num_rows: int, args: Any) -> None:
+    """Raise ValueError when the training rows cannot fill one generation batch.
+
+    GRPO's sampler cuts the shuffled rows into generation batches of ``generation_batch_size / num_generations``
+    prompts and drops an incomplete one, so with fewer rows no step would ever run (transformers then fails inside
+    `train()` asking for ``max_steps``).
+    """
+    prompts = args.generation_batch_size // args.num_generations
+    if num_rows < prompts:
+        raise ValueError(
+            f"train_dataset has {num_rows} rows, fewer than the {prompts} prompts of one generation batch "
+            f"(generation_batch_size={args.generation_batch_size} = per_device_train_batch_size "
+            f"{args.per_device_train_batch_size} x {args.world_size} process(es) x steps_per_generation "
+            f"{args.steps_per_generation}, over num_generations={args.num_generations}); incomplete batches are "
+            "dropped, so no training step would run. Lower per_device_train_batch_size (or steps_per_generation), "
+            "or add rows."
+        )
+
+
+def check_item_ids(where: str, item_ids: Any, tree: PrefixTree) -> None:
+    """Raise ValueError unless `item_ids` are integers in ``[0, tree.num_items)``; `where` names the column."""
+    ids = np.asarray(item_ids)
+    column = where.split("[", 1)[-1].rstrip("]")
+    if not np.issubdtype(ids.dtype, np.integer):
+        example = ids.flat[0].item() if ids.size else None
+        raise ValueError(
+            f"{where} must hold integer item ids (an index into the prefix tree's {tree.num_items} items), but it "
+            f"holds {ids.dtype} values (e.g. {example!r}). Convert the column, e.g. "
+            f"dataset.cast_column({column}, datasets.Value('int64')) for ids written as text."
+        )
+    if ids.size and (ids.min() < 0 or ids.max() >= tree.num_items):
+        bad = int(np.flatnonzero((ids < 0) | (ids >= tree.num_items))[0])
+        raise ValueError(
+            f"{where} must hold integer item ids in [0, {tree.num_items}) (the tree's items); row {bad} holds "
+            f"{int(ids[bad])} (range [{int(ids.min())}, {int(ids.max())}]). Build the tree from the catalogue the ids "
+            "index."
+        )
+
+
+def check_tokenizer(tokenizer: Any, tree: PrefixTree) -> None:
+    """Before the model loads: the tokenizer (`processing_class`) has an EOS token, at which samples end.
+
+    TRL cuts every completion at the tokenizer's EOS (and the model's generation-config EOS ids), so without one the
+    sampler has no end token, whatever terminator the tree uses.
+    """
+    tokenizer = getattr(tokenizer, "tokenizer", tokenizer)  # a processor wraps its tokenizer
+    if getattr(tokenizer, "eos_token_id", 0) is None:
+        raise ValueError(_missing_eos_message(tree))
+
+
+def _missing_eos_message(tree: PrefixTree) -> str:
+    return (
+        "the tokenizer has no EOS token (processing_class.eos_token_id is None), so a sampled item could never be "
+        "cut at its end (TRL ends completions at the tokenizer's EOS) and sampling would fail inside train(). Set one "
+        "before building the trainer and pass that tokenizer as processing_class, e.g. "
+        f"tokenizer.eos_token = tokenizer.convert_ids_to_tokens({tree.terminator_id}) (the tree's terminator) in the "
+        "default tokenisation, or the model's end-of-turn token."
+    )
 
 
 def check_model_and_tree(args: Any, tree: PrefixTree, vocab_size: int, eos_ids: Sequence[int]) -> int | None:
@@ -151,6 +215,8 @@ def check_model_and_tree(args: Any, tree: PrefixTree, vocab_size: int, eos_ids: 
             f"max_completion_length >= {longest}."
         )
     eos_ids = list(eos_ids)
+    if not eos_ids or any(e is None for e in eos_ids):
+        raise ValueError(_missing_eos_message(tree))
     terminator = tree.terminator_id
     if args.tokenization_mode == "default":
         if terminator not in eos_ids:

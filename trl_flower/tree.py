@@ -31,6 +31,7 @@ flow must exclude such nodes (``allowed_mask(..., positive_flow_only=True)``); a
 
 from __future__ import annotations
 
+import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -458,11 +459,35 @@ class PrefixTree:
 
     @classmethod
     def load(cls, path: str | Path) -> PrefixTree:
-        """Load a tree written by :meth:`save`."""
-        with np.load(path) as z:
-            arrays = {k: z[k] for k in z.files}
+        """Load a tree written by :meth:`save`.
+
+        Raises:
+            FileNotFoundError: no file at `path`.
+            ValueError: the file is not a tree saved by :meth:`save` (not an ``.npz``, pickled objects, missing or
+                inconsistent arrays); the message names the file.
+        """
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no such prefix tree file (a .npz written by PrefixTree.save)")
+        fix = "rebuild the tree from the titles (PrefixTree.from_titles, `trl-flower evaluate --rebuild-tree`)"
+        if not zipfile.is_zipfile(path):
+            raise ValueError(f"{path} is not a prefix tree saved by PrefixTree.save: it is not an .npz archive; {fix}.")
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                arrays = {k: z[k] for k in z.files}
+        except Exception as err:  # damaged members, pickled objects: not a tree PrefixTree.save wrote
+            what = "it holds pickled Python objects" if "bject" in str(err) else f"{type(err).__name__}: {err}"
+            raise ValueError(f"{path} is not a prefix tree saved by PrefixTree.save ({what}); {fix}.") from None
+        missing = sorted({*_SAVED_ARRAYS, "terminator_id"} - set(arrays))
+        if missing:
+            raise ValueError(f"{path} is not a prefix tree saved by PrefixTree.save: it lacks {missing}; {fix}.")
         term = int(arrays.pop("terminator_id"))
-        return cls(terminator_id=term, **arrays)
+        arrays = {k: v for k, v in arrays.items() if k in _SAVED_ARRAYS}
+        try:
+            _check_saved_arrays(arrays)
+            return cls(terminator_id=term, **arrays)
+        except (ValueError, IndexError) as err:
+            raise ValueError(f"{path} holds an inconsistent prefix tree ({err}); {fix}.") from None
 
     def __repr__(self) -> str:
         return (
@@ -472,6 +497,40 @@ class PrefixTree:
 
 
 # ---------------------------------------------------------------------- helpers
+
+_SAVED_ARRAYS = (
+    "parent",
+    "token",
+    "depth",
+    "first_child",
+    "num_children",
+    "item_node",
+    "item_length",
+    "item_rewards",
+)
+
+
+def _check_saved_arrays(arrays: dict[str, np.ndarray]) -> None:
+    """Shape and range checks of loaded tree arrays (cheap, O(nodes)); raises ValueError naming the array."""
+    for name, array in arrays.items():
+        if array.ndim != 1:
+            raise ValueError(f"array {name!r} has shape {array.shape}, expected one dimension")
+        if name != "item_rewards" and not np.issubdtype(array.dtype, np.integer):
+            raise ValueError(f"array {name!r} has dtype {array.dtype}, expected integers")
+    num_nodes, num_items = arrays["parent"].shape[0], arrays["item_node"].shape[0]
+    for name in ("token", "depth", "first_child", "num_children"):
+        if arrays[name].shape[0] != num_nodes:
+            raise ValueError(f"array {name!r} has {arrays[name].shape[0]} entries, 'parent' has {num_nodes}")
+    for name in ("item_length", "item_rewards"):
+        if arrays[name].shape[0] != num_items:
+            raise ValueError(f"array {name!r} has {arrays[name].shape[0]} entries, 'item_node' has {num_items}")
+    if num_nodes < 2 or num_items < 1:
+        raise ValueError(f"{num_nodes} nodes and {num_items} items; a tree has a root, nodes and items")
+    parent, item_node = arrays["parent"], arrays["item_node"]
+    if parent[0] != -1 or not (parent[1:] < np.arange(1, num_nodes)).all() or parent[1:].min() < 0:
+        raise ValueError("array 'parent' is not a tree numbered level by level (parent[n] < n, root first)")
+    if item_node.min() < 1 or item_node.max() >= num_nodes:
+        raise ValueError(f"array 'item_node' points outside the {num_nodes} nodes")
 
 
 def scatter_logsumexp(dst: torch.Tensor, index: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
@@ -549,6 +608,7 @@ def title_token_paths(
         (flat token ids, offsets [num_items + 1], terminator id).
 
     Raises:
+        TypeError: `titles` is a single string rather than a sequence of them.
         ValueError: a title is empty or whitespace (names the item), or the tokenizer has no terminator.
     """
     if terminator_id is None:
@@ -558,6 +618,11 @@ def title_token_paths(
                 "the tokenizer has no eos_token_id to use as terminator; pass terminator_id explicitly "
                 "(e.g. tokenizer.convert_tokens_to_ids('<|im_end|>'))."
             )
+    if isinstance(titles, (str, bytes)):
+        raise TypeError(
+            f"titles must be a sequence of item titles (one string per item), got a single {type(titles).__name__} "
+            f"{titles[:60]!r}; wrap it in a list: [{titles[:60]!r}]."
+        )
     vocab_size = len(tokenizer)
     if not 0 <= int(terminator_id) < vocab_size:
         raise ValueError(f"terminator_id {terminator_id} is not in the tokenizer's vocabulary (size {vocab_size})")

@@ -14,8 +14,9 @@ Task ``distribution`` (§3.3): the history-free prompt, ``--num-samples`` constr
 titles, title- and token-level KL(T‖R), KL(R‖T), JS, and the item-frequency plot.
 
 The prefix tree is the one saved beside the weights (`trl_flower.checkpoint`: every run `trl-flower train` saves
-has one) if present and built for this catalogue, else built from the titles with the tokenizer (terminator: its
-EOS). The arguments are parsed by TRL's ``TrlParser`` (``--config file.yaml`` works; flags take ``--max_rows`` or
+has one) and must be built for this catalogue; a model without one is refused unless ``--rebuild-tree`` asks for one
+built from the titles with the tokenizer (terminator: its EOS) or ``--tree`` names a file. The arguments are parsed
+by TRL's ``TrlParser`` (``--config file.yaml`` works; flags take ``--max_rows`` or
 ``--max-rows``). Outputs in ``--output-dir``: ``metrics.json`` (metrics, command, settings, versions, seed,
 wall times), ``metrics.md``, ``group_shares.png`` or ``item_frequency.png``, and ``predictions.json`` (official
 form) with ``--export-official-json``. The metrics table is printed on stdout; progress goes to stderr.
@@ -29,6 +30,8 @@ import textwrap
 
 from trl_flower.cli._parsing import HelpFormatter, report_error
 from trl_flower.evaluation.pipeline import EvaluateArguments, check_arguments, run_evaluation
+
+__all__ = ["main", "make_parser"]  # the evaluation itself: `trl_flower.evaluation.pipeline`
 
 
 def make_parser(subparsers: argparse._SubParsersAction | None = None, prog: str | None = None):

@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from trl_flower.cli._parsing import HelpFormatter, report_error
+from trl_flower.data.prompts import check_category
 
 METHODS = ("sft", "ifair", "flower", "dpo", "sdpo", "dmpo", "rosepo", "rloo", "grpo", "ppo")  # = trl_flower.run
 PROMPT_MODES = ("reference", "chat")
@@ -258,6 +259,7 @@ def check_arguments(script_args: TrainScriptArguments, training_args: Any, model
                 "--early_stopping_patience needs evaluations to compare: set --eval_strategy epoch (or steps) and "
                 "--load_best_model_at_end true"
             )
+    check_category(script_args.dataset_name, script_args.category, "--dataset_name")
 
 
 def run(script_args: TrainScriptArguments, training_args: Any, model_args: Any):

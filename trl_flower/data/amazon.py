@@ -287,7 +287,7 @@ def load_amazon(
 
     Raises:
         FileNotFoundError: the directory or a split file does not exist.
-        ValueError: any invalid row (see `read_split`).
+        ValueError: any invalid row (see `read_split`), or a training split without rows.
     """
     from datasets import Dataset, Features, List, Value
 
@@ -307,5 +307,12 @@ def load_amazon(
         csv_path = path / f"{split}.csv"
         if not csv_path.is_file():
             raise FileNotFoundError(f"{csv_path} not found; a dataset directory needs {', '.join(SPLITS)} CSV files")
-        loaded[split] = Dataset.from_dict(read_split(csv_path, items), features=features)
+        columns = read_split(csv_path, items)
+        if split == "train" and not columns["item_id"]:
+            raise ValueError(
+                f"{csv_path}: a header but no rows. The training split needs at least one row: training, the item "
+                "rewards (interaction counts) and the popularity groups all come from it. Regenerate the splits "
+                "(trl-flower prepare) or point at another dataset."
+            )
+        loaded[split] = Dataset.from_dict(columns, features=features)
     return AmazonData(name=path.name, path=path, items=items, splits=loaded)

@@ -27,6 +27,7 @@ from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from trl_flower.data.prompts import check_category
 from trl_flower.data.targets import load_target
 
 __all__ = [
@@ -40,6 +41,7 @@ __all__ = [
     "catalogue_tree",
     "check_arguments",
     "check_decoding",
+    "check_max_new_tokens",
     "command_line",
     "history_free",
     "run_evaluation",
@@ -171,12 +173,16 @@ class EvaluateArguments:
     tree: str | None = field(
         default=None,
         metadata={
-            "help": "A PrefixTree .npz to decode with (default: the tree saved in --model if present, else "
-            "one built from the catalogue titles with the model's tokenizer and EOS terminator)."
+            "help": "A PrefixTree .npz to decode with (default: the tree saved in --model; a model without one "
+            "needs --rebuild-tree)."
         },
     )
     rebuild_tree: bool = field(
-        default=False, metadata={"help": "Ignore a tree saved in --model and build one from the titles."}
+        default=False,
+        metadata={
+            "help": "Build the tree from the catalogue titles with the model's tokenizer and EOS terminator "
+            "(needed for a model without a saved tree; ignores a saved one)."
+        },
     )
     target: str | None = field(
         default=None,
@@ -254,6 +260,7 @@ def check_arguments(args: EvaluateArguments) -> None:
             raise ValueError("--task recommend needs --data (a category name such as Movies_and_TV or a dataset dir)")
         if args.target is not None:
             raise ValueError("--target is only used with --task distribution")
+        check_category(args.data, args.category, "--data")
     else:
         if args.target is None:
             raise ValueError("--task distribution needs --target (a {title: count} JSON, e.g. movies_100.json)")
@@ -375,9 +382,27 @@ def catalogue_tree(args: EvaluateArguments, titles: list[str], tokenizer, record
     ``--tree`` / ``--rebuild-tree``)."""
     from trl_flower.checkpoint import catalogue_tree as saved_or_built_tree
 
-    return saved_or_built_tree(
+    tree, source = saved_or_built_tree(
         args.model, titles, tokenizer, tree_path=args.tree, rebuild=args.rebuild_tree, record=record
     )
+    check_max_new_tokens(args.max_new_tokens, tree)
+    return tree, source
+
+
+def check_max_new_tokens(max_new_tokens: int | None, tree) -> None:
+    """--max-new-tokens must let every item path end (terminator included); None means the longest path."""
+    if max_new_tokens is None:
+        return
+    lengths = tree.item_length
+    longest = int(lengths.max())
+    if max_new_tokens < longest:
+        cut = int((lengths > max_new_tokens).sum())
+        raise ValueError(
+            f"--max-new-tokens {max_new_tokens} is shorter than the longest item path ({longest} tokens with the "
+            f"terminator): {cut} of {tree.num_items} items ({100 * cut / tree.num_items:.0f}%) could never be "
+            f"produced, and lists that reach for them would count as invalid. Drop --max-new-tokens (default: the "
+            f"longest path) or set it to at least {longest}."
+        )
 
 
 def _check_sample(prompts: list[str]) -> list[str]:
