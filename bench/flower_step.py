@@ -6,9 +6,11 @@ What is measured (one process, one torch thread unless ``--threads``):
   ``--layers`` layers, width ``--hidden``), the same data (the first ``--rows`` training rows of a real Amazon split,
   reference prompts with up to 10 history titles) and the same batch (``--batch`` prompts, no accumulation);
 * trainers, each with its own copy of the initial weights and its own AdamW, driven step by step through the
-  trainers' own ``training_step`` + optimiser step (what ``Trainer.train`` does per step, minus logging):
+  trainers' own ``training_step`` + optimiser step (what ``Trainer.train`` does per step, minus logging); the Flower
+  trainers are built by the library's entry point (`trl_flower.run.build_trainer`):
 
-  - ``sft``: TRL ``SFTTrainer`` on prompt/completion pairs (completion = the target title; completion-only loss);
+  - ``sft``: TRL's own ``SFTTrainer`` on prompt/completion pairs (completion = the target title; completion-only
+    loss), the yardstick;
   - ``flower_lambda0``: FlowerTrainer with ``flow_lambda=0`` (tested to equal SFTTrainer; nothing is sampled);
   - ``flower``: FlowerTrainer with ``flow_lambda=0.005``, one sampled item per prompt, with the default sampling
     path (``sample_in_loss_step=True``: the prompt runs once with gradient, the item is sampled on a detached copy
@@ -19,11 +21,14 @@ What is measured (one process, one torch thread unless ``--threads``):
 * interleaved: every round runs one step of each trainer in turn (order rotated each round), so load from other
   jobs on the shared machine hits all alike; ``--warmup`` rounds are dropped, medians over ``--steps`` rounds are
   reported, and the ratio to ``sft`` is the median of the per-round ratios;
-* the split of each step, by wall-clock timers around the hooks (exclusive time: a hook's time excludes the hooks
-  it calls): ``sampling`` (``generate`` / the in-loss sampler, decode forwards included), ``targets`` (batch
-  assembly: GRPO's reward call and logging, flow targets, SFT targets, tokenisation), ``forward`` (model forwards
-  with gradient), ``loss`` (the loss arithmetic after the forward, metrics), ``backward``, ``optimizer`` (AdamW step
-  + zero_grad) and ``other`` (the rest of ``training_step``).
+* the split of each step, measured through public interfaces only (PyTorch forward hooks on the model, the
+  trainer's ``compute_loss``, the step's own calls), as exclusive wall time: ``sampling`` (model forwards without
+  gradient: the decode steps, and ``generate``'s prompt prefill on the generate path), ``forward`` (model forwards
+  with gradient), ``targets`` (``training_step`` before ``compute_loss``: batch assembly, i.e. tokenisation, SFT and
+  flow targets, GRPO's reward call and logs, and on the generate path the rest of ``generate``), ``loss``
+  (``compute_loss`` without its forwards: the loss arithmetic, metrics and, on the in-loss path, the sampler's token
+  choice and the samples' flow targets), ``backward`` (``training_step`` after ``compute_loss``) and ``optimizer``
+  (AdamW step + scheduler + zero_grad).
 
 Usage::
 
@@ -36,19 +41,25 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
-import json
-import os
-import platform
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))  # run from a checkout without installing
+from spine import (
+    RESULTS_DIR,
+    command,
+    git_commit,
+    load_average,
+    machine,
+    use_this_checkout,
+    versions,
+    write_results,
+)
 
-PARTS = ["sampling", "targets", "forward", "loss", "backward", "optimizer", "other"]
+use_this_checkout()  # this checkout's trl_flower, also when another one is installed
+
+PARTS = ["sampling", "targets", "forward", "loss", "backward", "optimizer"]
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -65,72 +76,91 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--runs", nargs="+", default=["sft", "flower_lambda0", "flower", "flower_grpo_generate"])
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default=str(REPO / "bench" / "results"), help="directory for flower_step.{json,md}")
+    p.add_argument("--out", default=str(RESULTS_DIR), help="directory for flower_step.{json,md}")
     return p.parse_args(argv)
 
 
 class SplitTimer:
-    """Exclusive wall time per label for wrapped callables (a label's time excludes the wrapped calls inside it)."""
+    """Exclusive wall time per label (a label's time excludes the labelled spans nested in it)."""
 
     def __init__(self) -> None:
         self.totals: dict[str, float] = {}
-        self._stack: list[list] = []  # [label, start, child_time]
+        self.stack: list[list] = []  # open spans: [label, start, time of the spans nested in it]
 
     def reset(self) -> None:
         self.totals = {}
 
+    def open(self, label: str) -> None:
+        self.stack.append([label, time.perf_counter(), 0.0])
+
+    def close(self) -> None:
+        label, start, nested = self.stack.pop()
+        elapsed = time.perf_counter() - start
+        self.totals[label] = self.totals.get(label, 0.0) + elapsed - nested
+        if self.stack:
+            self.stack[-1][2] += elapsed
+
     @contextlib.contextmanager
     def span(self, label: str):
-        frame = [label, time.perf_counter(), 0.0]
-        self._stack.append(frame)
+        self.open(label)
         try:
             yield
         finally:
-            self._stack.pop()
-            elapsed = time.perf_counter() - frame[1]
-            self.totals[label] = self.totals.get(label, 0.0) + elapsed - frame[2]
-            if self._stack:
-                self._stack[-1][2] += elapsed
+            self.close()
 
-    def inside(self, label: str) -> bool:
-        return any(f[0] == label for f in self._stack)
+    def time_forwards(self, model) -> None:
+        """Label every forward of `model` (PyTorch forward hooks): ``forward`` with gradient, ``sampling`` without."""
+        import torch
 
-    def wrap(self, obj, attr: str, label: str, skip_inside: str | None = None) -> None:
-        """Replace ``obj.attr`` by a timed call (an instance attribute); untimed when nested in `skip_inside`."""
-        inner = getattr(obj, attr)
+        def before(module, args):
+            self.open("forward" if torch.is_grad_enabled() else "sampling")
+
+        def after(module, args, output):
+            self.close()
+
+        model.register_forward_pre_hook(before)
+        model.register_forward_hook(after)
+
+    def time_training_step(self, trainer) -> None:
+        """Split `trainer`'s ``training_step`` at its public ``compute_loss``: before it ``targets`` (open when the step
+        starts), the call itself ``loss``, after it ``backward`` (closed when the step returns)."""
+        inner = trainer.compute_loss
 
         @functools.wraps(inner)
-        def timed(*args, **kwargs):
-            if skip_inside is not None and self.inside(skip_inside):
-                return inner(*args, **kwargs)
-            with self.span(label):
-                return inner(*args, **kwargs)
+        def compute_loss(*args, **kwargs):
+            self.close()  # targets
+            with self.span("loss"):
+                loss = inner(*args, **kwargs)
+            self.open("backward")
+            return loss
 
-        setattr(obj, attr, timed)
+        trainer.compute_loss = compute_loss
 
 
 def build_data(args):
-    from trl_flower.data import PromptBuilder, history_item_counts, load_amazon
+    """The training rows with prompts (`trl_flower.run.RunData`), tokenizer, tree and the random model."""
+    from trl_flower.data import PromptBuilder, load_amazon
+    from trl_flower.run import recommendation_data
     from trl_flower.tiny import build_model, build_tokenizer
     from trl_flower.tree import PrefixTree
 
     data = load_amazon(args.dataset, splits=["train"])
-    train = data.splits["train"].select(range(min(args.rows, len(data.splits["train"]))))
-    train = PromptBuilder.from_dataset(data.name).add_prompts(train)
-    counts = history_item_counts(data.splits["train"]["history_item_id"], data.num_items)
-    counts = counts + 1  # every item reachable by the sampler (zero-count items have no finite flow target)
-    corpus = list(data.items) + list(train["prompt"][:200])
+    # item rewards: training-history counts + 1 (the entry point's default), so every item is reachable
+    run_data = recommendation_data(data, PromptBuilder.from_dataset(data.name), max_train_rows=args.rows)
+    corpus = list(data.items) + list(run_data.train_dataset["prompt"][:200])
     tokenizer = build_tokenizer(corpus, vocab_size=args.vocab)
-    tree = PrefixTree.from_titles(data.items, tokenizer, item_rewards=counts)  # paths end with EOS (default mode)
+    tree = PrefixTree.from_titles(data.items, tokenizer)  # paths end with EOS (default mode)
     model = build_model(tokenizer, hidden_size=args.hidden, num_layers=args.layers, seed=args.seed)
-    return data, train, tokenizer, tree, model
+    return run_data, tokenizer, tree, model
 
 
-def make_trainers(args, data, train, tokenizer, tree, model_dir: Path, out_dir: Path) -> dict:
+def make_trainers(args, run_data, tokenizer, tree, model_dir: Path, out_dir: Path) -> dict:
+    """TRL's SFTTrainer (the yardstick) and the Flower trainers, built by `trl_flower.run.build_trainer`."""
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 
-    from trl_flower import FlowerConfig, FlowerTrainer
+    from trl_flower import FlowerConfig
+    from trl_flower.run import build_trainer
 
     common = dict(
         per_device_train_batch_size=args.batch,
@@ -147,12 +177,12 @@ def make_trainers(args, data, train, tokenizer, tree, model_dir: Path, out_dir: 
         dataloader_num_workers=0,
     )
     longest = int(tree.item_length.max())
-    flower_rows = train.select_columns(["prompt", "item_id"])
+    rows = run_data.train_dataset
     trainers = {}
     for name in args.runs:
         if name == "sft":
             pairs = Dataset.from_dict(
-                {"prompt": train["prompt"], "completion": [data.items[i] for i in train["item_id"]]}
+                {"prompt": rows["prompt"], "completion": [run_data.items[i] for i in rows["item_id"]]}
             )
             trainers[name] = SFTTrainer(
                 str(model_dir),
@@ -163,13 +193,8 @@ def make_trainers(args, data, train, tokenizer, tree, model_dir: Path, out_dir: 
             continue
         lam = 0.0 if name == "flower_lambda0" else args.flow_lambda
         config = FlowerConfig(output_dir=str(out_dir / name), flow_lambda=lam, max_completion_length=longest, **common)
-        trainer = FlowerTrainer(
-            str(model_dir), tree, args=config, train_dataset=flower_rows, processing_class=tokenizer
-        )
-        if name == "flower_grpo_generate":
-            trainer.sample_in_loss_step = False
-        elif name == "flower" and hasattr(trainer, "sample_in_loss_step"):
-            trainer.sample_in_loss_step = True
+        trainer, _ = build_trainer("flower", model_dir, run_data, config, tree=tree, tokenizer=tokenizer)
+        trainer.sample_in_loss_step = name != "flower_grpo_generate"  # False: TRL's GRPO `generate` path
         trainers[name] = trainer
     return trainers
 
@@ -185,18 +210,8 @@ class Stepper:
         self.loader = trainer.get_train_dataloader()
         self.batches = iter(self.loader)
         self.timer = SplitTimer()
-        t = self.timer
-        model = trainer.model
-        if hasattr(trainer, "tree"):  # FlowerTrainer
-            t.wrap(trainer, "_generate_and_score_completions", "targets")
-            t.wrap(trainer, "_generate_single_turn", "sampling")  # GRPO's generate path (decode forwards included)
-            if hasattr(trainer, "_sample_items"):
-                t.wrap(trainer, "_sample_items", "sampling")  # the in-loss sampler
-            t.wrap(trainer, "_compute_loss", "loss")
-        else:
-            t.wrap(trainer, "compute_loss", "loss")
-        t.wrap(model, "forward", "forward", skip_inside="sampling")
-        t.wrap(trainer.accelerator, "backward", "backward")
+        self.timer.time_forwards(trainer.model)
+        self.timer.time_training_step(trainer)
 
     def next_batch(self):
         try:
@@ -206,18 +221,19 @@ class Stepper:
             return next(self.batches)
 
     def step(self) -> dict[str, float]:
-        tr = self.trainer
+        tr, timer = self.trainer, self.timer
         batch = self.next_batch()
-        self.timer.reset()
+        timer.reset()
         t0 = time.perf_counter()
-        with self.timer.span("other"):
-            tr.training_step(tr.model, batch, None)
-            with self.timer.span("optimizer"):
-                tr.optimizer.step()
-                tr.lr_scheduler.step()
-                tr.model.zero_grad(set_to_none=True)
+        timer.open("targets")  # compute_loss closes it and opens "backward" (SplitTimer.time_training_step)
+        tr.training_step(tr.model, batch, None)
+        timer.close()  # backward
+        with timer.span("optimizer"):
+            tr.optimizer.step()
+            tr.lr_scheduler.step()
+            tr.model.zero_grad(set_to_none=True)
         total = time.perf_counter() - t0
-        split = {k: self.timer.totals.get(k, 0.0) for k in PARTS}
+        split = {k: timer.totals.get(k, 0.0) for k in PARTS}
         split["total"] = total
         return split
 
@@ -230,19 +246,16 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     import numpy as np
     import torch
-    import transformers
-    import trl
-
-    import trl_flower
 
     torch.set_num_threads(args.threads)
-    start, load_before = time.perf_counter(), os.getloadavg()
-    data, train, tokenizer, tree, model = build_data(args)
+    start, machine_before = time.perf_counter(), machine(torch_threads=args.threads)
+    run_data, tokenizer, tree, model = build_data(args)
+    train = run_data.train_dataset
     tmp = Path(tempfile.mkdtemp(prefix="flower_step_"))
     model_dir = tmp / "model"
     model.save_pretrained(model_dir)
     tokenizer.save_pretrained(model_dir)
-    trainers = make_trainers(args, data, train, tokenizer, tree, model_dir, tmp)
+    trainers = make_trainers(args, run_data, tokenizer, tree, model_dir, tmp)
     steppers = [Stepper(name, tr) for name, tr in trainers.items()]
 
     rounds: dict[str, list[dict]] = {s.name: [] for s in steppers}
@@ -257,23 +270,13 @@ def main(argv=None) -> dict:
     title_lengths = tree.item_length.numpy() if hasattr(tree.item_length, "numpy") else np.asarray(tree.item_length)
     n_params = sum(p.numel() for p in model.parameters())
     result = {
-        "command": "python " + " ".join([os.path.relpath(sys.argv[0], REPO)] + sys.argv[1:]),
-        "versions": {
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-            "transformers": transformers.__version__,
-            "trl": trl.__version__,
-            "trl_flower": trl_flower.__version__,
-        },
-        "machine": {
-            "platform": platform.platform(),
-            "cpus": os.cpu_count(),
-            "torch_threads": args.threads,
-            "loadavg_1min_before": round(load_before[0], 2),
-        },
+        "command": command(argv),
+        "git_commit": git_commit(mark_dirty=True),
+        "versions": versions("python", "torch", "transformers", "trl", "trl_flower"),
+        "machine": machine_before,
         "seed": args.seed,
         "setup": {
-            "dataset": data.name,
+            "dataset": run_data.name,
             "rows": len(train),
             "batch": args.batch,
             "gradient_accumulation_steps": 1,
@@ -310,12 +313,9 @@ def main(argv=None) -> dict:
             ratios = [r["total"] / s["total"] for r, s in zip(rows, rounds["flower_lambda0"])]
             entry["ratio_to_flower_lambda0_median"] = round(statistics.median(ratios), 3)
         result["runs"][name] = entry
-    result["machine"]["loadavg_1min_after"] = round(os.getloadavg()[0], 2)
+    result["machine"]["loadavg_1min_after"] = load_average()
     result["wall_seconds"] = round(time.perf_counter() - start, 1)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "flower_step.json").write_text(json.dumps(result, indent=2) + "\n")
-    (out / "flower_step.md").write_text(markdown(result))
+    write_results(Path(args.out) / "flower_step", result, markdown(result), indent=2, final_newline=True)
     print(markdown(result))
     return result
 
@@ -325,7 +325,7 @@ def markdown(r: dict) -> str:
     lines = [
         "# Flower step vs SFT step benchmark",
         "",
-        f"Command: `{r['command']}` (seed {r['seed']}, wall time {r['wall_seconds']} s).",
+        f"Command: `{r['command']}` (git {r['git_commit']}, seed {r['seed']}, wall time {r['wall_seconds']} s).",
         "",
         "Versions: " + ", ".join(f"{k} {v}" for k, v in r["versions"].items()) + ".",
         f"Machine: {r['machine']['platform']}, {r['machine']['cpus']} CPUs shared with other jobs, torch threads "
@@ -354,11 +354,13 @@ def markdown(r: dict) -> str:
         )
     lines += [
         "",
-        "Split columns: median seconds per step of each part (exclusive wall time; medians of parts need not add "
-        "up to the median total). `sampling` = `generate` or the in-loss sampler, decode forwards included; "
-        "`targets` = batch assembly (tokenisation, GRPO's reward call and logs, flow and SFT targets); `forward` = "
-        "model forwards with gradient; `loss` = loss arithmetic and metrics; `other` = the rest of "
-        "`training_step`.",
+        "Split columns: median seconds per step of each part (exclusive wall time, measured through PyTorch forward "
+        "hooks and the trainer's `compute_loss`; medians of parts need not add up to the median total). `sampling` "
+        "= model forwards without gradient (decode steps; on the generate path also its prompt prefill); `forward` "
+        "= model forwards with gradient; `targets` = `training_step` before `compute_loss` (tokenisation, SFT and "
+        "flow targets, GRPO's reward call and logs; on the generate path the rest of `generate`); `loss` = "
+        "`compute_loss` without its forwards (loss arithmetic and metrics; on the in-loss path also the sampler's "
+        "token choice and the samples' flow targets); `backward` = `training_step` after `compute_loss`.",
         "",
     ]
     return "\n".join(lines)

@@ -41,20 +41,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import shlex
 import statistics
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import spine  # beside this script: the bench spine
+from spine import RESULTS_DIR, paper_numbers, use_this_checkout, versions
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:  # run from a checkout without installing the package
-    sys.path.insert(0, str(REPO))
+use_this_checkout()  # this checkout's trl_flower, also when another one is installed
 
 GFN_METHODS = ("tb", "db")
 ALL_METHODS = ("sft", "tb", "db", "sdpo")
@@ -72,7 +70,6 @@ REPORTED = (
     "distinct_items@10",
     "distinct_titles",
 )
-PAPER = {"SFT": {"R@5": 0.0344, "N@5": 0.0227}, "GFlowGR-TB": {"R@5": 0.0433, "N@5": 0.0286}}  # LETTER + Beauty [R]
 
 
 # ================================================================================================ setup
@@ -251,24 +248,16 @@ def save_checkpoint(trainer, bench: Bench, out_dir: Path) -> Path:
 
 
 def train_sdpo(bench: Bench, args, seed: int, init: Path, out_dir: Path, lr: float):
-    """S-DPO from the stage-1 SFT checkpoint (also the reference); returns the trainer."""
+    """S-DPO from the stage-1 SFT checkpoint (also the reference) through `trl_flower.run.train`; returns the
+    trainer (nothing saved)."""
     from datasets import Dataset
 
-    from trl_flower.baselines.preference import train_preference
+    from trl_flower.run import RunData, config_class, method_defaults, train
 
     ds = Dataset.from_dict(
         {"prompt": [r["prompt"] for r in bench.train_rows], "item_id": [r["item_id"] for r in bench.train_rows]}
     )
-    return train_preference(
-        "sdpo",
-        init,
-        None,
-        ds,
-        out_dir,
-        tree=bench.tree,
-        tokenizer=bench.tokenizer,
-        negative_seed=seed,
-        save=False,
+    settings = dict(
         max_steps=args.steps,
         learning_rate=lr,
         beta=args.sdpo_beta,
@@ -282,6 +271,10 @@ def train_sdpo(bench: Bench, args, seed: int, init: Path, out_dir: Path, lr: flo
         lr_scheduler_type="cosine",
         warmup_steps=max(1, args.steps // 20),
     )
+    config = config_class("sdpo")(output_dir=str(out_dir), **{**method_defaults("sdpo"), **settings})
+    data = RunData(items=bench.data.items, train_dataset=ds, name=bench.data.name)
+    run = train("sdpo", init, data, config, tree=bench.tree, tokenizer=bench.tokenizer, negative_seed=seed, save=False)
+    return run.trainer
 
 
 # ================================================================================================ evaluation
@@ -419,27 +412,7 @@ def summarise(rows: list[dict]) -> list[dict]:
     return out
 
 
-def versions() -> dict:
-    """Library versions and the git commit."""
-    import torch
-    import transformers
-    import trl
-
-    import trl_flower
-
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True)
-    return {
-        "trl_flower": getattr(trl_flower, "__version__", "?"),
-        "commit": commit.stdout.strip(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "trl": trl.__version__,
-        "numpy": np.__version__,
-        "python": platform.python_version(),
-    }
-
-
-def write_markdown(path: Path, result: dict) -> None:
+def markdown(result: dict) -> str:
     """A compact results table (mean over seeds; per-seed values in the JSON)."""
     a, setup_s = result["args"], result["timings"]
     lines = [
@@ -470,7 +443,7 @@ def write_markdown(path: Path, result: dict) -> None:
         + "; ".join(f"{s['label']}: {', '.join(f'{v:.4f}' for v in s['NDCG@5_per_seed'])}" for s in result["summary"]),
         "",
     ]
-    path.write_text("\n".join(lines))
+    return "\n".join(lines)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -527,7 +500,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument(
         "--out",
-        default=str(REPO / "bench" / "results" / "gflowgr_movies"),
+        default=str(RESULTS_DIR / "gflowgr_movies"),
         help="output prefix (.json and .md are written)",
     )
     return p.parse_args(argv)
@@ -566,17 +539,16 @@ def write_results(args, bench: Bench, rows: list[dict], wall: float) -> None:
     result = {
         "command": "python " + shlex.join(sys.argv),
         "args": vars(args),
-        "versions": versions(),
+        "versions": versions("trl_flower", "git_commit", "torch", "transformers", "trl", "numpy", "python"),
         "scale": scale,
         "timings": bench.timings,
         "wall_s": wall,
         "summary": summarise(rows),
         "runs": rows,
+        # for scale only: another dataset, tokenizer and backbone (bench/paper/gflowgr_letter_beauty.json)
+        "paper_letter_beauty": paper_numbers("gflowgr_letter_beauty"),
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(result, indent=2, default=str) + "\n")
-    write_markdown(out.with_suffix(".md"), result)
+    spine.write_results(args.out, result, markdown(result), indent=2, final_newline=True)
 
 
 if __name__ == "__main__":

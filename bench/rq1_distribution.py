@@ -33,9 +33,7 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import os
-import platform
 import shlex
 import sys
 import time
@@ -44,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import spine  # beside this script: versions, the paper's numbers, the results writer
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -51,10 +50,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 METHODS = ("base", "sft", "dpo", "rloo", "flower", "flower_official")
 TARGET_ROW = "target"
 DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "movies_popularity"
-PAPER_TABLE3 = {  # flower_reference.md appendix: 1,500 items, Qwen2.5-3B
-    "flower": {"title_KL(T||R)": 0.961, "title_KL(R||T)": 0.190, "title_JS": 0.047, "token_JS": 0.217},
-    "sft": {"title_KL(T||R)": 5.114, "title_KL(R||T)": 0.788, "title_JS": 0.184},
-}
+PAPER_TABLE3 = spine.paper_numbers("flower_table3")  # 1,500 items, Qwen2.5-3B; bench/paper/flower_table3.json cites it
 METRIC_COLUMNS = (
     "title_KL(T||R)",
     "title_KL(R||T)",
@@ -147,12 +143,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def load_target(spec: str) -> dict[str, float]:
-    """The target {title: count}, from a path or a file name under ``../shared/data/movies_popularity``."""
-    path = Path(spec)
-    if not path.is_file():
-        path = DATA_DIR / spec
-    with open(path) as f:
-        return {str(k): float(v) for k, v in json.load(f).items()}
+    """The target {title: count}, from a path or a file name under ``../shared/data/movies_popularity``
+    (`trl_flower.data.targets.load_target` with that data root)."""
+    from trl_flower.data.targets import load_target as read_target
+
+    return read_target(spec, data_root=DATA_DIR.parent)[1]
 
 
 def draw_targets(counts: np.ndarray, n: int, seed: int) -> np.ndarray:
@@ -207,8 +202,12 @@ def flower_loss_options(method: str, args: argparse.Namespace) -> dict[str, str]
 
 
 def train_method(method: str, ctx: dict[str, Any], args: argparse.Namespace, seed: int) -> tuple[Any, list[dict]]:
-    """Train one method from the base model; returns the trained (LoRA-merged) model and the trainer's log history."""
+    """Train one method from the base model through `trl_flower.run.train` (nothing saved); returns the trained
+    (LoRA-merged) model and the trainer's log history."""
     from datasets import Dataset
+
+    from trl_flower.models import smollm2_lora_config
+    from trl_flower.run import RunData, config_class, method_defaults, train
 
     model_path, tree, tok, counts, prompt = (
         ctx["model_path"],
@@ -220,115 +219,77 @@ def train_method(method: str, ctx: dict[str, Any], args: argparse.Namespace, see
     n = args.steps * args.batch_size
     out = Path(args.work_dir) / f"{method}_seed{seed}"
     cfg = common_config(args, seed, out)
-    from trl_flower.models import smollm2_lora_config
-
-    lora = smollm2_lora_config(args.lora_r)
     cfg.pop("output_dir")
+    tokenizer, item_rewards, reward_scores = tok, None, None
     if method == "sft":
-        from trl_flower.baselines.sft import train_sft
-
-        trainer = train_sft(
-            "sft",
-            model_path,
-            [prompt] * n,
-            draw_targets(counts, n, seed),
-            out,
-            tree=tree,
-            tokenizer=tok,
-            save=False,
-            peft_config=lora,
-            num_train_epochs=1,
-            **cfg,
-        )
+        rows = Dataset.from_dict({"prompt": [prompt] * n, "item_id": draw_targets(counts, n, seed).tolist()})
+        settings = {"num_train_epochs": 1}
     elif method == "dpo":
-        from trl_flower.baselines.preference import build_preference_dataset, train_preference
+        from trl_flower.baselines.preference import build_preference_dataset
 
         pairs = args.dpo_pairs or max(1, args.batch_size // 2)
         chosen, rejected = dpo_pairs(counts, args.steps * pairs, seed)
-        data = build_preference_dataset([prompt] * chosen.size, chosen, rejected, tree, tok, multi_negative=False)
-        cfg["per_device_train_batch_size"] = pairs
-        trainer = train_preference(
-            "dpo",
-            model_path,
-            None,
-            data,
-            out,
-            tree=tree,
-            tokenizer=tok,
-            save=False,
-            peft_config=lora,
-            beta=args.dpo_beta,
-            num_train_epochs=1,
-            **cfg,
-        )
+        # the paper's RQ1 pairs, not catalogue negatives: a ready preference dataset, which the entry point uses as is
+        rows = build_preference_dataset([prompt] * chosen.size, chosen, rejected, tree, tok, multi_negative=False)
+        settings = {"beta": args.dpo_beta, "num_train_epochs": 1, "per_device_train_batch_size": pairs}
     elif method == "rloo":
-        from trl_flower.baselines.preference import train_online_rl
-
         # One "SASRec row" whose logits are log counts: softmax gives counts / Σ counts, and the min-max
-        # normalisation of train_online_rl's reward turns it into (c − c_min) / (c_max − c_min), the RQ1 PPO reward.
-        scores = np.log(counts)[None, :].astype(np.float32)
-        data = Dataset.from_dict({"prompt": [prompt] * n, "row_index": [0] * n})
+        # normalisation of the online RL reward turns it into (c − c_min) / (c_max − c_min), the RQ1 PPO reward.
+        reward_scores = np.log(counts)[None, :].astype(np.float32)
+        rows = Dataset.from_dict({"prompt": [prompt] * n, "row_index": [0] * n})
         # num_generations = batch size: each step is one prompt with `batch_size` completions (leave-one-out
         # baseline over them); beta = 0: no KL reference, like FlowerTrainer and the SFT/DPO budgets.
-        trainer = train_online_rl(
-            "rloo",
-            model_path,
-            None,
-            data,
-            out,
-            preference_scores=scores,
-            tree=tree,
-            save=False,
-            peft_config=lora,
-            num_generations=args.batch_size,
-            beta=0.0,
-            temperature=1.0,
-            **cfg,
-        )
+        settings = {
+            "max_completion_length": int(tree.item_length.max()),
+            "num_generations": args.batch_size,
+            "beta": 0.0,
+            "temperature": 1.0,
+        }
+        tokenizer = None  # the entry point's own: left padding for the rollouts
     elif method in ("flower", "flower_official"):
-        from trl_flower import FlowerConfig, FlowerTrainer
-
         # With λ = 1 the item column only feeds the offline trajectories (the SFT term has weight 0).
         weights = {"length": tree.item_length.astype(np.float64), "uniform": np.ones_like(counts), "counts": counts}
         items = draw_targets(weights[args.flower_offline_items], n, seed)
-        data = Dataset.from_dict({"prompt": [prompt] * n, "item_id": items.tolist()})
+        rows = Dataset.from_dict({"prompt": [prompt] * n, "item_id": items.tolist()})
         start, final = (args.flower_offline + [None])[:2]
-        config = FlowerConfig(
-            output_dir=str(out),
-            flow_lambda=args.flower_lambda,
-            max_completion_length=int(tree.item_length.max()),
-            offline_trajectory_prob=start,
-            offline_trajectory_prob_final=final,
+        settings = {
+            "flow_lambda": args.flower_lambda,
+            "max_completion_length": int(tree.item_length.max()),
+            "offline_trajectory_prob": start,
+            "offline_trajectory_prob_final": final,
             **flower_loss_options(method, args),
-            **cfg,
-        )
-        trainer = FlowerTrainer(
-            str(model_path), tree, args=config, train_dataset=data, processing_class=tok, peft_config=lora
-        )
-        trainer.train()
+        }
+        item_rewards = counts  # the tree's own: R(i) = the target count
     else:
         raise ValueError(f"unknown trained method {method!r}")
+    trained_as = "flower" if method == "flower_official" else method
+    # the method's official settings, then the shared budget, then this method's own (e.g. DPO's pairs per step)
+    config = config_class(trained_as)(output_dir=str(out), **{**method_defaults(trained_as), **cfg, **settings})
+    # item_counts: the target counts (the entry point would count training histories otherwise; there are none)
+    data = RunData(items=ctx["titles"], train_dataset=rows, item_counts=counts)
+    run = train(
+        trained_as,
+        model_path,
+        data,
+        config,
+        tree=tree,
+        tokenizer=tokenizer,
+        item_rewards=item_rewards,
+        reward_scores=reward_scores,
+        peft_config=smollm2_lora_config(args.lora_r),
+        save=False,
+    )
+    trainer = run.trainer
     model = trainer.model
     if hasattr(model, "merge_and_unload"):
         model = model.merge_and_unload()  # plain weights decode faster than base + adapter
     history = list(trainer.state.log_history)
-    del trainer
+    del trainer, run
     gc.collect()
     return model.eval(), history
 
 
 # ============================================================================================== sampling
-
-
-def _shared_prompt_cache(model, tok, prompt: str, rows: int):
-    """Run the one prompt once and repeat its KV cache for `rows` rows: (first logits [rows, 1, V], cache, mask)."""
-    from trl_flower.prompt_sharing import prompt_forward
-
-    ids = torch.tensor([tok(prompt)["input_ids"]])  # [1, P]
-    mask = torch.ones_like(ids)
-    logits, cache = prompt_forward(model, ids, mask)
-    cache.batch_repeat_interleave(rows)
-    return logits.expand(rows, 1, logits.shape[-1]), cache, mask.expand(rows, -1)
 
 
 @torch.no_grad()
@@ -341,6 +302,7 @@ def sample_titles(model, ctx: dict[str, Any], n: int, seed: int, chunk: int, con
     for decoding.
     """
     from trl_flower.decoding import TrieLogitsProcessor, generated_nodes
+    from trl_flower.prompt_sharing import repeated_prompt_forward
     from trl_flower.sampling import sample_on_cache
 
     tree, tok, titles = ctx["tree"], ctx["tokenizer"], ctx["titles"]
@@ -350,7 +312,9 @@ def sample_titles(model, ctx: dict[str, Any], n: int, seed: int, chunk: int, con
     out: list[str] = []
     for start in range(0, n, chunk):
         rows = min(chunk, n - start)
-        first, cache, mask = _shared_prompt_cache(model, tok, ctx["prompt"], rows)
+        # the one prompt runs once per chunk; its cache is repeated for the chunk's rows
+        ids = torch.tensor([tok(ctx["prompt"])["input_ids"]])  # [1, P]
+        first, cache, mask = repeated_prompt_forward(model, ids, torch.ones_like(ids), rows)
         uniforms = torch.rand(rows, max_len, generator=gen)
         if constrained:
             trie = TrieLogitsProcessor(tree, prompt_length=0)
@@ -461,17 +425,7 @@ def markdown(report: dict[str, Any]) -> str:
 
 def versions() -> dict[str, str]:
     """Library versions that determine the numbers."""
-    import peft
-    import transformers
-    import trl
-
-    return {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "trl": trl.__version__,
-        "peft": peft.__version__,
-    }
+    return spine.versions("python", "torch", "transformers", "trl", "peft")
 
 
 # ============================================================================================== main
@@ -594,8 +548,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "generated_counts_first_seed": plot_counts,
         "plot": str(plot_path),
     }
-    (out_dir / f"{args.tag}.json").write_text(json.dumps(report, indent=1, default=str))
-    (out_dir / f"{args.tag}.md").write_text(markdown(report))
+    spine.write_results(out_dir / args.tag, report, markdown(report), indent=1, default=str)
     print(markdown(report))
     return report
 

@@ -15,8 +15,9 @@ Usage::
 
     python bench/rq2_flow_targets.py --checkpoint /tmp/rq2e3/runs/Movies_and_TV/seed0/flower
 
-It reads ``prefix_tree.npz`` and ``item_groups.npy`` from the checkpoint dir and prints a markdown report (and
-writes it with ``--output``). It trains and evaluates nothing and takes seconds.
+It reads the tree and the item popularity groups saved with the checkpoint (`trl_flower.checkpoint.load_tree`,
+`load_item_groups`) and prints a markdown report (and writes it with ``--output``). It trains and evaluates nothing
+and takes seconds.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
+from trl_flower.checkpoint import load_item_groups, load_tree
 from trl_flower.tree import PrefixTree
 
 
@@ -71,18 +73,17 @@ def main(argv: list[str] | None = None) -> int:
     """Command line: see the module docstring."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
-        "--checkpoint", required=True, type=Path, help="an RQ2 Flower checkpoint dir (prefix_tree.npz, item_groups.npy)"
+        "--checkpoint", required=True, type=Path, help="an RQ2 Flower checkpoint dir (its tree and item groups)"
     )
     parser.add_argument("--depths", type=int, nargs="+", default=[1, 2, 3], help="prefix depths to report")
     parser.add_argument("--output", type=Path, help="also write the markdown report here")
     args = parser.parse_args(argv)
-    for name in ("prefix_tree.npz", "item_groups.npy"):
-        if not (args.checkpoint / name).is_file():
-            parser.error(f"{args.checkpoint / name} not found: pass a Flower checkpoint of bench/rq2_recommend.py")
-    tree = PrefixTree.load(args.checkpoint / "prefix_tree.npz")
-    groups = np.load(args.checkpoint / "item_groups.npy")
+    tree, groups = load_tree(args.checkpoint), load_item_groups(args.checkpoint)
+    if tree is None or groups is None:
+        missing = " and ".join(what for what, x in (("no tree", tree), ("no item groups", groups)) if x is None)
+        parser.error(f"{args.checkpoint} has {missing}: pass a Flower checkpoint of bench/rq2_recommend.py")
     if groups.shape != (tree.num_items,):
-        parser.error(f"item_groups.npy has {groups.shape[0]} entries, the tree {tree.num_items} items")
+        parser.error(f"the item groups have {groups.shape[0]} entries, the tree {tree.num_items} items")
     command = "python bench/rq2_flow_targets.py " + shlex.join(sys.argv[1:] if argv is None else argv)
     text = f"Command: `{command}`\n\nCheckpoint: `{args.checkpoint}`\n\n" + report(tree, groups, args.depths)
     print(text)

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shlex
 import sys
 import time
@@ -35,9 +34,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # the RQ2 bench, whose setup and trainers are reused
+# modules beside this script: the RQ2 study (rq2_recommend.py's setup, trainers and evaluation) and the bench spine
+import rq2_study as rq2
+from spine import load_average, use_this_checkout, versions, with_notes
 
-import rq2_recommend as rq2  # noqa: E402
+use_this_checkout()  # this checkout's trl_flower, also when another one is installed
 
 
 @dataclass(frozen=True)
@@ -83,8 +84,7 @@ COLUMNS = ("NDCG@5", "HR@5", "DGU@10", "MGU@10", "H", "TTR", "distinct_titles")
 
 def make_parser() -> argparse.ArgumentParser:
     """RQ2's arguments (the same training and evaluation settings) plus the knob selection."""
-    p = rq2.make_parser()
-    p.description = __doc__.split("\n\n")[0]
+    p = rq2.make_parser(__doc__.split("\n\n")[0])
     p.add_argument(
         "--knobs",
         nargs="+",
@@ -114,7 +114,7 @@ def references(args: argparse.Namespace) -> dict[str, tuple[str, str]]:
     out = {"BIGRec (SFT)": ("sft", "RQ2's SFT")}
     for lam in args.lambdas:
         out[f"Flower λ {lam:g} (RQ2)"] = (
-            rq2._flower_name(lam, args),
+            rq2.flower_name(lam, args),
             f"RQ2's Flower: {args.flower_reward_variant}, λ {lam:g}, official loss, T = 1",
         )
     return out
@@ -136,7 +136,7 @@ def train_knob(setup: rq2.Setup, init_dir: Path, out: Path, args: argparse.Names
 
 
 def evaluate_both(model_dir: Path, label: str, seed_dir: Path, name: str, args: argparse.Namespace) -> dict[str, Any]:
-    """Valid and test records of one checkpoint (RQ2's cached `trl-flower evaluate`), in this script's eval dirs."""
+    """Valid and test records of one checkpoint (the RQ2 study's cached evaluation), in this script's eval dirs."""
     return {
         split: rq2.evaluate(model_dir, label, split, rows, seed_dir / f"eval_knobs_{split}" / name, args)
         for split, rows in (("valid", args.valid_rows), ("test", args.test_rows))
@@ -160,7 +160,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         init_dir = rq2.build_init_dir(tok_dir, args, seed, seed_dir / "init")
         rows: dict[str, Any] = {}
         for label, (name, what) in references(args).items():
-            if not args.no_references and rq2._done(seed_dir / name):
+            if not args.no_references and rq2.is_finished(seed_dir / name):
                 rows[label] = {
                     "what": what,
                     "checkpoint": name,
@@ -168,11 +168,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 }
         for name in args.knobs:
             knob, out = KNOBS[name], seed_dir / f"knob_{name}"
-            if not rq2._done(out):
+            if not rq2.is_finished(out):
                 if args.report_only:
-                    rq2._log(f"seed {seed}: knob {name} not trained, left out of the report")
+                    rq2.log(f"seed {seed}: knob {name} not trained, left out of the report")
                     continue
-                rq2._log(f"seed {seed}: training knob {name} ({knob.what}) -> {out}")
+                rq2.log(f"seed {seed}: training knob {name} ({knob.what}) -> {out}")
                 train_knob(setup, init_dir, out, args, seed, knob)
             train = json.loads((out / "knob_train.json").read_text())
             rows[name] = {
@@ -198,7 +198,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     report = {
         "dataset": args.dataset,
         "command": "python bench/rq2_knobs.py " + shlex.join(sys.argv[1:]),
-        "versions": rq2._versions(),
+        "versions": versions("trl_flower", "git_commit", "trl", "transformers", "torch", "numpy", "python"),
         "settings": vars(args),
         "baseline_knob": {
             "flow_lambda": PAPER_LAMBDA,
@@ -212,17 +212,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "reference_shares": list(map(float, setup.popularity.shares)),
         "files": {"plot": str(plot)},
         "wall_time_s": round(time.perf_counter() - wall_start, 1),
-        "load_average_end": round(os.getloadavg()[0], 2),
+        "load_average_end": load_average(),
     }
     (results_dir / f"{stem}.json").write_text(json.dumps(report, indent=1, default=float))
     # RQ2's --notes: the analysis and how the runs were split into processes
-    (results_dir / f"{stem}.md").write_text(rq2.with_notes(to_markdown(report), args.notes))
-    rq2._log(f"wrote {results_dir / stem}.json/.md and {plot}")
+    (results_dir / f"{stem}.md").write_text(with_notes(to_markdown(report), args.notes))
+    rq2.log(f"wrote {results_dir / stem}.json/.md and {plot}")
     return report
 
 
 def _cells(metrics: dict[str, Any]) -> str:
-    return " | ".join(rq2._cell(c, metrics.get(c)) for c in COLUMNS)
+    return " | ".join(rq2.metric_cell(c, metrics.get(c)) for c in COLUMNS)
 
 
 def to_markdown(report: dict[str, Any]) -> str:

@@ -2,17 +2,18 @@
 
 Every method runs twice per seed on the same rows, steps, batch, learning rate, β and seed: once from the SFT
 (BIGRec) checkpoint and once from the Flower checkpoint, the start being both the policy init and the frozen
-reference (the paper's B_* and F_* rows). Methods (all through the library's public entry points):
+reference (the paper's B_* and F_* rows). Every run is built by the library's entry point, `trl_flower.run.train`:
 
-* ``dpo``, ``sdpo``, ``dmpo``, ``rosepo``: `trl_flower.baselines.preference.train_preference` (TRL ``DPOTrainer``,
-  catalogue negatives sampled with the seed);
-* ``rloo``: `trl_flower.baselines.preference.train_online_rl("rloo")` (TRL ``RLOOTrainer``, trie-constrained
-  rollouts, reward = min-max-normalised SASRec score of the sampled title, KL to the reference with ``beta``). RLOO is
-  the on-policy stand-in for the paper's PPO, which exists only in trl 1.11/1.12 (the installed trl has none).
+* ``dpo``, ``sdpo``, ``dmpo``, ``rosepo``: TRL ``DPOTrainer`` (`trl_flower.baselines.preference`), catalogue
+  negatives sampled with the seed;
+* ``rloo``: TRL ``RLOOTrainer`` (`trl_flower.baselines.online_rl`), trie-constrained rollouts, reward =
+  min-max-normalised SASRec score of the sampled title, KL to the reference with ``beta``. RLOO is the on-policy
+  stand-in for the paper's PPO, which exists only in trl 1.11/1.12 (the installed trl has none).
 
-Every trained model and both starting checkpoints are decoded the same way (`trl-flower evaluate`'s
-`run_evaluation`: trie-constrained beam search, 10 beams, length penalty 1) on the first ``--test-rows`` rows of
-``--split`` and scored with the paper's metrics (NDCG@5, HR@5, DGU@10, MGU@10, H, TTR, distinct titles).
+Every trained model and both starting checkpoints are decoded the same way (`trl-flower evaluate`'s library call,
+`trl_flower.evaluation.pipeline.run_evaluation`: trie-constrained beam search, 10 beams, length penalty 1) on the
+first ``--test-rows`` rows of ``--split`` and scored with the paper's metrics (NDCG@5, HR@5, DGU@10, MGU@10, H, TTR,
+distinct titles).
 
 Writes ``<--out>.json`` and ``<--out>.md`` (default ``bench/results/rq3_movies``). Trained checkpoints and per-model
 reports go to ``--runs-dir``; a finished training or evaluation found there is reused.
@@ -22,7 +23,7 @@ Usage::
     python bench/rq3_reference.py --sft-checkpoint /tmp/rq2_runs/Movies_and_TV/seed0/sft \\
         --flower-checkpoint /tmp/rq2_runs/Movies_and_TV/seed0/flower \\
         --sasrec-logits /tmp/rq2_runs/Movies_and_TV/sasrec/train_logits.npy --seeds 0 1
-    # a starting pair of your own (tiny Qwen2 from trl_flower.tiny + `trl-flower train --method sft/flower`):
+    # a starting pair of your own (tiny Qwen2 from trl_flower.tiny, trained with methods sft and flower):
     python bench/rq3_reference.py --build-pair /tmp/rq3/pair --pair-rows 4000
 """
 
@@ -34,15 +35,15 @@ import os
 import platform
 import shlex
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:  # run from a checkout without installing the package
-    sys.path.insert(0, str(REPO))
+import spine  # beside this script: the bench spine
+from spine import RESULTS_DIR, logger, paper_numbers, use_this_checkout, versions
+
+use_this_checkout()  # this checkout's trl_flower, also when another one is installed
 
 DPO_FAMILY = ("dpo", "sdpo", "dmpo", "rosepo")
 ALL_METHODS = (*DPO_FAMILY, "rloo")
@@ -57,11 +58,11 @@ HIGHER_IS_BETTER = {
     "TTR": True,
     "distinct_titles": True,
 }
-# Flower paper, Table 4, Movies_and_TV (flower_reference.md appendix): the two starting points at full scale
+# Flower paper, Table 4, Movies_and_TV (bench/paper/flower_table4.json): the two starting points at full scale
 # (Qwen2.5-1.5B). The paper's RQ3 table itself is not in the project's reference notes (see the results file).
 PAPER_MOVIES = {
-    "BIGRec (SFT)": dict(zip(METRICS[:6], (0.0930, 0.1134, 0.123, 0.028, 8.297, 0.018))),
-    "Flower": dict(zip(METRICS[:6], (0.0959, 0.1199, 0.076, 0.026, 8.808, 0.023))),
+    name: paper_numbers("flower_table4")["Movies_and_TV"][method]
+    for name, method in (("BIGRec (SFT)", "BIGRec"), ("Flower", "Flower"))
 }
 METHOD_NAMES = {"dpo": "DPO", "sdpo": "S-DPO", "dmpo": "DMPO", "rosepo": "RosePO", "rloo": "RLOO (for PPO)"}
 
@@ -117,7 +118,7 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--runs-dir", default="/tmp/rq3_runs", help="trained checkpoints and per-model reports")
     p.add_argument(
         "--out",
-        default=str(REPO / "bench" / "results" / "rq3_movies"),
+        default=str(RESULTS_DIR / "rq3_movies"),
         help="results prefix: writes <out>.json and <out>.md",
     )
     p.add_argument("--eval-batch-size", type=int, default=16, help="prompts per beam-search call")
@@ -132,8 +133,8 @@ def make_parser() -> argparse.ArgumentParser:
         "--build-pair",
         default=None,
         metavar="DIR",
-        help="instead of the experiment: build a starting pair DIR/{init,sft,flower} (tiny Qwen2 + "
-        "`trl-flower train --method sft/flower`) and exit",
+        help="instead of the experiment: build a starting pair DIR/{init,sft,flower} (tiny Qwen2 trained with "
+        "methods sft and flower) and exit",
     )
     p.add_argument("--pair-rows", type=int, default=4000, help="--build-pair: first N training rows")
     p.add_argument("--pair-epochs", type=float, default=1.0, help="--build-pair: epochs of both trainings")
@@ -159,29 +160,12 @@ def check_args(args: argparse.Namespace) -> None:
 # ------------------------------------------------------------------------------------------------------ helpers
 
 
-def _log(message: str) -> None:
-    print(f"[rq3 {time.strftime('%H:%M:%S')}] {message}", flush=True)
+_log = logger("rq3")
 
 
 def _versions() -> dict[str, str]:
     """Library versions and the git commit, for the results file."""
-    import numpy
-    import torch
-    import transformers
-    import trl
-
-    import trl_flower
-
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True)
-    return {
-        "trl_flower": trl_flower.__version__,
-        "git_commit": commit.stdout.strip() or "unknown",
-        "trl": trl.__version__,
-        "transformers": transformers.__version__,
-        "torch": torch.__version__,
-        "numpy": numpy.__version__,
-        "python": platform.python_version(),
-    }
+    return versions("trl_flower", "git_commit", "trl", "transformers", "torch", "numpy", "python")
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:
@@ -255,46 +239,44 @@ def _common_config(args: argparse.Namespace, seed: int) -> dict[str, Any]:
 def train_one(
     setup: Setup, args: argparse.Namespace, method: str, start: str, init: str, seed: int, out: Path
 ) -> dict[str, Any]:
-    """Train `method` from `init` (= reference) into `out`; returns wall time and log summary (cached)."""
-    from trl_flower.baselines.preference import train_online_rl, train_preference
+    """Train `method` from `init` (= reference) into `out` through `trl_flower.run.train`; returns wall time and log
+    summary (cached)."""
+    from trl_flower.run import RunData, config_class, method_defaults, train
 
     record_path = out / "rq3_train.json"
     cached = _read_json(record_path)
     if cached is not None:
         return cached
     tree = setup.trees[start]
-    config = _common_config(args, seed)
-    begin, cpu = time.perf_counter(), time.process_time()
     if method in DPO_FAMILY:
-        trainer = train_preference(
-            method,
-            init,
-            None,
-            setup.rows.select_columns(["prompt", "item_id", "history_item_id"]),
-            out,
-            tree=tree,
-            item_counts=setup.counts,
-            negative_seed=seed,
-            beta=args.beta,
-            **config,
-        )
+        columns, settings = ["prompt", "item_id", "history_item_id"], {"beta": args.beta}
     else:
-        import numpy as np
-
-        scores = np.load(args.sasrec_logits, mmap_mode="r")  # [train rows, items], indexed by row_index
-        trainer = train_online_rl(
-            "rloo",
-            init,
-            None,
-            setup.rows.select_columns(["prompt", "row_index"]),
-            out,
-            preference_scores=scores,
-            tree=tree,
-            beta=args.rloo_beta,
-            num_generations=args.num_generations,
-            **config,
-        )
-        tree.save(out / "prefix_tree.npz")  # the DPO family saves it too; evaluate then reads the same tree
+        columns = ["prompt", "row_index"]
+        settings = {
+            "beta": args.rloo_beta,
+            "num_generations": args.num_generations,
+            "max_completion_length": int(tree.item_length.max()),  # every item path fits; none is cut
+        }
+    config = config_class(method)(
+        output_dir=str(out), **{**method_defaults(method), **_common_config(args, seed), **settings}
+    )
+    data = RunData(
+        items=setup.data.items,
+        train_dataset=setup.rows.select_columns(columns),
+        item_counts=setup.counts,  # RosePO's negatives ∝ the whole train split's counts, not the subsample's
+        name=setup.data.name,
+    )
+    begin, cpu = time.perf_counter(), time.process_time()
+    run = train(
+        method,
+        init,
+        data,
+        config,
+        tree=tree,
+        negative_seed=seed,  # DPO family: the negatives are drawn with the training seed
+        reward_scores=args.sasrec_logits if method == "rloo" else None,  # [train rows, items] by row_index
+    )  # saved into `out` with its tree and model card
+    trainer = run.trainer
     # CPU time of this process ~ the wall time on an idle machine (1 torch thread); the machine is shared
     record = {
         "wall_s": round(time.perf_counter() - begin, 1),
@@ -310,8 +292,9 @@ def train_one(
 
 
 def evaluate(model_dir: str | Path, label: str, out: Path, args: argparse.Namespace) -> dict[str, Any]:
-    """`trl-flower evaluate` (its `run_evaluation`) on the first ``--test-rows`` rows of ``--split`` (cached)."""
-    from trl_flower.cli.evaluate import EvaluateArguments, run_evaluation
+    """`trl-flower evaluate`'s library call (`trl_flower.evaluation.pipeline.run_evaluation`) on the first
+    ``--test-rows`` rows of ``--split`` (cached)."""
+    from trl_flower.evaluation.pipeline import EvaluateArguments, run_evaluation
 
     cache = out / "result.json"
     cached = _read_json(cache)
@@ -572,11 +555,7 @@ def write_results(args: argparse.Namespace, records: dict[str, Any], wall_s: flo
         "paper_movies_table4": PAPER_MOVIES,
         "paper_note": PAPER_NOTE,
     }
-    # appended, not with_suffix: a prefix may contain dots (e.g. "..._lam0.001")
-    out_json, out_md = Path(f"{args.out}.json"), Path(f"{args.out}.md")
-    out_json.parent.mkdir(parents=True, exist_ok=True)
-    out_json.write_text(json.dumps(payload, indent=1, default=str))
-    out_md.write_text(markdown(payload))
+    spine.write_results(args.out, payload, markdown(payload), indent=1, default=str)  # a prefix may contain dots
     return payload
 
 
@@ -585,9 +564,10 @@ def write_results(args: argparse.Namespace, records: dict[str, Any], wall_s: flo
 
 def build_pair(args: argparse.Namespace) -> None:
     """A starting pair of our own: tiny Qwen2 (trl_flower.tiny, BPE on titles + prompt text) trained from scratch
-    with `trl-flower train --method sft` and `--method flower` (same rows, epochs, batch, lr, seed)."""
-    from trl_flower.cli.train import TrainArguments, run_training
+    with methods sft and flower through `trl_flower.run.train` (same rows, epochs, batch, lr, seed; the data and
+    prompts as `trl-flower train` builds them)."""
     from trl_flower.data import PromptBuilder, load_amazon
+    from trl_flower.run import config_class, load_tokenizer, method_defaults, recommendation_data, train
     from trl_flower.tiny import save_tiny_model
 
     root = Path(args.build_pair)
@@ -597,24 +577,24 @@ def build_pair(args: argparse.Namespace) -> None:
     init = save_tiny_model(
         root / "init", list(data.items) * 3 + text, vocab_size=2048, hidden_size=128, num_layers=2, seed=0
     )
+    budget = dict(
+        learning_rate=2e-3,
+        num_train_epochs=args.pair_epochs,
+        per_device_train_batch_size=32,
+        logging_steps=50,
+        seed=0,
+        save_strategy="no",
+        bf16=False,
+        report_to="none",
+        disable_tqdm=True,
+    )
     for method in STARTS:
-        _log(f"build pair: trl-flower train --method {method} --model {init} --max-rows {args.pair_rows}")
-        run_training(
-            TrainArguments(
-                method=method,
-                model=str(init),
-                data=args.dataset,
-                data_root=args.data_root,
-                output_dir=str(root / method),
-                max_rows=args.pair_rows,
-                learning_rate=2e-3,
-                num_train_epochs=args.pair_epochs,
-                per_device_train_batch_size=32,
-                num_threads=args.threads,
-                logging_steps=50,
-                no_progress=True,
-            )
-        )
+        _log(f"build pair: method {method} from {init} on the first {args.pair_rows} training rows")
+        tokenizer = load_tokenizer(init, method)
+        builder = PromptBuilder.from_dataset(data.name, mode="reference", tokenizer=tokenizer)
+        run_data = recommendation_data(data, builder, max_train_rows=args.pair_rows)
+        config = config_class(method)(output_dir=str(root / method), **{**method_defaults(method), **budget})
+        train(method, init, run_data, config, tokenizer=tokenizer)
 
 
 def main(argv: list[str] | None = None) -> int:

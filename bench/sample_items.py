@@ -20,15 +20,21 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
-import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))  # run from a checkout without installing
+from spine import (
+    RESULTS_DIR,
+    command,
+    git_commit,
+    load_average,
+    machine,
+    use_this_checkout,
+    versions,
+    write_results,
+)
+
+use_this_checkout()  # this checkout's trl_flower, also when another one is installed
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -46,14 +52,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=3, help="alternating repeats (best is kept)")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default=str(REPO / "bench" / "results"), help="directory of the results files")
+    p.add_argument("--out", default=str(RESULTS_DIR), help="directory of the results files")
     return p.parse_args(argv)
 
 
 def build(args):
     """Target titles, prompt, tokenizer, model and the titles' prefix tree."""
-    from trl_flower.cli.evaluate import load_target
     from trl_flower.data.prompts import history_free_prompt
+    from trl_flower.data.targets import load_target
     from trl_flower.tree import PrefixTree
 
     _, target = load_target(args.target, None)
@@ -76,13 +82,11 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     import numpy as np
     import torch
-    import transformers
 
-    import trl_flower
     from trl_flower.evaluation.recommend import sample_items
 
     torch.set_num_threads(args.threads)
-    start, load_before = time.perf_counter(), os.getloadavg()
+    start, machine_before = time.perf_counter(), machine(torch_threads=args.threads)
     titles, prompt, tokenizer, model, tree = build(args)
     times: dict[bool, list[float]] = {True: [], False: []}
     draws = {}
@@ -104,18 +108,10 @@ def main(argv=None) -> dict:
             times[shared].append(time.perf_counter() - t0)
     lengths = np.asarray(tree.item_length, dtype=float)
     result = {
-        "command": "python " + " ".join([os.path.relpath(sys.argv[0], REPO)] + sys.argv[1:]),
-        "versions": {
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-            "transformers": transformers.__version__,
-            "trl_flower": trl_flower.__version__,
-        },
-        "machine": {
-            "cpus": os.cpu_count(),
-            "torch_threads": args.threads,
-            "loadavg_1min_before": round(load_before[0], 2),
-        },
+        "command": command(argv),
+        "git_commit": git_commit(),
+        "versions": versions("python", "torch", "transformers", "trl_flower"),
+        "machine": machine_before,
         "seed": args.seed,
         "setup": {
             "model": args.model,
@@ -138,13 +134,9 @@ def main(argv=None) -> dict:
             "samples_per_s": round(args.samples / best, 1),
         }
     result["speedup_shared_over_plain"] = round(min(times[False]) / min(times[True]), 2)
-    result["machine"]["loadavg_1min_after"] = round(os.getloadavg()[0], 2)
+    result["machine"]["loadavg_1min_after"] = load_average()
     result["wall_seconds"] = round(time.perf_counter() - start, 1)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = f"sample_items_{args.model}"
-    (out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
-    (out / f"{stem}.md").write_text(markdown(result))
+    write_results(Path(args.out) / f"sample_items_{args.model}", result, markdown(result), indent=2, final_newline=True)
     print(markdown(result))
     return result
 
@@ -156,7 +148,7 @@ def markdown(r: dict) -> str:
         [
             "# Constrained sampling (`sample_items`): shared prompt cache vs plain `generate`",
             "",
-            f"Command: `{r['command']}` (seed {r['seed']}, wall time {r['wall_seconds']} s).",
+            f"Command: `{r['command']}` (git {r['git_commit']}, seed {r['seed']}, wall time {r['wall_seconds']} s).",
             "",
             "Versions: " + ", ".join(f"{k} {v}" for k, v in r["versions"].items()) + ".",
             f"Machine: {r['machine']['cpus']} CPUs, torch threads {r['machine']['torch_threads']}, 1-min load "

@@ -15,37 +15,23 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
-import shlex
 import statistics
-import subprocess
-import sys
 import time
 from pathlib import Path
 
-PAPER_HR5 = {"Movies_and_TV": 0.1072}  # Flower paper, Table 4, SASRec row
+from spine import RESULTS_DIR, command, paper_numbers, use_this_checkout, versions, write_results  # beside this script
+
+# Flower paper, Table 4, SASRec row (bench/paper/flower_table4.json): HR@5 per dataset where it is transcribed
+PAPER_HR5 = {name: rows["SASRec"]["HR@5"] for name, rows in paper_numbers("flower_table4").items() if "SASRec" in rows}
 TOLERANCE = 0.15
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:  # run from a checkout without installing the package
-    sys.path.insert(0, str(REPO))
+use_this_checkout()  # this checkout's trl_flower, also when another one is installed
 REPORTED = ("HR@1", "HR@5", "NDCG@5", "HR@10", "NDCG@10", "HR@20", "NDCG@20", "DGU@10", "MGU@10", "H", "TTR")
 
 
-def _git_commit() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True)
-        return out.stdout.strip() or "unknown"
-    except OSError:
-        return "unknown"
-
-
 def run(args: argparse.Namespace) -> dict:
-    import numpy as np
     import torch
 
-    import trl_flower
     from trl_flower.baselines.sasrec import SASRecTrainingArguments, evaluate_sasrec, fit_sasrec
     from trl_flower.data import load_amazon, popularity_from_histories
 
@@ -94,7 +80,7 @@ def run(args: argparse.Namespace) -> dict:
     hr5 = summary("item_HR@5")["mean"]
     return {
         "benchmark": "SASRec test metrics vs Flower paper Table 4",
-        "command": "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(__file__, REPO), *sys.argv[1:]]),
+        "command": command(script=__file__),
         "dataset": data.name,
         "rows": {split: ds.num_rows for split, ds in data.splits.items()},
         "num_items": data.num_items,
@@ -107,13 +93,7 @@ def run(args: argparse.Namespace) -> dict:
             "early_stopping": "valid NDCG@20, full ranking over all items",
             "threads": args.threads,
         },
-        "versions": {
-            "trl_flower": trl_flower.__version__,
-            "git_commit": _git_commit(),
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-            "numpy": np.__version__,
-        },
+        "versions": versions("trl_flower", "git_commit", "python", "torch", "numpy"),
         "machine": {"cpus": os.cpu_count(), "load_average_at_end": [round(x, 2) for x in os.getloadavg()]},
         "seeds": list(args.seeds),
         "runs": runs,
@@ -190,15 +170,12 @@ def main() -> None:
     parser.add_argument("--patience", type=int, default=20, help="early-stopping patience in epochs (paper: 20)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a busy 2-core box)")
     parser.add_argument("--tag", default=None, help="results file name suffix (default: the category's short name)")
-    parser.add_argument("--out-dir", default=str(REPO / "bench" / "results"), help="where to write the results")
+    parser.add_argument("--out-dir", default=str(RESULTS_DIR), help="where to write the results")
     parser.add_argument("--no-progress", action="store_true", help="hide the per-epoch progress bar")
     args = parser.parse_args()
     report = run(args)
     tag = args.tag or {"Movies_and_TV": "movies", "CDs_and_Vinyl": "cds"}.get(args.category, args.category)
-    out = Path(args.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"sasrec_{tag}.json").write_text(json.dumps(report, indent=2) + "\n")
-    (out / f"sasrec_{tag}.md").write_text(to_markdown(report))
+    write_results(Path(args.out_dir) / f"sasrec_{tag}", report, to_markdown(report), indent=2, final_newline=True)
     print(to_markdown(report))
 
 

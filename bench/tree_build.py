@@ -38,7 +38,8 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from spine import REPO, RESULTS_DIR, git_commit, versions, write_results  # beside this script: the bench spine
+
 VOCAB = 150_000
 TERMINATOR = 151_645
 ZIPF_EXPONENT = 1.07
@@ -264,16 +265,6 @@ def _run_worker(args: list[str]) -> dict:
 
 
 def _environment() -> dict:
-    import numpy
-    import torch
-
-    versions = {"python": platform.python_version(), "numpy": numpy.__version__, "torch": torch.__version__}
-    for name in ("transformers", "tokenizers"):
-        try:
-            versions[name] = __import__(name).__version__
-        except ImportError:
-            versions[name] = None
-    commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
     cpu = "unknown"
     try:
         cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
@@ -281,8 +272,8 @@ def _environment() -> dict:
         pass
     mem_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     return {
-        "versions": versions,
-        "git_commit": commit.stdout.strip() or None,
+        "versions": versions("python", "numpy", "torch", "transformers", "tokenizers"),
+        "git_commit": git_commit(),
         "machine": {
             "cpu": cpu,
             "cores": os.cpu_count(),
@@ -356,10 +347,8 @@ def _markdown(result: dict) -> str:
 
 
 def _write(result: dict, out: Path) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
-    out.with_suffix(".md").write_text(_markdown(result))
-    print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.md')}")
+    json_path, md_path = write_results(out, result, _markdown(result), indent=2, final_newline=True)
+    print(f"wrote {json_path} and {md_path}")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -369,7 +358,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--tokenize-sizes", type=int, nargs="+", default=[100_000, 1_000_000])
     parser.add_argument("--no-tokenize", action="store_true", help="skip the tokenisation benchmark")
-    parser.add_argument("--out", default=str(REPO / "bench" / "results" / "tree_build"), help="output path stem")
+    parser.add_argument("--out", default=str(RESULTS_DIR / "tree_build"), help="output path stem")
     parser.add_argument("--worker", choices=["generate", "build", "tokenize"], help=argparse.SUPPRESS)
     parser.add_argument("--data-dir", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)

@@ -110,10 +110,11 @@ def build_tiny_model(script_args: ScriptArguments, out_dir: Path) -> Path:
 
 
 def evaluate_saved_run(script_args: ScriptArguments, out: Path) -> dict:
-    """Constrained beam search of the saved model on `eval_split` (`trl-flower evaluate`'s library call)."""
+    """Constrained beam search of the saved model on `eval_split` (`trl-flower evaluate`'s library call,
+    `trl_flower.evaluation.pipeline.run_evaluation`)."""
     from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
-    from trl_flower.cli.evaluate import EvaluateArguments, run_evaluation
+    from trl_flower.evaluation.pipeline import EvaluateArguments, run_evaluation
 
     unset_hf_deepspeed_config()  # else from_pretrained enters zero.Init, a collective the other ranks never join
     result = run_evaluation(

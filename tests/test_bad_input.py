@@ -26,10 +26,10 @@ import pytest
 from datasets import Dataset, Value
 
 from trl_flower import FlowerConfig, FlowerTrainer, checkpoint
-from trl_flower.cli.evaluate import check_max_new_tokens
 from trl_flower.cli.evaluate import main as evaluate_main
 from trl_flower.cli.train import main as train_main
 from trl_flower.data import load_amazon
+from trl_flower.evaluation.pipeline import check_max_new_tokens
 from trl_flower.run import RunData
 from trl_flower.run import train as run_train
 from trl_flower.trainer_checks import check_dataset, check_model_and_tree

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -15,10 +16,15 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def rq2():
-    spec = importlib.util.spec_from_file_location("rq2_recommend", ROOT / "bench" / "rq2_recommend.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    bench = str(ROOT / "bench")
+    sys.path.insert(0, bench)  # as `python bench/rq2_recommend.py` finds its spine and the RQ2 study: beside it
+    try:
+        spec = importlib.util.spec_from_file_location("rq2_recommend", ROOT / "bench" / "rq2_recommend.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        sys.path.remove(bench)
 
 
 def _args(rq2, *extra):

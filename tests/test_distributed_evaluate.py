@@ -46,6 +46,7 @@ def evaluate(tmp: Path, name: str, config: str | None, model_dir: Path, data: Pa
     out = tmp / name
     args = ["evaluate", "--model", str(model_dir), "--data", str(data), "--category", "items", "--top-k", "4"]
     args += ["--batch-size", "2", "--num-threads", "1", "--no-progress", "--export-official-json"]
+    args += ["--rebuild-tree"]  # the tiny model has no saved tree (refused without it since issue 22)
     args += ["--output-dir", str(out / "eval")]
     out.mkdir(parents=True)
     run(accelerate_cmd(config, MAIN, *args), out / "launch.log")

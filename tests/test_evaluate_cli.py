@@ -20,10 +20,11 @@ import numpy as np
 import pytest
 
 from trl_flower import checkpoint
-from trl_flower.cli.evaluate import EvaluateArguments, command_line, make_parser
 from trl_flower.cli.evaluate import main as evaluate_main
+from trl_flower.cli.evaluate import make_parser
 from trl_flower.data.popularity import popularity_from_histories
 from trl_flower.evaluation.metrics import recommendation_metrics
+from trl_flower.evaluation.pipeline import EvaluateArguments, command_line
 from trl_flower.tree import PrefixTree
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -166,6 +167,32 @@ def test_batch_size_does_not_change_the_lists(recommend_run, tmp_path):
     assert [p["predict"] for p in single] == [p["predict"] for p in batched]
 
 
+def test_decoder_generate_gives_the_lists_of_the_trie_decoder(recommend_run, tmp_path):
+    """--decoder picks the beam-search engine; the default trie engine and generate return the same top-K lists."""
+    argv, out, _ = recommend_run
+    with_generate = list(argv)
+    with_generate[with_generate.index("--output-dir") + 1] = str(tmp_path)
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert cli([*with_generate, "--decoder", "generate"]) == 0
+    trie = json.loads((out / "predictions.json").read_text())
+    generate = json.loads((tmp_path / "predictions.json").read_text())
+    assert [p["predict"] for p in generate] == [p["predict"] for p in trie]
+    np.testing.assert_allclose([p["predict_score"] for p in generate], [p["predict_score"] for p in trie], atol=1e-5)
+    saved = json.loads((tmp_path / "metrics.json").read_text())
+    assert saved["settings"]["decoder"] == "generate" and "--decoder generate" in saved["command"]
+    assert json.loads((out / "metrics.json").read_text())["settings"]["decoder"] == "trie"
+
+
+def test_decoder_choices_are_the_recommenders():
+    from trl_flower.evaluation.pipeline import DECODERS
+    from trl_flower.evaluation.recommend import DECODERS as RECOMMEND_DECODERS
+
+    assert DECODERS == RECOMMEND_DECODERS and EvaluateArguments(model="m").decoder == "trie"
+    assert parsed(["--model", "m", "--decoder", "generate"]).decoder == "generate"
+    with pytest.raises(SystemExit):  # argparse refuses another engine
+        parsed(["--model", "m", "--decoder", "sampling"])
+
+
 def test_saved_tree_in_model_dir(tiny_model_dir, dataset_dir, tiny_titles, tiny_tokenizer, tmp_path, capsys):
     model = tmp_path / "model"
     shutil.copytree(tiny_model_dir, model)
@@ -262,6 +289,10 @@ def test_distribution_end_to_end(tiny_model_dir, tiny_titles, tmp_path, capsys):
         (["--model", "{model}", "--data", "{data}", "--num-beams", "2", "--top-k", "3"], "--num-beams must be >="),
         (["--model", "{model}", "--data", "{data}", "--temperature", "0"], "--temperature must be > 0"),
         (["--model", "{model}", "--data", "{data}", "--tree", "{missing}"], "no such file"),
+        (
+            ["--model", "{model}", "--task", "distribution", "--target", "t.json", "--decoder", "generate"],
+            "drop --decoder",
+        ),
     ],
 )
 def test_errors_are_one_line_with_exit_2(extra, message, tiny_model_dir, dataset_dir, tmp_path, capsys):

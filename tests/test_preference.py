@@ -195,12 +195,3 @@ def test_official_dpo_args_use_trl_sigmoid_loss_for_dpo_and_rosepo_only():
     assert "loss_type" not in official_dpo_args("sdpo") and official_dpo_args("sdpo")["beta"] == 0.3
     with pytest.raises(ValueError, match="method must be one of"):
         official_dpo_args("ppo")
-
-
-def test_online_rl_names_still_import_from_preference():
-    """bench/rq1_distribution.py and bench/rq3_reference.py import train_online_rl from here until phase 2."""
-    from trl_flower.baselines import online_rl, preference
-
-    assert preference.train_online_rl is online_rl.train_online_rl
-    with pytest.raises(AttributeError, match="no attribute 'not_a_name'"):
-        preference.not_a_name

@@ -117,3 +117,46 @@ def test_a_flower_run_through_the_python_api(tiny_model_dir, tiny_titles, tiny_t
     assert checkpoint.read_record(run.output_dir)["flow_lambda"] == 0.5
     assert "| `dataset` | tiny |" in checkpoint.model_card_path(run.output_dir).read_text()
     assert run.model is run.trainer.model  # single process: nothing to unwrap
+
+
+def test_build_trainer_gives_the_trainer_train_would_train(tiny_model_dir, tiny_titles, tiny_tokenizer, tmp_path):
+    """build_trainer builds without training or saving; its tree carries the item rewards train would use."""
+    from datasets import Dataset
+
+    from trl_flower.config import FlowerConfig
+    from trl_flower.run import build_trainer
+    from trl_flower.trainer import FlowerTrainer
+
+    rows = Dataset.from_dict({"prompt": ["a\n", "b\n"], "item_id": [1, 2], "history_item_id": [[0, 1], [1]]})
+    data = RunData(items=tiny_titles, train_dataset=rows)
+    args = FlowerConfig(
+        output_dir=str(tmp_path / "run"),
+        max_steps=1,
+        per_device_train_batch_size=2,
+        report_to="none",
+        save_strategy="no",
+    )
+    trainer, tree = build_trainer("flower", tiny_model_dir, data, args, tokenizer=tiny_tokenizer, reward_smoothing=2)
+    assert isinstance(trainer, FlowerTrainer) and trainer.state.global_step == 0
+    expected = np.full(len(tiny_titles), 2.0)
+    expected[:2] += [1, 2]  # item 0 once, item 1 twice in the histories
+    np.testing.assert_allclose(tree.item_rewards, expected)
+    assert trainer.tree is tree and not checkpoint.has_tree(tmp_path / "run")  # nothing trained or saved
+    with pytest.raises(TypeError, match="trains with a FlowerConfig"):
+        build_trainer("flower", tiny_model_dir, data, config_class("sft")(output_dir=str(tmp_path), bf16=False))
+
+
+def test_the_dpo_family_needs_history_counts_for_rosepo_only(tiny_model_dir, tiny_titles, tiny_tokenizer, tmp_path):
+    """S-DPO's negatives are uniform: rows without training histories build; RosePO's follow the counts."""
+    from datasets import Dataset
+
+    from trl_flower.run import build_trainer
+
+    rows = Dataset.from_dict({"prompt": ["a\n", "b\n"], "item_id": [1, 2]})  # no history_item_id column
+    data = RunData(items=tiny_titles, train_dataset=rows)
+    args = config_class("sdpo")(output_dir=str(tmp_path), **{**method_defaults("sdpo"), "report_to": "none"})
+    trainer, _ = build_trainer("sdpo", tiny_model_dir, data, args, tokenizer=tiny_tokenizer)
+    assert trainer.train_dataset.num_rows == 2
+    rosepo = config_class("rosepo")(output_dir=str(tmp_path), **{**method_defaults("rosepo"), "report_to": "none"})
+    with pytest.raises(ValueError, match="history_item_id"):  # counted from the rows' histories, which are missing
+        build_trainer("rosepo", tiny_model_dir, data, rosepo, tokenizer=tiny_tokenizer)

@@ -5,7 +5,12 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from trl_flower.decoding import TrieLogitsProcessor
-from trl_flower.prompt_sharing import continue_on_cache, prompt_forward, stacked_continuation_logits
+from trl_flower.prompt_sharing import (
+    continue_on_cache,
+    prompt_forward,
+    repeated_prompt_forward,
+    stacked_continuation_logits,
+)
 from trl_flower.sampling import detached_cache, sample_on_cache, sampling_warpers
 from trl_flower.tree import PrefixTree
 
@@ -87,3 +92,35 @@ def test_continuing_on_the_cache_equals_running_rows_in_full(model, tiny_tokeniz
         assert a.shape == b.shape == (len(PROMPTS), c_ids.shape[1] + 1, model.config.vocab_size)
         keep = torch.cat([torch.ones(len(PROMPTS), 1, dtype=torch.bool), c_mask], dim=1)  # states with real input
         torch.testing.assert_close(a[keep], b[keep], rtol=1e-4, atol=1e-4)
+
+
+def test_repeated_prompt_forward_gives_each_row_its_prompts_state(model, tree, tiny_tokenizer):
+    """One prompt pass repeated for r rows per prompt = the pass over the prompts repeated r times: the same first
+    logits, mask and samples (row b·r + i continues prompt b)."""
+    ids, mask = _prompts(tiny_tokenizer)
+    r = 3
+    with torch.no_grad():
+        first, cache, rows_mask = repeated_prompt_forward(model, ids, mask, r)
+        each_first, each_cache = prompt_forward(model, ids.repeat_interleave(r, 0), mask.repeat_interleave(r, 0))
+    assert first.shape == (len(PROMPTS) * r, 1, model.config.vocab_size) and cache.get_seq_length() == ids.shape[1]
+    torch.testing.assert_close(first, each_first, rtol=1e-5, atol=1e-5)
+    assert torch.equal(rows_mask, mask.repeat_interleave(r, 0))
+    uniforms = torch.rand(len(PROMPTS) * r, int(tree.item_length.max()), generator=torch.Generator().manual_seed(2))
+    trie = TrieLogitsProcessor(tree, prompt_length=0)
+    eos, pad = [tree.terminator_id], tiny_tokenizer.pad_token_id
+    shared = sample_on_cache(model, first, cache, rows_mask, uniforms, trie, eos, pad)
+    trie = TrieLogitsProcessor(tree, prompt_length=0)
+    each = sample_on_cache(model, each_first, each_cache, rows_mask, uniforms, trie, eos, pad)
+    assert torch.equal(shared, each)
+
+
+def test_prompt_forward_passes_position_ids_and_refuses_a_model_without_cache(model, tiny_tokenizer):
+    ids, mask = _prompts(tiny_tokenizer)  # left-padded rows of unequal length
+    positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)  # as generate numbers left-padded prompts
+    with torch.no_grad():
+        numbered, cache = prompt_forward(model, ids, mask, position_ids=positions)
+        expected = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits[:, -1:]
+    torch.testing.assert_close(numbered, expected, rtol=1e-5, atol=1e-5)
+    assert numbered.shape == (len(PROMPTS), 1, model.config.vocab_size) and cache.get_seq_length() == ids.shape[1]
+    no_cache = lambda **kwargs: type("Output", (), {"past_key_values": None, "logits": None})()  # noqa: E731
+    assert prompt_forward(no_cache, ids, mask) == (None, None)

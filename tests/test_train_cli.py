@@ -23,7 +23,7 @@ import torch
 from safetensors.torch import load_file
 
 from trl_flower import checkpoint
-from trl_flower.cli.train import METHODS, TrainArguments, TrainScriptArguments, make_parser, parse_args
+from trl_flower.cli.train import METHODS, TrainScriptArguments, make_parser, parse_args
 from trl_flower.cli.train import main as train_main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -285,15 +285,6 @@ def test_errors_are_one_line_exit_2(tiny_model_dir, dataset_dir, tmp_path, capsy
         assert train_main(argv) == 2, argv
         errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("trl-flower train: error:")]
         assert len(errors) == 1 and message in errors[0], errors  # one line (library warnings may precede it)
-
-
-def test_the_old_train_arguments_still_build_a_run_for_bench():
-    """bench/rq3_reference.py (phase 2 moves it) still calls run_training(TrainArguments(...)): same command line."""
-    old = TrainArguments(method="sft", model="m", data="d", output_dir="o", max_rows=64, learning_rate=2e-3)
-    script_args, args, model_args = parse_args(old.argv())
-    assert (script_args.method, script_args.max_train_rows, model_args.model_name_or_path) == ("sft", 64, "m")
-    assert (args.learning_rate, args.num_train_epochs, args.seed) == (2e-3, 7, 0)  # official epochs, the old seed
-    assert (str(args.save_strategy.value), args.bf16) == ("no", False)
 
 
 @pytest.mark.trl112

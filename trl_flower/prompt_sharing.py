@@ -6,9 +6,14 @@ halves the forward cost. The gradient flows back into the prompt through the cac
 detached copy of the same cache (:func:`detached_cache`, `trl_flower.sampling`).
 
 Entry points: :func:`shared_prompt_logits` (prompt once when possible, else the stacked rows), or the pieces
-:func:`prompt_forward`, :func:`detached_cache`, :func:`continue_on_cache`, :func:`stacked_continuation_logits`.
-No TRL import. (Evaluation's decoders share the prompt across their beams with their own cache code:
-`trl_flower.evaluation.trie_beam_search` and `trl_flower.evaluation.generate_path`.)
+:func:`prompt_forward`, :func:`repeated_prompt_forward`, :func:`detached_cache`, :func:`continue_on_cache`,
+:func:`stacked_continuation_logits`. No TRL import.
+
+:func:`prompt_forward` is the one prompt pass with a cache (``logits_to_keep=1``): the trainer, evaluation's
+``generate`` path (`trl_flower.evaluation.generate_path.prompt_cache`, which passes position ids from the mask as
+``generate`` does) and RQ1's sampler (:func:`repeated_prompt_forward`) all run it. The trie beam search
+(`trl_flower.evaluation.trie_beam_search`) runs the decoder without its head in its prefill (it scores the allowed
+children from hidden states), so that pass is its own.
 """
 
 from __future__ import annotations
@@ -48,16 +53,44 @@ def detached_cache(cache):
     return clone
 
 
-def prompt_forward(model: torch.nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor):
-    """The prompts [B, P] once, with gradient: (logits [B, 1, V] at the end of the prompt, KV cache).
+def prompt_forward(
+    model: torch.nn.Module,
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    position_ids: torch.Tensor | None = None,
+):
+    """The prompts [B, P] once (with gradient unless the caller disables it): (logits [B, 1, V] at the end of the
+    prompt, KV cache).
+
+    Only the last position's logits are computed (``logits_to_keep=1``): the others are never read, and at a 152k
+    vocabulary they would cost [B, P, V] floats. `position_ids` [B, P] (e.g. from the mask of left-padded prompts, as
+    ``generate`` computes them) are passed to the model when given; else the model numbers the positions itself.
 
     Returns (None, None) when the model gives no usable cache (e.g. under gradient checkpointing).
     """
-    out = model(input_ids=prompt_ids, attention_mask=prompt_mask, use_cache=True, logits_to_keep=1)
-    cache = out.past_key_values
-    if cache is None or cache.get_seq_length() != prompt_ids.shape[1]:
-        return None, None
+    kwargs = {} if position_ids is None else {"position_ids": position_ids}
+    out = model(input_ids=prompt_ids, attention_mask=prompt_mask, use_cache=True, logits_to_keep=1, **kwargs)
+    cache = getattr(out, "past_key_values", None)
+    if not hasattr(cache, "get_seq_length") or cache.get_seq_length() != prompt_ids.shape[1]:
+        return None, None  # no cache, a legacy tuple, or one that dropped positions
     return out.logits[:, -1:], cache
+
+
+def repeated_prompt_forward(model: torch.nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, repeats: int):
+    """The prompts [B, P] once (:func:`prompt_forward`), their state repeated for `repeats` rows each.
+
+    For drawing several continuations of each prompt (RQ1 samples many titles from one prompt): row b·repeats + r
+    continues prompt b. The cache is repeated in place.
+
+    Returns:
+        (logits [B·repeats, 1, V] at the end of the prompt, KV cache over B·repeats rows, mask [B·repeats, P]), or
+        (None, None, None) when the model gives no usable cache.
+    """
+    first, cache = prompt_forward(model, prompt_ids, prompt_mask)
+    if cache is None:
+        return None, None, None
+    cache.batch_repeat_interleave(repeats)
+    return first.repeat_interleave(repeats, dim=0), cache, prompt_mask.repeat_interleave(repeats, dim=0)
 
 
 def continue_on_cache(

@@ -12,9 +12,9 @@
 Every method takes its own TRL config (:func:`config_class`): `FlowerConfig` (``flower``), ``SFTConfig`` (``sft``,
 ``ifair``), ``DPOConfig`` (``dpo``, ``sdpo``, ``dmpo``, ``rosepo``), ``GRPOConfig`` (``grpo``), ``RLOOConfig``
 (``rloo``), ``PPOConfig`` (``ppo``, trl 1.11/1.12 only); :func:`method_defaults` holds the official settings a
-method starts from. :func:`train` builds the method's trainer from the data, the catalogue's prefix tree (built
-from the titles with the model's tokenizer unless given) and, for Flower, the item rewards (interaction counts in the
-training histories + ``reward_smoothing``); :func:`finish_run` trains it (resuming from
+method starts from. :func:`train` builds the method's trainer (:func:`build_trainer`) from the data, the catalogue's
+prefix tree (built from the titles with the model's tokenizer unless given) and, for Flower, the item rewards
+(interaction counts in the training histories + ``reward_smoothing``); :func:`finish_run` trains it (resuming from
 ``resume_from_checkpoint``), saves the model, tokenizer, tree and Flower record (`trl_flower.checkpoint`), writes the
 model card (`trl_flower.model_card`) and pushes to the Hub when ``push_to_hub`` is set.
 """
@@ -40,6 +40,7 @@ __all__ = [
     "SFT_METHODS",
     "RunData",
     "TrainedRun",
+    "build_trainer",
     "check_method",
     "config_class",
     "evaluates",
@@ -276,11 +277,83 @@ def train(
 ) -> TrainedRun:
     """Train `model` on `data` with `method` and save the run to ``args.output_dir``.
 
+    :func:`build_trainer` builds the trainer (its arguments are documented there), :func:`finish_run` trains and
+    saves it.
+
+    Args:
+        method, model, data, args, tree, tokenizer, item_rewards, reward_smoothing, reward_model, peft_config,
+            ref_model, reward_scores, num_negatives, negative_seed, callbacks: see :func:`build_trainer`.
+        resume_from_checkpoint: a checkpoint directory, or True for the last one in ``args.output_dir``; default:
+            ``args.resume_from_checkpoint`` (``"true"`` there means True).
+        save: save the run (model, tokenizer, tree, Flower record, model card) to ``args.output_dir``.
+
+    Returns:
+        The :class:`TrainedRun`.
+    """
+    method = _check_run(method, args, peft_config, data)  # before anything is loaded
+    if tokenizer is None:  # loaded here, not only in build_trainer: finish_run saves it beside the weights
+        tokenizer = load_tokenizer(model, method)
+    trainer, tree = build_trainer(
+        method,
+        model,
+        data,
+        args,
+        tree=tree,
+        tokenizer=tokenizer,
+        item_rewards=item_rewards,
+        reward_smoothing=reward_smoothing,
+        reward_model=reward_model,
+        peft_config=peft_config,
+        ref_model=ref_model,
+        reward_scores=reward_scores,
+        num_negatives=num_negatives,
+        negative_seed=negative_seed,
+        callbacks=callbacks,
+    )
+    out = Path(args.output_dir) if save else None
+    result = finish_run(
+        trainer,
+        out,
+        tokenizer=tokenizer,
+        tree=tree,
+        method=method,
+        resume_from_checkpoint=resume_from_checkpoint,
+        dataset_name=data.name,
+        data=data.summary(),
+    )
+    return TrainedRun(method=method, trainer=trainer, output_dir=out, tree=tree, result=result)
+
+
+def build_trainer(
+    method: str,
+    model: str | os.PathLike,
+    data: RunData,
+    args: Any,
+    *,
+    tree: PrefixTree | None = None,
+    tokenizer: Any = None,
+    item_rewards: Sequence[float] | np.ndarray | None = None,
+    reward_smoothing: float = 1.0,
+    reward_model: Any = None,
+    peft_config: Any = None,
+    ref_model: str | os.PathLike | None = None,
+    reward_scores: Any = None,
+    num_negatives: int | None = None,
+    negative_seed: int = 0,
+    callbacks: Sequence[Any] | None = None,
+) -> tuple[Any, PrefixTree]:
+    """The trainer of a run of `method`, built but not trained (:func:`train` trains and saves it).
+
+    For driving the trainer yourself (a benchmark timing its steps, a custom loop); :func:`finish_run` then trains
+    and saves it as :func:`train` does.
+
     Args:
         method: one of :data:`METHODS`.
         model: the model to start from: a local directory or a Hub id (TRL loads it, with
             ``args.model_init_kwargs``).
-        data: the catalogue and the training rows (:func:`recommendation_data`).
+        data: the catalogue and the training rows (:func:`recommendation_data`). DPO family: rows with ``prompt``
+            and ``item_id`` (negatives are sampled), or a ready preference dataset (``prompt_ids`` column,
+            `baselines.preference.build_preference_dataset`), used as is.
         args: the method's config (:func:`config_class`), e.g. ``FlowerConfig(output_dir=..., ...)``.
         tree: the catalogue's prefix tree over the model's tokens; default: built from ``data.items`` with the
             tokenizer (terminator: its EOS).
@@ -295,32 +368,12 @@ def train(
         num_negatives: DPO family: negatives per row (default: the method's official number).
         negative_seed: DPO family: seed of the negative sampler.
         callbacks: extra ``TrainerCallback``s.
-        resume_from_checkpoint: a checkpoint directory, or True for the last one in ``args.output_dir``; default:
-            ``args.resume_from_checkpoint`` (``"true"`` there means True).
-        save: save the run (model, tokenizer, tree, Flower record, model card) to ``args.output_dir``.
 
     Returns:
-        The :class:`TrainedRun`.
+        ``(trainer, tree)``: the TRL trainer and the catalogue's prefix tree (for Flower: with the item rewards it
+        trains with).
     """
-    method = check_method(method)
-    expected = config_class(method)
-    if not isinstance(args, expected):
-        raise TypeError(
-            f"method {method!r} trains with a {expected.__name__}, got {type(args).__name__}; build the config with "
-            f"trl_flower.run.config_class({method!r})(output_dir=..., **trl_flower.run.method_defaults({method!r}))"
-        )
-    if method != "flower" and evaluates(args):
-        raise ValueError(
-            f"eval_strategy={args.eval_strategy!r}: evaluation during training is wired for method 'flower' only; "
-            f"set eval_strategy='no' for {method!r} and evaluate the saved run with `trl-flower evaluate`"
-        )
-    if method == "ppo" and peft_config is not None:
-        raise ValueError("PEFT (LoRA) is not supported for method 'ppo'; drop peft_config (--use_peft)")
-    if hasattr(data.train_dataset, "__len__") and len(data.train_dataset) == 0:
-        raise ValueError(
-            f"data.train_dataset has no rows, so method {method!r} has nothing to train on (it would take 0 steps "
-            "and save the starting model as if trained). Check the training split and max_train_rows."
-        )
+    method = _check_run(method, args, peft_config, data)
     model = os.fspath(model)
     if tokenizer is None:
         tokenizer = load_tokenizer(model, method)
@@ -359,18 +412,31 @@ def train(
         )
     for callback in callbacks or ():
         trainer.add_callback(callback)
-    out = Path(args.output_dir) if save else None
-    result = finish_run(
-        trainer,
-        out,
-        tokenizer=tokenizer,
-        tree=tree,
-        method=method,
-        resume_from_checkpoint=resume_from_checkpoint,
-        dataset_name=data.name,
-        data=data.summary(),
-    )
-    return TrainedRun(method=method, trainer=trainer, output_dir=out, tree=tree, result=result)
+    return trainer, tree
+
+
+def _check_run(method: str, args: Any, peft_config: Any, data: RunData) -> str:
+    """`method`, checked with its config, PEFT setting and training rows (cheap; each error names the fix)."""
+    method = check_method(method)
+    expected = config_class(method)
+    if not isinstance(args, expected):
+        raise TypeError(
+            f"method {method!r} trains with a {expected.__name__}, got {type(args).__name__}; build the config with "
+            f"trl_flower.run.config_class({method!r})(output_dir=..., **trl_flower.run.method_defaults({method!r}))"
+        )
+    if method != "flower" and evaluates(args):
+        raise ValueError(
+            f"eval_strategy={args.eval_strategy!r}: evaluation during training is wired for method 'flower' only; "
+            f"set eval_strategy='no' for {method!r} and evaluate the saved run with `trl-flower evaluate`"
+        )
+    if method == "ppo" and peft_config is not None:
+        raise ValueError("PEFT (LoRA) is not supported for method 'ppo'; drop peft_config (--use_peft)")
+    if hasattr(data.train_dataset, "__len__") and len(data.train_dataset) == 0:
+        raise ValueError(
+            f"data.train_dataset has no rows, so method {method!r} has nothing to train on (it would take 0 steps "
+            "and save the starting model as if trained). Check the training split and max_train_rows."
+        )
+    return method
 
 
 def evaluates(args: Any) -> bool:
@@ -428,7 +494,7 @@ def _baseline_trainer(
             rows,
             out,
             num_negatives=num_negatives,
-            item_counts=data.counts(),
+            item_counts=data.counts() if method == "rosepo" else None,  # RosePO's negatives ∝ counts; the rest: uniform
             negative_seed=negative_seed,
             **common,
         )

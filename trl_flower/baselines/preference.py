@@ -571,16 +571,3 @@ def official_dpo_args(method: str) -> dict[str, Any]:
     """The official DPOConfig settings of `method` (:data:`OFFICIAL_DPO_ARGS`; the sigmoid loss for DPO and RosePO)."""
     method = _check_method(method)
     return {**OFFICIAL_DPO_ARGS, **({"loss_type": ["sigmoid"]} if method in ("dpo", "rosepo") else {})}
-
-
-_MOVED_TO_ONLINE_RL = ("ONLINE_METHODS", "sasrec_reward", "train_online_rl")
-
-
-def __getattr__(name: str) -> Any:
-    # The online RL baselines moved to `trl_flower.baselines.online_rl`; bench/rq1_distribution.py and
-    # bench/rq3_reference.py still import `train_online_rl` from here (to be switched in phase 2 of issue 21).
-    if name in _MOVED_TO_ONLINE_RL:
-        from trl_flower.baselines import online_rl
-
-        return getattr(online_rl, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

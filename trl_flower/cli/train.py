@@ -40,7 +40,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from trl_flower.cli._parsing import HelpFormatter, check_category, report_error
+from trl_flower.cli._parsing import HelpFormatter, report_error
+from trl_flower.data.prompts import check_category
 
 METHODS = ("sft", "ifair", "flower", "dpo", "sdpo", "dmpo", "rosepo", "rloo", "grpo", "ppo")  # = trl_flower.run
 PROMPT_MODES = ("reference", "chat")
@@ -335,56 +336,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"wrote {result.output_dir}")
     finish_distributed()
     return 0
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Phase 2 of issue 21 removes this: bench/rq3_reference.py (build_pair) still builds runs through the old
-# hand-written `TrainArguments` and `run_training`. They translate to the command line above.
-
-
-@dataclass
-class TrainArguments:
-    """The old `trl-flower train` options that bench/rq3_reference.py uses (translated to the TRL command line)."""
-
-    method: str
-    model: str
-    data: str
-    output_dir: str
-    data_root: str | None = None
-    max_rows: int = 0
-    learning_rate: float | None = None
-    num_train_epochs: float | None = None
-    per_device_train_batch_size: int = 8
-    num_threads: int = 0
-    logging_steps: int = 10
-    no_progress: bool = False
-    seed: int = 0
-
-    def argv(self) -> list[str]:
-        """The equivalent `trl-flower train` command line (the old defaults: seed 0, no checkpoints, fp32)."""
-        argv = ["--method", self.method, "--model_name_or_path", self.model, "--dataset_name", self.data]
-        argv += [
-            "--output_dir",
-            self.output_dir,
-            "--per_device_train_batch_size",
-            str(self.per_device_train_batch_size),
-        ]
-        argv += ["--num_threads", str(self.num_threads), "--logging_steps", str(self.logging_steps)]
-        argv += ["--seed", str(self.seed), "--save_strategy", "no", "--bf16", "false", "--report_to", "none"]
-        argv += ["--disable_tqdm", str(self.no_progress)]
-        optional = {
-            "--data_root": self.data_root,
-            "--max_train_rows": self.max_rows or None,
-            "--learning_rate": self.learning_rate,
-            "--num_train_epochs": self.num_train_epochs,
-        }
-        return argv + [item for flag, value in optional.items() if value is not None for item in (flag, str(value))]
-
-
-def run_training(args: TrainArguments) -> Path:
-    """Train with the old `TrainArguments` (bench/rq3_reference.py); returns the output directory."""
-    script_args, training_args, model_args = parse_args(args.argv())
-    return run(script_args, training_args, model_args).output_dir
 
 
 if __name__ == "__main__":

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 if TYPE_CHECKING:
@@ -80,6 +81,25 @@ def category_words(dataset_name: str) -> str:
         f"no category words for dataset {dataset_name!r}; known: {sorted(CATEGORY_WORDS)}. "
         "Pass category='...' (the plural noun used in the prompt, e.g. 'books') explicitly."
     )
+
+
+def check_category(dataset: str, category: str | None, data_flag: str) -> None:
+    """Before anything loads: a dataset whose prompt category words are unknown needs ``--category``.
+
+    Args:
+        dataset: the dataset option's value (a category name or a dataset directory).
+        category: the ``--category`` value, or None.
+        data_flag: the dataset option's flag, named in the error (``--data``, ``--dataset_name``).
+    """
+    if category:
+        return
+    name = Path(dataset).expanduser().name  # the name `load_amazon` gives the dataset (its directory's)
+    if name.lower() not in {known.lower() for known in CATEGORY_WORDS}:
+        raise ValueError(
+            f"{data_flag} {dataset}: the prompt names the item category, and its words are known only for "
+            f"{sorted(CATEGORY_WORDS)}, not for {name!r}. Pass --category with the plural noun the prompt should "
+            "use, e.g. --category books."
+        )
 
 
 def _history_line(history_titles: Sequence[str], category: str, max_history: int, plural_quirk: bool) -> str:

@@ -16,6 +16,7 @@ import torch
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 
 from trl_flower.decoding import LogProbTemperatureProcessor, TrieLogitsProcessor, generated_nodes
+from trl_flower.prompt_sharing import prompt_forward
 from trl_flower.tree import PrefixTree
 
 
@@ -137,18 +138,13 @@ def beam_prompt_cache(model, input_ids: torch.Tensor, attention_mask: torch.Tens
 
 def prompt_cache(model, input_ids: torch.Tensor, attention_mask: torch.Tensor):
     """The KV cache of [B, P] left-padded prompts without their last token (positions from the attention mask,
-    as ``generate`` computes them), or None for a model that returns no cache that can be copied across rows."""
+    as ``generate`` computes them), or None for a model that returns no cache that can be copied across rows.
+
+    The prompt pass is `trl_flower.prompt_sharing.prompt_forward` (``logits_to_keep=1``: only the cache is used;
+    full-vocabulary logits of every prompt position would cost about 5 GB for 64 prompts of 130 tokens at a 152k
+    vocabulary)."""
     position_ids = (attention_mask.cumsum(-1) - 1).masked_fill(attention_mask == 0, 1)  # [B, P]
-    # logits_to_keep=1: only the cache is used; full-vocabulary logits of every prompt position would cost
-    # [B, P, V] floats (about 5 GB for 64 prompts of 130 tokens at a 152k vocabulary) and are never read
-    out = model(
-        input_ids=input_ids[:, :-1],
-        attention_mask=attention_mask[:, :-1],
-        position_ids=position_ids[:, :-1],
-        use_cache=True,
-        logits_to_keep=1,
-    )
-    cache = getattr(out, "past_key_values", None)
+    _, cache = prompt_forward(model, input_ids[:, :-1], attention_mask[:, :-1], position_ids=position_ids[:, :-1])
     if not (hasattr(cache, "batch_repeat_interleave") and hasattr(cache, "batch_select_indices")):
         return None
     return cache
