@@ -101,3 +101,21 @@ def test_choose_distilled_follows_the_preregistered_rule(rq2):
     grid["accurate_fairer"] = rec(0.056, 0.4)
     assert rq2.choose_distilled(grid, base) == "accurate_fairer"  # rule 2: lowest DGU among the accurate
     assert rq2.choose_distilled({"a": rec(0.03, 0.6), "b": rec(0.04, 0.9)}, base) == "b"  # rule 3: best NDCG@5
+
+
+@pytest.mark.parametrize("recipe", sorted((ROOT / "bench" / "recipes").glob("*.json")), ids=lambda p: p.name)
+def test_shipped_recipes_build_valid_configs(rq2, recipe, tmp_path):
+    """Each recipe under bench/recipes loads and every setting is a FlowerConfig the trainer accepts."""
+    from trl_flower import FlowerConfig
+
+    grid = rq2.load_distill_grid(_args(rq2, "--distill-grid", str(recipe)))
+    assert grid, f"{recipe.name} has no settings"
+    for name, options in grid.items():
+        options = {k: v for k, v in options.items() if k != "logits"}
+        config = FlowerConfig(
+            output_dir=str(tmp_path / name),
+            reward_variant="distill",
+            preference_scores_path=str(tmp_path / "logits.npy"),  # read by the trainer, not the config
+            **options,
+        )
+        assert config.flow_lambda == options["flow_lambda"]
