@@ -51,6 +51,27 @@ def test_out_of_fold_rows_come_from_the_model_that_left_their_fold_out(synthetic
     assert not np.allclose(oof[other], model.score_rows([train[int(i)]["history_item_id"] for i in other]).numpy())
 
 
+def test_interrupted_out_of_fold_run_leaves_no_logits_file(synthetic, tmp_path, monkeypatch):
+    """A run stopped after its first fold must not leave train_logits_oof.npy with zero rows for the other folds."""
+    import trl_flower.baselines.sasrec as sasrec
+
+    calls = []
+    real = sasrec.train_sasrec
+
+    def stop_after_one_fold(*args, **kwargs):
+        if calls:
+            raise KeyboardInterrupt
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(sasrec, "train_sasrec", stop_after_one_fold)
+    with pytest.raises(KeyboardInterrupt):
+        out_of_fold_logits(synthetic, tmp_path / "oof.npy", folds=3, args=_args(), hidden_size=8)
+    assert calls and not (tmp_path / "oof.npy").exists()
+    monkeypatch.setattr(sasrec, "train_sasrec", real)  # control: the same call completes and writes the file
+    assert np.load(out_of_fold_logits(synthetic, tmp_path / "oof.npy", folds=3, args=_args(), hidden_size=8)).any()
+
+
 def test_out_of_fold_rejects_one_fold(synthetic, tmp_path):
     with pytest.raises(ValueError, match="folds must be >= 2"):
         out_of_fold_logits(synthetic, tmp_path / "x.npy", folds=1, args=_args())

@@ -578,7 +578,9 @@ def out_of_fold_logits(
     fold_of_row = np.random.default_rng(fold_seed).permutation(len(train)) % folds  # [R] balanced folds
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    out = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(len(train), config.num_items))
+    # folds are written as they finish: an interrupted run must not leave a file whose unfinished rows read as zeros
+    partial = path.with_name(path.name + ".partial")
+    out = np.lib.format.open_memmap(partial, mode="w+", dtype=np.float32, shape=(len(train), config.num_items))
     for fold in range(folds):
         held = torch.from_numpy(np.flatnonzero(fold_of_row == fold))  # [R_f]
         kept = torch.from_numpy(np.flatnonzero(fold_of_row != fold))  # [R - R_f]
@@ -594,6 +596,7 @@ def out_of_fold_logits(
         out[held.numpy()] = model._score(train.seq[held], train.lengths[held], args.eval_batch_size).numpy()
     out.flush()
     del out
+    partial.replace(path)  # complete: only now under the name readers look for
     return path
 
 
@@ -641,11 +644,13 @@ def save_row_logits(
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     seq, lengths = encode_histories(histories, model.config.num_items, model.config.max_len)
-    out = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(seq.shape[0], model.config.num_items))
+    partial = path.with_name(path.name + ".partial")  # an interrupted write leaves no file under the final name
+    out = np.lib.format.open_memmap(partial, mode="w+", dtype=np.float32, shape=(seq.shape[0], model.config.num_items))
     for i in range(0, seq.shape[0], batch_size):
         out[i : i + batch_size] = model._score(seq[i : i + batch_size], lengths[i : i + batch_size], batch_size).numpy()
     out.flush()
     del out
+    partial.replace(path)  # complete: only now under the name readers look for
     return path
 
 
