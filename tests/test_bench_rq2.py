@@ -119,3 +119,37 @@ def test_shipped_recipes_build_valid_configs(rq2, recipe, tmp_path):
             **options,
         )
         assert config.flow_lambda == options["flow_lambda"]
+
+
+@pytest.fixture(scope="module")
+def pu_diagnostic():
+    bench = str(ROOT / "bench")
+    sys.path.insert(0, bench)
+    try:
+        spec = importlib.util.spec_from_file_location("rq2_pu_diagnostic", ROOT / "bench" / "rq2_pu_diagnostic.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        sys.path.remove(bench)
+
+
+def test_pu_diagnostic_refuses_lists_of_other_rows(pu_diagnostic, tmp_path):
+    """The beam lists are read from an evaluation's predictions.json: rows out of line with the scored ones are
+    refused (by target and by prompt) before any model loads."""
+    (tmp_path / "predictions.json").write_text(json.dumps([{"input": "p0", "output": "A", "predict": ["A"]}]))
+    args = pu_diagnostic.parse_args(["--sasrec-dir", "unused", "--method", "x", "unused", str(tmp_path)])
+    for rows, prompts in (({"item_title": ["B"]}, ["p0"]), ({"item_title": ["A"]}, ["p1"])):
+        setup = dict(rows=rows, prompts=prompts, p=None, titles=None, g1=None)
+        with pytest.raises(ValueError, match="does not hold these rows"):
+            pu_diagnostic.diagnose("x", "unused", str(tmp_path), args, setup, print)
+
+
+def test_pu_diagnostic_page_has_a_row_per_run(pu_diagnostic):
+    keys = ["kl_p_q", "kl_p_q_median", "catalogue_mass", "top_overlap", "q_top_mass_of_p", "q_g1_mass", "p_g1_mass"]
+    keys += ["q_top10_g1_share", "beam_g1_share", "beam_overlap_sasrec", "beam_overlap_q_top10", "q_top10_hit"]
+    run = dict.fromkeys(keys + ["beam_hit"], 0.5)
+    report = {"dataset": "D", "rows": 2, "titles": 3, "g1_data_share": 0.4, "command": "c", "versions": {}}
+    report |= {"wall_s": 1, "sasrec": {"top10_g1_share": 0.1, "p_g1_mass": 0.2, "hit@10": 0.3}}
+    page = pu_diagnostic.markdown(report | {"methods": {"BIGRec": run, "distilled": run}})
+    assert "| BIGRec | 0.50 / 0.50 |" in page and "| distilled |" in page
