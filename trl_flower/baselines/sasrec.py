@@ -52,6 +52,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -577,26 +578,21 @@ def out_of_fold_logits(
         raise ValueError(f"{len(train)} training rows cannot fill {folds} folds; lower folds")
     fold_of_row = np.random.default_rng(fold_seed).permutation(len(train)) % folds  # [R] balanced folds
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     # folds are written as they finish: an interrupted run must not leave a file whose unfinished rows read as zeros
-    partial = path.with_name(path.name + ".partial")
-    out = np.lib.format.open_memmap(partial, mode="w+", dtype=np.float32, shape=(len(train), config.num_items))
-    for fold in range(folds):
-        held = torch.from_numpy(np.flatnonzero(fold_of_row == fold))  # [R_f]
-        kept = torch.from_numpy(np.flatnonzero(fold_of_row != fold))  # [R - R_f]
-        fit_rows = SequenceSplit(train.seq[kept], train.lengths[kept], train.targets[kept])
-        torch.manual_seed(args.seed)  # initialisation, as fit_sasrec
-        model = SASRec(config)
-        result = train_sasrec(model, fit_rows, valid, args)
-        print(
-            f"SASRec fold {fold + 1}/{folds}: best epoch {result.best_epoch}, valid NDCG@{args.eval_k} "
-            f"{result.best_valid_ndcg:.4f}, {result.wall_time_s:.0f} s",
-            flush=True,
-        )
-        out[held.numpy()] = model._score(train.seq[held], train.lengths[held], args.eval_batch_size).numpy()
-    out.flush()
-    del out
-    partial.replace(path)  # complete: only now under the name readers look for
+    with _npy_written_whole(path, (len(train), config.num_items)) as out:
+        for fold in range(folds):
+            held = torch.from_numpy(np.flatnonzero(fold_of_row == fold))  # [R_f]
+            kept = torch.from_numpy(np.flatnonzero(fold_of_row != fold))  # [R - R_f]
+            fit_rows = SequenceSplit(train.seq[kept], train.lengths[kept], train.targets[kept])
+            torch.manual_seed(args.seed)  # initialisation, as fit_sasrec
+            model = SASRec(config)
+            result = train_sasrec(model, fit_rows, valid, args)
+            print(
+                f"SASRec fold {fold + 1}/{folds}: best epoch {result.best_epoch}, valid NDCG@{args.eval_k} "
+                f"{result.best_valid_ndcg:.4f}, {result.wall_time_s:.0f} s",
+                flush=True,
+            )
+            out[held.numpy()] = model._score(train.seq[held], train.lengths[held], args.eval_batch_size).numpy()
     return path
 
 
@@ -642,16 +638,25 @@ def save_row_logits(
     Written chunk by chunk into a memory-mapped file, so a large split (CDs train: 49k x 5.8k) never sits in memory.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     seq, lengths = encode_histories(histories, model.config.num_items, model.config.max_len)
-    partial = path.with_name(path.name + ".partial")  # an interrupted write leaves no file under the final name
-    out = np.lib.format.open_memmap(partial, mode="w+", dtype=np.float32, shape=(seq.shape[0], model.config.num_items))
-    for i in range(0, seq.shape[0], batch_size):
-        out[i : i + batch_size] = model._score(seq[i : i + batch_size], lengths[i : i + batch_size], batch_size).numpy()
+    with _npy_written_whole(path, (seq.shape[0], model.config.num_items)) as out:
+        for i in range(0, seq.shape[0], batch_size):
+            scores = model._score(seq[i : i + batch_size], lengths[i : i + batch_size], batch_size)
+            out[i : i + batch_size] = scores.numpy()
+    return path
+
+
+@contextlib.contextmanager
+def _npy_written_whole(path: Path, shape: tuple[int, int]):
+    """A float32 ``.npy`` memory map to fill, written as ``<name>.partial`` and renamed to `path` only when the block
+    ends without an error: an interrupted write never leaves a file under the name readers look for."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial")
+    out = np.lib.format.open_memmap(partial, mode="w+", dtype=np.float32, shape=shape)
+    yield out
     out.flush()
     del out
-    partial.replace(path)  # complete: only now under the name readers look for
-    return path
+    partial.replace(path)
 
 
 def export_split_logits(
