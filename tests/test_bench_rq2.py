@@ -1,6 +1,6 @@
-"""The RQ2 benchmark's bookkeeping (bench/rq2_recommend.py, loaded by path): a finished checkpoint is reused only
-with the budget and options it was trained with, distilled-reward recipes are checked, and the pre-registered
-criterion is computed per seed."""
+"""The RQ2 benchmarks' bookkeeping (bench/rq2_recommend.py and bench/rq2_pu_diagnostic.py, loaded by path): a
+finished checkpoint is reused only with the budget and options it was trained with, distilled-reward recipes are
+checked, the pre-registered criterion is computed per seed, and the p_u diagnostic reads only lists of its rows."""
 
 from __future__ import annotations
 
@@ -14,17 +14,22 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def rq2():
+def _bench_script(name: str):
+    """Load bench/<name>.py by path, as `python bench/<name>.py` finds its spine and the RQ2 study: beside it."""
     bench = str(ROOT / "bench")
-    sys.path.insert(0, bench)  # as `python bench/rq2_recommend.py` finds its spine and the RQ2 study: beside it
+    sys.path.insert(0, bench)
     try:
-        spec = importlib.util.spec_from_file_location("rq2_recommend", ROOT / "bench" / "rq2_recommend.py")
+        spec = importlib.util.spec_from_file_location(name, ROOT / "bench" / f"{name}.py")
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
         yield module
     finally:
         sys.path.remove(bench)
+
+
+@pytest.fixture(scope="module")
+def rq2():
+    yield from _bench_script("rq2_recommend")
 
 
 def _args(rq2, *extra):
@@ -123,15 +128,7 @@ def test_shipped_recipes_build_valid_configs(rq2, recipe, tmp_path):
 
 @pytest.fixture(scope="module")
 def pu_diagnostic():
-    bench = str(ROOT / "bench")
-    sys.path.insert(0, bench)
-    try:
-        spec = importlib.util.spec_from_file_location("rq2_pu_diagnostic", ROOT / "bench" / "rq2_pu_diagnostic.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        yield module
-    finally:
-        sys.path.remove(bench)
+    yield from _bench_script("rq2_pu_diagnostic")
 
 
 def test_pu_diagnostic_refuses_lists_of_other_rows(pu_diagnostic, tmp_path):
