@@ -136,6 +136,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     torch.set_num_threads(args.threads)
     log = spine.logger("pu-diagnostic")
     started = time.time()
+    run_versions = spine.versions("python", "torch", "transformers", "trl_flower", "git_commit")  # the code that runs
     data = load_amazon(args.dataset, data_root=args.data_root)
     rows = select_rows(data.splits["valid"], args.valid_rows, args.row_sample_seed).select(range(args.rows))
     first_model = args.method[0][1]
@@ -164,7 +165,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         results[label] = diagnose(label, model_dir, eval_dir, args, setup, log)
     report = {
         "command": spine.command(),
-        "versions": spine.versions("python", "torch", "transformers", "trl_flower", "git_commit"),
+        "versions": run_versions,
         "machine": spine.machine(threads=args.threads),
         "dataset": args.dataset,
         "rows": args.rows,
