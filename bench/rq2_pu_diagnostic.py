@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     from trl_flower.checkpoint import catalogue_tree, load_model
     from trl_flower.data import PromptBuilder, load_amazon, popularity_from_histories, select_rows
-    from trl_flower.evaluation.item_distribution import title_nodes
+    from trl_flower.evaluation.item_distribution import title_items, title_nodes
 
     torch.set_num_threads(args.threads)
     log = spine.logger("pu-diagnostic")
@@ -143,9 +143,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     _, tokenizer = load_model(first_model)
     tree, _ = catalogue_tree(first_model, data.items, tokenizer)
     nodes, title_of_item = title_nodes(tree)
-    first_item = np.full(len(nodes), len(title_of_item))
-    np.minimum.at(first_item, title_of_item, np.arange(len(title_of_item)))
-    titles = [data.items[i] for i in first_item]
+    titles = [data.items[i] for i in title_items(title_of_item)]
     popularity = popularity_from_histories(data.splits["train"]["history_item_title"])
     g1 = np.array([popularity.group_of(t) == 0 for t in titles])
     p, sasrec_lists = sasrec_title_probs(args, rows, data.items, title_of_item, len(nodes))

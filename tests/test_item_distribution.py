@@ -10,7 +10,13 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from trl_flower.evaluation.item_distribution import agreement, item_to_title_mass, title_log_probs, title_nodes
+from trl_flower.evaluation.item_distribution import (
+    agreement,
+    item_to_title_mass,
+    title_items,
+    title_log_probs,
+    title_nodes,
+)
 from trl_flower.tree import PrefixTree
 
 
@@ -63,8 +69,11 @@ def test_duplicate_titles_pool_their_mass(tree, tiny_titles):
     p_items = np.arange(1, len(tiny_titles) + 1, dtype=float)
     p_items /= p_items.sum()
     p_titles = item_to_title_mass(p_items, title_of_item, len(nodes))
-    assert p_titles.sum() == pytest.approx(1.0)
     dup = [i for i, t in enumerate(tiny_titles) if tiny_titles.count(t) > 1]
+    first = title_items(title_of_item)
+    assert first.tolist() == [int(np.flatnonzero(title_of_item == t).min()) for t in range(len(nodes))]
+    assert first[title_of_item[dup[1]]] == dup[0]  # the duplicate title is reported by its smaller id
+    assert p_titles.sum() == pytest.approx(1.0)
     assert p_titles[title_of_item[dup[0]]] == pytest.approx(p_items[dup].sum())
     batch = item_to_title_mass(np.stack([p_items, p_items[::-1]]), title_of_item, len(nodes))
     np.testing.assert_allclose(batch[0], p_titles)

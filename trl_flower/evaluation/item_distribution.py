@@ -34,6 +34,13 @@ def title_nodes(tree: PrefixTree) -> tuple[np.ndarray, np.ndarray]:
     return nodes, title_of_item
 
 
+def title_items(title_of_item: np.ndarray) -> np.ndarray:
+    """The smallest item id of every title [T] (its representative: the id beam search reports for it)."""
+    first = np.full(int(title_of_item.max()) + 1, len(title_of_item), dtype=np.int64)
+    np.minimum.at(first, title_of_item, np.arange(len(title_of_item)))
+    return first
+
+
 @torch.no_grad()
 def title_log_probs(
     model,
@@ -58,11 +65,9 @@ def title_log_probs(
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     device = next(model.parameters()).device
     nodes, title_of_item = title_nodes(tree)
-    first_item = np.full(len(nodes), len(title_of_item), dtype=np.int64)
-    np.minimum.at(first_item, title_of_item, np.arange(len(title_of_item)))  # the smallest item id of each title
-    by_length = np.argsort(
-        np.asarray(tree.item_length)[first_item], kind="stable"
-    )  # chunks of like lengths: less padding
+    first_item = title_items(title_of_item)
+    # chunks of titles of like lengths: less padding
+    by_length = np.argsort(np.asarray(tree.item_length)[first_item], kind="stable")
     prompt = torch.tensor([prompt_ids], device=device)  # [1, P]
     out = model(input_ids=prompt, use_cache=True)
     first_logp = torch.log_softmax(out.logits[0, -1].double(), dim=-1)  # [V]: the first title token's distribution
