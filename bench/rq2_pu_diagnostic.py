@@ -76,7 +76,7 @@ def diagnose(label, model_dir, eval_dir, args, setup: dict[str, Any], log) -> di
     from trl_flower.checkpoint import catalogue_tree, load_model, read_record
     from trl_flower.evaluation.item_distribution import agreement, title_log_probs, title_nodes
 
-    rows, prompts, p, titles, g1 = (setup[k] for k in ("rows", "prompts", "p", "titles", "g1"))
+    rows, prompts, p, title_index, g1 = (setup[k] for k in ("rows", "prompts", "p", "title_index", "g1"))
     predictions = json.loads((Path(eval_dir) / "predictions.json").read_text())[: len(prompts)]
     mismatch = [
         i
@@ -93,7 +93,6 @@ def diagnose(label, model_dir, eval_dir, args, setup: dict[str, Any], log) -> di
     if not np.array_equal(title_nodes(tree)[0], setup["nodes"]):
         raise ValueError(f"{model_dir}'s prefix tree differs from {args.method[0][1]}'s; runs must share a tokenizer")
     per_row: dict[str, list[float]] = {}
-    title_index = {t: i for i, t in enumerate(titles)}
     start = time.perf_counter()
     for r, prompt in enumerate(prompts):
         ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]  # the evaluation's reference prompt mode
@@ -128,8 +127,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     import numpy as np
     import torch
+    from transformers import AutoTokenizer
 
-    from trl_flower.checkpoint import catalogue_tree, load_model
+    from trl_flower.checkpoint import catalogue_tree
     from trl_flower.data import PromptBuilder, load_amazon, popularity_from_histories, select_rows
     from trl_flower.evaluation.item_distribution import title_items, title_nodes
 
@@ -140,7 +140,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     data = load_amazon(args.dataset, data_root=args.data_root)
     rows = select_rows(data.splits["valid"], args.valid_rows, args.row_sample_seed).select(range(args.rows))
     first_model = args.method[0][1]
-    _, tokenizer = load_model(first_model)
+    tokenizer = AutoTokenizer.from_pretrained(first_model)  # the prompts and the shared tree; models load per run
     tree, _ = catalogue_tree(first_model, data.items, tokenizer)
     nodes, title_of_item = title_nodes(tree)
     titles = [data.items[i] for i in title_items(title_of_item)]
@@ -155,7 +155,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "p_g1_mass": float(p[:, g1].sum(axis=1).mean()),
         "hit@10": float(np.mean([t in lst for t, lst in zip(rows["item_title"], sasrec_lists)])),
     }
-    setup = dict(rows=rows, prompts=prompts, p=p, titles=titles, g1=g1, items=data.items, nodes=nodes)
+    setup = dict(rows=rows, prompts=prompts, p=p, title_index=title_index, g1=g1, items=data.items, nodes=nodes)
     setup["sasrec_lists"] = sasrec_lists
     results = {}
     for label, model_dir, eval_dir in args.method:

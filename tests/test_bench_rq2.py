@@ -137,7 +137,7 @@ def test_pu_diagnostic_refuses_lists_of_other_rows(pu_diagnostic, tmp_path):
     (tmp_path / "predictions.json").write_text(json.dumps([{"input": "p0", "output": "A", "predict": ["A"]}]))
     args = pu_diagnostic.parse_args(["--sasrec-dir", "unused", "--method", "x", "unused", str(tmp_path)])
     for rows, prompts in (({"item_title": ["B"]}, ["p0"]), ({"item_title": ["A"]}, ["p1"])):
-        setup = dict(rows=rows, prompts=prompts, p=None, titles=None, g1=None)
+        setup = dict(rows=rows, prompts=prompts, p=None, title_index=None, g1=None)
         with pytest.raises(ValueError, match="does not hold these rows"):
             pu_diagnostic.diagnose("x", "unused", str(tmp_path), args, setup, print)
 
